@@ -1,0 +1,1 @@
+//! Cloud Hypervisor driver (REST API over a Unix socket).

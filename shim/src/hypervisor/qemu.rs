@@ -1,0 +1,1 @@
+//! QEMU driver (microvm, virtio-mmio, vhost-user back-ends).
