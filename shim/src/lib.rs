@@ -3,3 +3,4 @@
 
 pub mod hypervisor;
 pub mod process;
+pub mod sharefs;
