@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Unpack containerd 1.7 (Debian trixie) and 2.x (Debian sid) side by side, without touching the system's
+# packages or apt lists (REFERENCE §3: adding a newer suite system-wide once upgraded libc6 and more).
+#
+# Result: ${SHOJI_CACHE:-/var/cache/shoji}/containerd/<version>/usr/bin/{containerd,ctr,...} plus symlinks
+# ${SHOJI_CACHE}/containerd/{1.7,2} -> <version>. Debian bookworm's 1.6 stays at /usr/bin/containerd.
+# Idempotent: a version already unpacked is not downloaded again.
+set -euo pipefail
+
+CACHE="${SHOJI_CACHE:-/var/cache/shoji}/containerd"
+SUITES=(trixie:1.7 sid:2)
+
+mkdir -p "$CACHE"
+
+# A private apt configuration: its own sources list, lists, caches and status, so `apt-get update` here never
+# changes what the system's apt sees. Only `update`, `show` and `download` run with it (never install).
+apt_private() {
+    local tool=$1 dir=$2
+    shift 2
+    "$tool" -q \
+        -o Dir::Etc::sourcelist="$dir/sources.list" \
+        -o Dir::Etc::sourceparts=/nonexistent \
+        -o Dir::State="$dir/state" \
+        -o Dir::State::status="$dir/state/status" \
+        -o Dir::Cache="$dir/cache" \
+        -o Debug::NoLocking=1 \
+        -o APT::Sandbox::User=root \
+        "$@"
+}
+
+fetch_suite() {
+    local suite=$1 alias=$2
+    local tmp
+    tmp=$(mktemp -d "/tmp/shoji-containerd-$suite.XXXXXX")
+    # shellcheck disable=SC2064
+    trap "rm -rf '$tmp'" RETURN
+    mkdir -p "$tmp/state/lists/partial" "$tmp/cache/archives/partial" "$tmp/dl"
+    : >"$tmp/state/status"
+    echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian $suite main" \
+        >"$tmp/sources.list"
+    apt_private apt-get "$tmp" update >/dev/null
+    local version
+    version=$(apt_private apt-cache "$tmp" show "containerd" 2>/dev/null | awk '/^Version:/ {print $2; exit}')
+    [ -n "$version" ] || { echo "install-containerd: no containerd package in Debian $suite" >&2; return 1; }
+    local dest="$CACHE/$version"
+    if [ -x "$dest/usr/bin/containerd" ]; then
+        echo "containerd $version ($suite) already in $dest"
+    else
+        (cd "$tmp/dl" && apt_private apt-get "$tmp" download "containerd=$version" >/dev/null)
+        local deb
+        deb=$(ls "$tmp"/dl/containerd_*.deb)
+        rm -rf "$dest.partial"
+        dpkg-deb -x "$deb" "$dest.partial"
+        mv "$dest.partial" "$dest"
+    fi
+    ln -sfn "$version" "$CACHE/$alias"
+}
+
+for entry in "${SUITES[@]}"; do
+    fetch_suite "${entry%%:*}" "${entry##*:}"
+done
+
+# The k8s-cri crate (CRI client in the tests) compiles the CRI proto with protoc.
+if ! command -v protoc >/dev/null; then
+    apt-get install -y -q protobuf-compiler >/dev/null
+fi
+
+echo "system: $(/usr/bin/containerd --version)"
+for alias in 1.7 2; do
+    echo "$CACHE/$alias: $("$CACHE/$alias/usr/bin/containerd" --version)"
+done
