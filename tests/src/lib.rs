@@ -1,1 +1,4 @@
+//! Test harness: real containerd, real VMs.
 
+pub mod containerd;
+pub mod image;

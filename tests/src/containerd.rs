@@ -1,0 +1,692 @@
+//! A private containerd for tests: its own root, state, sockets and config in a temp dir, the CRI plugin set up
+//! for runc and the shoji handlers, torn down (tasks, shims, mounts, dirs) by `stop()` or, as a safety net, `Drop`.
+//!
+//! Only one private containerd runs at a time on the host: containerd 1.6/1.7 put shim sockets and FIFOs under
+//! `/run/containerd/{s,fifo}` whatever the config says, so `start` takes a host-wide file lock first.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::fcntl::{Flock, FlockArg};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::process::Command;
+
+/// Host-wide lock serialising private containerd instances (see the module doc).
+const LOCK_PATH: &str = "/run/shoji-tests/containerd.lock";
+/// The image CRI uses as the sandbox ("pause") container: `image::BUSYBOX`, whose default command sleeps.
+pub const SANDBOX_IMAGE: &str = crate::image::BUSYBOX;
+/// The runtime type the shoji shim answers to.
+pub const SHOJI_RUNTIME: &str = "io.containerd.shoji.v2";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("containerd {version}: binary {path} missing (run hack/install-containerd.sh)")]
+    NotInstalled { version: Version, path: PathBuf },
+    #[error("containerd: {what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("containerd: timed out after {waited:?} waiting for the host-wide lock {LOCK_PATH}")]
+    LockTimeout { waited: Duration },
+    #[error("containerd {version} not ready after {waited:?}; log tail:\n{log}")]
+    NotReady {
+        version: Version,
+        waited: Duration,
+        log: String,
+    },
+    #[error("containerd {version} exited during start ({status}); log tail:\n{log}")]
+    Exited {
+        version: Version,
+        status: ExitStatus,
+        log: String,
+    },
+    #[error("ctr {args:?} timed out after {timeout:?}")]
+    CtrTimeout {
+        args: Vec<String>,
+        timeout: Duration,
+    },
+    #[error("ctr {args:?} failed ({status}): {stderr}")]
+    CtrFailed {
+        args: Vec<String>,
+        status: ExitStatus,
+        stderr: String,
+    },
+    #[error("containerd left {0}")]
+    Leftovers(String),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Io { what, source }
+}
+
+/// The containerd builds the tests run against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    /// Debian bookworm, installed system-wide.
+    V1_6,
+    /// Debian trixie, unpacked by hack/install-containerd.sh.
+    V1_7,
+    /// Debian sid, unpacked by hack/install-containerd.sh.
+    V2,
+}
+
+impl std::fmt::Display for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Version::V1_6 => "1.6",
+            Version::V1_7 => "1.7",
+            Version::V2 => "2.x",
+        })
+    }
+}
+
+impl Version {
+    /// Directory holding `containerd`, `ctr` and that version's `containerd-shim-runc-v2`.
+    pub fn bin_dir(self) -> PathBuf {
+        let cache = std::env::var_os("SHOJI_CACHE")
+            .map_or_else(|| PathBuf::from("/var/cache/shoji"), PathBuf::from);
+        match self {
+            Version::V1_6 => PathBuf::from("/usr/bin"),
+            Version::V1_7 => cache.join("containerd/1.7/usr/bin"),
+            Version::V2 => cache.join("containerd/2/usr/bin"),
+        }
+    }
+
+    fn config(self, p: &ConfigParams) -> String {
+        match self {
+            Version::V1_6 | Version::V1_7 => config_v2(p),
+            Version::V2 => config_v3(p),
+        }
+    }
+}
+
+/// What a test chooses about its containerd.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Directory holding `containerd-shim-shoji-v2`; put on containerd's PATH.
+    pub shim_dir: Option<PathBuf>,
+    /// CRI runtime handlers registered as `io.containerd.shoji.v2`, each with its `ConfigPath` option.
+    pub shoji_handlers: Vec<(String, Option<PathBuf>)>,
+    /// CNI conflist directory (see `cni::Network`); without it CRI has no pod network.
+    pub cni_conf_dir: Option<PathBuf>,
+    /// Extra environment for containerd (inherited by the shims), e.g. `SHOJI_RUN_DIR`.
+    pub env: Vec<(String, String)>,
+    /// How long `start` waits for the host-wide lock (other tests' containerds).
+    pub lock_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            shim_dir: None,
+            shoji_handlers: vec![("shoji".into(), None), ("shoji-qemu".into(), None)],
+            cni_conf_dir: None,
+            env: Vec::new(),
+            lock_timeout: Duration::from_secs(900),
+        }
+    }
+}
+
+struct ConfigParams<'a> {
+    root: &'a Path,
+    state: &'a Path,
+    grpc: &'a Path,
+    ttrpc: &'a Path,
+    opt: &'a Path,
+    cni_conf_dir: &'a Path,
+    shoji_handlers: &'a [(String, Option<PathBuf>)],
+}
+
+fn toml_str(p: &Path) -> String {
+    serde_json::Value::String(p.display().to_string()).to_string()
+}
+
+/// One `[<prefix>.runtimes.<handler>]` table per runtime handler.
+fn runtimes_toml(prefix: &str, handlers: &[(String, Option<PathBuf>)]) -> String {
+    let mut s = format!(
+        "[{prefix}.runtimes.runc]\n  runtime_type = \"io.containerd.runc.v2\"\n\
+         [{prefix}.runtimes.runc.options]\n  SystemdCgroup = false\n"
+    );
+    for (handler, config) in handlers {
+        s += &format!("[{prefix}.runtimes.\"{handler}\"]\n  runtime_type = \"{SHOJI_RUNTIME}\"\n");
+        if let Some(config) = config {
+            s += &format!(
+                "[{prefix}.runtimes.\"{handler}\".options]\n  ConfigPath = {}\n",
+                toml_str(config)
+            );
+        }
+    }
+    s
+}
+
+fn common_toml(p: &ConfigParams) -> String {
+    format!(
+        "root = {}\nstate = {}\n[grpc]\n  address = {}\n[ttrpc]\n  address = {}\n",
+        toml_str(p.root),
+        toml_str(p.state),
+        toml_str(p.grpc),
+        toml_str(p.ttrpc)
+    )
+}
+
+/// containerd 1.6/1.7 (`version = 2`).
+fn config_v2(p: &ConfigParams) -> String {
+    let cri = "plugins.\"io.containerd.grpc.v1.cri\"";
+    format!(
+        "version = 2\n{common}\
+         [plugins.\"io.containerd.internal.v1.opt\"]\n  path = {opt}\n\
+         [plugins.\"io.containerd.nri.v1.nri\"]\n  disable = true\n\
+         [{cri}]\n  sandbox_image = \"{SANDBOX_IMAGE}\"\n  restrict_oom_score_adj = true\n  \
+         disable_tcp_service = true\n  stream_server_address = \"127.0.0.1\"\n  stream_server_port = \"0\"\n  \
+         netns_mounts_under_state_dir = true\n  enable_selinux = false\n\
+         [{cri}.cni]\n  bin_dir = \"/usr/lib/cni\"\n  conf_dir = {cni}\n\
+         [{cri}.containerd]\n  default_runtime_name = \"runc\"\n  snapshotter = \"overlayfs\"\n\
+         {runtimes}",
+        common = common_toml(p),
+        opt = toml_str(p.opt),
+        cni = toml_str(p.cni_conf_dir),
+        runtimes = runtimes_toml(&format!("{cri}.containerd"), p.shoji_handlers),
+    )
+}
+
+/// containerd 2.x (`version = 3`).
+fn config_v3(p: &ConfigParams) -> String {
+    let rt = "plugins.'io.containerd.cri.v1.runtime'";
+    format!(
+        "version = 3\n{common}\
+         [plugins.'io.containerd.internal.v1.opt']\n  path = {opt}\n\
+         [plugins.'io.containerd.nri.v1.nri']\n  disable = true\n\
+         [plugins.'io.containerd.cri.v1.images'.pinned_images]\n  sandbox = \"{SANDBOX_IMAGE}\"\n\
+         [plugins.'io.containerd.grpc.v1.cri']\n  disable_tcp_service = true\n  \
+         stream_server_address = \"127.0.0.1\"\n  stream_server_port = \"0\"\n\
+         [{rt}]\n  restrict_oom_score_adj = true\n  netns_mounts_under_state_dir = true\n  enable_selinux = false\n  \
+         enable_cdi = false\n\
+         [{rt}.cni]\n  bin_dirs = [\"/usr/lib/cni\"]\n  conf_dir = {cni}\n\
+         [{rt}.containerd]\n  default_runtime_name = \"runc\"\n\
+         {runtimes}",
+        common = common_toml(p),
+        opt = toml_str(p.opt),
+        cni = toml_str(p.cni_conf_dir),
+        runtimes = runtimes_toml(&format!("{rt}.containerd"), p.shoji_handlers),
+    )
+}
+
+/// Output of one `ctr` invocation.
+#[derive(Debug)]
+pub struct CtrOutput {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CtrOutput {
+    /// The exit code, or 128 + signal when ctr was killed.
+    pub fn code(&self) -> i32 {
+        self.status
+            .code()
+            .unwrap_or_else(|| 128 + self.status.signal().unwrap_or(0))
+    }
+}
+
+/// A running private containerd. `stop()` tears it down; dropping it without `stop()` does the same, blocking.
+pub struct Containerd {
+    version: Version,
+    dir: Option<tempfile::TempDir>,
+    address: PathBuf,
+    log: PathBuf,
+    child: tokio::process::Child,
+    _lock: Flock<File>,
+}
+
+impl Containerd {
+    /// Starts containerd `version` and waits (bounded) until it answers `ctr version`.
+    pub async fn start(version: Version, opts: Options) -> Result<Containerd, Error> {
+        let bin = version.bin_dir().join("containerd");
+        if !bin.exists() {
+            return Err(Error::NotInstalled { version, path: bin });
+        }
+        let lock = take_lock(opts.lock_timeout).await?;
+        // Short paths: shim socket paths derive from them and Unix socket paths are limited to 108 bytes.
+        let dir = tempfile::Builder::new()
+            .prefix("shoji-ctrd-")
+            .tempdir_in("/tmp")
+            .map_err(io_err("create temp dir"))?;
+        let d = dir.path();
+        let empty_cni = d.join("cni-none");
+        let params = ConfigParams {
+            root: &d.join("root"),
+            state: &d.join("state"),
+            grpc: &d.join("ctrd.sock"),
+            ttrpc: &d.join("ctrd.ttrpc"),
+            opt: &d.join("opt"),
+            cni_conf_dir: opts.cni_conf_dir.as_deref().unwrap_or(&empty_cni),
+            shoji_handlers: &opts.shoji_handlers,
+        };
+        fs::create_dir_all(&empty_cni).map_err(io_err("create cni-none"))?;
+        let config = d.join("config.toml");
+        fs::write(&config, version.config(&params)).map_err(io_err("write config.toml"))?;
+        let address = params.grpc.to_path_buf();
+        let log = d.join("containerd.log");
+        let log_file = File::create(&log).map_err(io_err("create containerd.log"))?;
+
+        let mut path = vec![version.bin_dir()];
+        path.extend(opts.shim_dir.iter().cloned());
+        path.extend(std::env::split_paths(
+            &std::env::var_os("PATH").unwrap_or_default(),
+        ));
+        let mut cmd = Command::new(&bin);
+        cmd.arg("--config")
+            .arg(&config)
+            .arg("--log-level")
+            .arg("debug")
+            .env(
+                "PATH",
+                std::env::join_paths(path).expect("PATH entries without ':'"),
+            )
+            .envs(opts.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().map_err(io_err("dup log fd"))?)
+            .stderr(log_file);
+        let child = cmd
+            .spawn()
+            .map_err(io_err(format!("spawn {}", bin.display())))?;
+        let mut ctrd = Containerd {
+            version,
+            dir: Some(dir),
+            address,
+            log,
+            child,
+            _lock: lock,
+        };
+        ctrd.wait_ready(Duration::from_secs(30)).await?;
+        Ok(ctrd)
+    }
+
+    async fn wait_ready(&mut self, limit: Duration) -> Result<(), Error> {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().map_err(io_err("wait containerd"))? {
+                return Err(Error::Exited {
+                    version: self.version,
+                    status,
+                    log: self.log_tail(),
+                });
+            }
+            if self.address.exists() {
+                if let Ok(out) = self
+                    .ctr("default", &["version"], Duration::from_secs(5))
+                    .await
+                {
+                    if out.status.success() {
+                        return Ok(());
+                    }
+                }
+            }
+            if start.elapsed() > limit {
+                return Err(Error::NotReady {
+                    version: self.version,
+                    waited: limit,
+                    log: self.log_tail(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn version(&self) -> Version {
+        self.version
+    }
+
+    /// The gRPC socket (CRI and containerd API).
+    pub fn address(&self) -> &Path {
+        &self.address
+    }
+
+    /// The private directory (root, state, config, log).
+    pub fn dir(&self) -> &Path {
+        self.dir.as_ref().expect("dir exists until stop").path()
+    }
+
+    /// The last lines of containerd's log, for error messages.
+    pub fn log_tail(&self) -> String {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// Runs this version's `ctr --address <sock> -n <namespace> <args>`, killed after `timeout`.
+    pub async fn ctr(
+        &self,
+        namespace: &str,
+        args: &[&str],
+        timeout: Duration,
+    ) -> Result<CtrOutput, Error> {
+        let mut cmd = Command::new(self.version.bin_dir().join("ctr"));
+        cmd.arg("--address")
+            .arg(&self.address)
+            .arg("--namespace")
+            .arg(namespace)
+            .args(args);
+        cmd.stdin(Stdio::null()).kill_on_drop(true);
+        let owned = || args.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let out = tokio::time::timeout(timeout, cmd.output())
+            .await
+            .map_err(|_| Error::CtrTimeout {
+                args: owned(),
+                timeout,
+            })?
+            .map_err(io_err("spawn ctr"))?;
+        Ok(CtrOutput {
+            status: out.status,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    /// Like `ctr`, but a non-zero exit is an error.
+    pub async fn ctr_ok(
+        &self,
+        namespace: &str,
+        args: &[&str],
+        timeout: Duration,
+    ) -> Result<CtrOutput, Error> {
+        let out = self.ctr(namespace, args, timeout).await?;
+        if !out.status.success() {
+            return Err(Error::CtrFailed {
+                args: args.iter().map(|s| s.to_string()).collect(),
+                status: out.status,
+                stderr: out.stderr,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Names from a `ctr ... ls -q` listing.
+    async fn list(&self, namespace: &str, args: &[&str]) -> Result<Vec<String>, Error> {
+        let out = self
+            .ctr_ok(namespace, args, Duration::from_secs(10))
+            .await?;
+        Ok(out
+            .stdout
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect())
+    }
+
+    /// Every namespace's tasks and containers, as `namespace/id` (tasks prefixed `task `).
+    pub async fn leftovers(&self) -> Result<Vec<String>, Error> {
+        let mut left = Vec::new();
+        for ns in self.list("default", &["namespaces", "ls", "-q"]).await? {
+            for t in self.list(&ns, &["tasks", "ls", "-q"]).await? {
+                left.push(format!("task {ns}/{t}"));
+            }
+            for c in self.list(&ns, &["containers", "ls", "-q"]).await? {
+                left.push(format!("container {ns}/{c}"));
+            }
+        }
+        Ok(left)
+    }
+
+    /// Leak check: no task and no container in any namespace.
+    pub async fn assert_no_leftovers(&self) -> Result<(), Error> {
+        let left = self.leftovers().await?;
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Leftovers(left.join(", ")))
+        }
+    }
+
+    /// Tears down: kills remaining tasks, containerd and its shims, unmounts and removes the private dir.
+    /// Idempotent; errors are reported, not swallowed, but teardown always runs to the end.
+    pub async fn stop(mut self) -> Result<(), Error> {
+        let Some(dir) = self.dir.take() else {
+            return Ok(());
+        };
+        let pid = self.child.id();
+        let address = self.address.clone();
+        let ctr = self.version.bin_dir().join("ctr");
+        let result = tokio::task::spawn_blocking(move || teardown(pid, &ctr, &address, dir))
+            .await
+            .expect("teardown thread");
+        // teardown() reaped the child with waitpid; this only settles tokio's bookkeeping.
+        let _ = self.child.try_wait();
+        result
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if let Some(dir) = self.dir.take() {
+            if let Err(e) = teardown(
+                self.child.id(),
+                &self.version.bin_dir().join("ctr"),
+                &self.address,
+                dir,
+            ) {
+                eprintln!("containerd teardown (drop): {e}");
+            }
+        }
+    }
+}
+
+async fn take_lock(limit: Duration) -> Result<Flock<File>, Error> {
+    fs::create_dir_all(Path::new(LOCK_PATH).parent().expect("lock has a parent"))
+        .map_err(io_err("create lock dir"))?;
+    let start = Instant::now();
+    loop {
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(LOCK_PATH)
+            .map_err(io_err(LOCK_PATH))?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(mut lock) => {
+                let _ = writeln!(lock, "{}", std::process::id());
+                return Ok(lock);
+            }
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) if start.elapsed() < limit => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                return Err(Error::LockTimeout { waited: limit })
+            }
+            Err((_, errno)) => return Err(io_err(LOCK_PATH)(errno.into())),
+        }
+    }
+}
+
+/// Runs a command synchronously with a deadline (teardown must also work from `Drop`, outside any runtime).
+fn run_bounded(
+    cmd: &mut std::process::Command,
+    limit: Duration,
+) -> std::io::Result<std::process::Output> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let start = Instant::now();
+    while child.try_wait()?.is_none() {
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output()
+}
+
+fn teardown(
+    pid: Option<u32>,
+    ctr: &Path,
+    address: &Path,
+    dir: tempfile::TempDir,
+) -> Result<(), Error> {
+    let mut problems = Vec::new();
+    // 1. Kill what containerd still runs, through containerd, so shims clean up their runc containers.
+    let ctr_cmd = |ns: &str, args: &[&str]| {
+        let mut c = std::process::Command::new(ctr);
+        c.arg("--address")
+            .arg(address)
+            .arg("--namespace")
+            .arg(ns)
+            .args(args);
+        run_bounded(&mut c, Duration::from_secs(15))
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    if pid.is_some() && address.exists() {
+        let namespaces = ctr_cmd("default", &["namespaces", "ls", "-q"]).unwrap_or_default();
+        for ns in namespaces.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            let tasks = ctr_cmd(ns, &["tasks", "ls", "-q"]).unwrap_or_default();
+            for t in tasks.lines().map(str::trim).filter(|l| !l.is_empty()) {
+                let _ = ctr_cmd(ns, &["tasks", "kill", "--all", "--signal", "SIGKILL", t]);
+                let _ = ctr_cmd(ns, &["tasks", "delete", "--force", t]);
+            }
+            let containers = ctr_cmd(ns, &["containers", "ls", "-q"]).unwrap_or_default();
+            for c in containers.lines().map(str::trim).filter(|l| !l.is_empty()) {
+                let _ = ctr_cmd(ns, &["containers", "delete", c]);
+            }
+        }
+    }
+    // 2. containerd itself: SIGTERM, then SIGKILL after a grace period.
+    if let Some(pid) = pid {
+        let pid = Pid::from_raw(pid as i32);
+        if kill(pid, Signal::SIGTERM).is_ok() {
+            let start = Instant::now();
+            loop {
+                match nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+                    Ok(nix::sys::wait::WaitStatus::StillAlive)
+                        if start.elapsed() < Duration::from_secs(10) =>
+                    {
+                        std::thread::sleep(Duration::from_millis(20))
+                    }
+                    Ok(nix::sys::wait::WaitStatus::StillAlive) => {
+                        problems.push("containerd ignored SIGTERM for 10 s".to_string());
+                        let _ = kill(pid, Signal::SIGKILL);
+                        let _ = nix::sys::wait::waitpid(pid, None);
+                        break;
+                    }
+                    _ => break,
+                }
+            }
+        }
+    }
+    // 3. Shims that outlived it (they carry `-address <our socket>` on their command line).
+    for shim in processes_with_arg(address) {
+        problems.push(format!("killed leftover shim pid {shim}"));
+        let _ = kill(Pid::from_raw(shim), Signal::SIGKILL);
+    }
+    // 4. Mounts under our dir (rootfs overlays, netns, shm), deepest first.
+    let mut mounts = mounts_under(dir.path());
+    mounts.sort_by_key(|m| std::cmp::Reverse(m.as_os_str().len()));
+    for m in mounts {
+        if let Err(e) = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH) {
+            problems.push(format!("umount {}: {e}", m.display()));
+        }
+    }
+    let path = dir.path().to_path_buf();
+    if let Err(e) = dir.close() {
+        problems.push(format!("remove {}: {e}", path.display()));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Leftovers(problems.join("; ")))
+    }
+}
+
+/// Pids whose command line contains `arg` as one argument.
+pub(crate) fn processes_with_arg(arg: &Path) -> Vec<i32> {
+    let want = arg.as_os_str().as_encoded_bytes();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == want))
+        })
+        .collect()
+}
+
+/// Mount points at or below `dir` (from /proc/self/mountinfo; octal escapes decoded).
+pub(crate) fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|m| PathBuf::from(unescape_mountinfo(m)))
+        .filter(|m| m.starts_with(dir))
+        .collect()
+}
+
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes_are_decoded() {
+        assert_eq!(unescape_mountinfo(r"/tmp/a\040b"), "/tmp/a b");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+    }
+
+    #[test]
+    fn configs_register_runc_and_shoji_handlers() {
+        let handlers = vec![
+            (
+                "shoji".to_string(),
+                Some(PathBuf::from("/etc/shoji/a.toml")),
+            ),
+            ("shoji-qemu".into(), None),
+        ];
+        let p = ConfigParams {
+            root: Path::new("/r"),
+            state: Path::new("/s"),
+            grpc: Path::new("/g.sock"),
+            ttrpc: Path::new("/t.sock"),
+            opt: Path::new("/o"),
+            cni_conf_dir: Path::new("/cni"),
+            shoji_handlers: &handlers,
+        };
+        let v2 = config_v2(&p);
+        assert!(v2.starts_with("version = 2\n"));
+        assert!(v2.contains("[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.\"shoji\".options]\n  ConfigPath = \"/etc/shoji/a.toml\""));
+        assert!(v2.contains("restrict_oom_score_adj = true"));
+        let v3 = config_v3(&p);
+        assert!(v3.starts_with("version = 3\n"));
+        assert!(v3.contains("[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.\"shoji-qemu\"]\n  runtime_type = \"io.containerd.shoji.v2\""));
+        assert!(!v3.contains("runtimes.\"shoji-qemu\".options"));
+    }
+}
