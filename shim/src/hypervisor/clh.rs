@@ -1,1 +1,628 @@
 //! Cloud Hypervisor driver (REST API over a Unix socket).
+//!
+//! `prepare` starts virtiofsd; `start` launches `cloud-hypervisor` with its API socket, log
+//! and event monitor in the sandbox directory, waits for `vmm.ping`, then `vm.create` (the
+//! whole VM but its NICs) → `vm.add-net` per tap (fd passed with SCM_RIGHTS) → `vm.boot`,
+//! and confirms with `vm.info`. A watcher reports the VMM's exit with its last error line.
+//! Stop: `vm.shutdown` → `vmm.shutdown` → SIGKILL when the grace period runs out.
+//! What a real Cloud Hypervisor answers to each call: /work/shared/cloud-hypervisor-api.md
+//! (summarised in docs/cloud-hypervisor.md).
+use std::{
+    fs::File,
+    os::fd::{AsFd, AsRawFd},
+    path::{Path, PathBuf},
+    process::Command,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use async_trait::async_trait;
+use cloud_hypervisor_client::models::{VmResize, VmState};
+use slog::{debug, info, o, warn, Logger};
+use tokio::sync::watch;
+
+use super::{
+    Accel, Capabilities, Hypervisor, HypervisorError, HypervisorKind, Result, VmExit, VmSpec,
+};
+use crate::{
+    process::Daemon,
+    sharefs::{last_line, Virtiofsd},
+};
+
+mod api;
+mod tap;
+mod vm_config;
+
+pub use api::readable_error;
+pub use vm_config::{net_config, vm_config, KERNEL_ARGS};
+
+const API_SOCKET: &str = "clh-api.sock";
+const LOG_FILE: &str = "clh.log";
+const EVENTS_FILE: &str = "clh-events.json";
+/// The VMM's stdout/stderr (CH writes its own log to [`LOG_FILE`]).
+const STDIO_LOG: &str = "clh-stdio.log";
+const VIRTIOFSD_LOG: &str = "virtiofsd.log";
+
+/// How the driver runs Cloud Hypervisor.
+#[derive(Debug, Clone)]
+pub struct ClhOptions {
+    /// The `cloud-hypervisor` binary.
+    pub binary: PathBuf,
+    /// VMM launch until `vmm.ping` answers; also virtiofsd until its socket exists.
+    pub start_timeout: Duration,
+    /// Any single API call but `vm.boot`.
+    pub api_timeout: Duration,
+    /// `vm.boot` (creates every device; bounded by CH's own 60 s vhost-user wait otherwise).
+    pub boot_timeout: Duration,
+    /// Address space reserved for memory hot-plug beyond the boot memory (0: none).
+    pub memory_hotplug_mib: u64,
+}
+
+impl ClhOptions {
+    pub fn new(binary: PathBuf) -> ClhOptions {
+        ClhOptions {
+            binary,
+            start_timeout: Duration::from_secs(10),
+            api_timeout: Duration::from_secs(5),
+            boot_timeout: Duration::from_secs(15),
+            // ACPI hot-plug only reserves guest address space until memory is added.
+            memory_hotplug_mib: 4096,
+        }
+    }
+}
+
+/// One Cloud Hypervisor VM. See the module documentation for the sequence.
+pub struct Clh {
+    opts: ClhOptions,
+    log: Logger,
+    spec: Option<VmSpec>,
+    virtiofsd: Option<Virtiofsd>,
+    vmm: Option<Arc<Daemon>>,
+    api: Option<api::Api>,
+    /// Current size, for resize checks.
+    vcpus: u32,
+    memory_mib: u64,
+    /// Why the VMM is going away when the driver itself ends it; the exit watcher reports
+    /// this instead of digging in the VMM's log.
+    stop_reason: Arc<Mutex<Option<String>>>,
+    exit_tx: Arc<watch::Sender<Option<VmExit>>>,
+    exit_rx: watch::Receiver<Option<VmExit>>,
+}
+
+impl Clh {
+    pub fn new(opts: ClhOptions, log: Logger) -> Clh {
+        let (exit_tx, exit_rx) = watch::channel(None);
+        Clh {
+            opts,
+            log: log.new(o!("hypervisor" => "clh")),
+            spec: None,
+            virtiofsd: None,
+            vmm: None,
+            api: None,
+            vcpus: 0,
+            memory_mib: 0,
+            stop_reason: Arc::new(Mutex::new(None)),
+            exit_tx: Arc::new(exit_tx),
+            exit_rx,
+        }
+    }
+
+    fn running_vmm(&self) -> Option<&Arc<Daemon>> {
+        self.vmm.as_ref().filter(|d| d.exited().is_none())
+    }
+
+    async fn launch_and_boot(&mut self, spec: &VmSpec) -> Result<()> {
+        let api_socket = spec.dir.join(API_SOCKET);
+        let log_file = spec.dir.join(LOG_FILE);
+        let events = spec.dir.join(EVENTS_FILE);
+        // CH refuses to bind over existing sockets; these are ours to replace.
+        for stale in [&api_socket, &spec.vsock.socket] {
+            remove_file(stale)?;
+        }
+        let netns = pod_netns(spec)?;
+
+        let mut cmd = Command::new(&self.opts.binary);
+        cmd.arg("--api-socket")
+            .arg(format!("path={}", api_socket.display()))
+            .arg("--log-file")
+            .arg(&log_file)
+            .arg("--event-monitor")
+            .arg(format!("path={}", events.display()));
+        if let Some(ns) = netns {
+            enter_netns_on_exec(&mut cmd, ns)?;
+        }
+        let vmm = Arc::new(
+            Daemon::spawn("cloud-hypervisor", cmd, &spec.dir.join(STDIO_LOG)).map_err(
+                |source| HypervisorError::Spawn {
+                    what: "cloud-hypervisor",
+                    source,
+                },
+            )?,
+        );
+        info!(self.log, "cloud-hypervisor launched"; "pid" => vmm.pid(), "api_socket" => %api_socket.display());
+        self.watch_exit(vmm.clone(), log_file.clone(), events);
+        self.vmm = Some(vmm.clone());
+
+        let api = api::Api::new(&api_socket, self.opts.api_timeout);
+        let ping =
+            wait_for_api(&api, &vmm, &api_socket, &log_file, self.opts.start_timeout).await?;
+        info!(self.log, "cloud-hypervisor API ready"; "version" => ping.version, "build" => ping.build_version);
+        let api = self.api.insert(api);
+
+        api.create(vm_config(spec, self.opts.memory_hotplug_mib))
+            .await?;
+        if !spec.nets.is_empty() {
+            let taps = tap::open_taps(&spec.nets, netns).await?;
+            for (i, (net, fd)) in spec.nets.iter().zip(&taps).enumerate() {
+                api.add_net(&net_config(net, i), fd.as_fd()).await?;
+                debug!(self.log, "tap handed to cloud-hypervisor"; "tap" => &net.tap, "fd" => fd.as_raw_fd());
+            }
+            // CH holds its own copies now; ours close here.
+        }
+        if let (Some(share), Some(virtiofsd)) = (&spec.share, &self.virtiofsd) {
+            // A missing vhost-user socket makes vm.boot block for 60 s inside CH.
+            if let Some(status) = virtiofsd.daemon().exited() {
+                return Err(HypervisorError::Died {
+                    what: "virtiofsd",
+                    status,
+                    detail: last_line(&spec.dir.join(VIRTIOFSD_LOG)),
+                });
+            }
+            if !share.socket.exists() {
+                return Err(HypervisorError::Missing {
+                    what: "virtiofsd socket",
+                    path: share.socket.clone(),
+                });
+            }
+        }
+        let booted = Instant::now();
+        api.boot(self.opts.boot_timeout).await?;
+        let state = api.info().await?.state;
+        if state != VmState::Running {
+            return Err(HypervisorError::Api {
+                call: "vm.info".into(),
+                status: 200,
+                body: format!("VM state is {state} after vm.boot, expected Running"),
+            });
+        }
+        info!(self.log, "VM running"; "boot_ms" => booted.elapsed().as_millis() as u64);
+        Ok(())
+    }
+
+    /// Publishes the VMM's exit on `exit_tx` as soon as the pidfd fires.
+    fn watch_exit(&self, vmm: Arc<Daemon>, log_file: PathBuf, events: PathBuf) {
+        let tx = self.exit_tx.clone();
+        let stop_reason = self.stop_reason.clone();
+        let log = self.log.clone();
+        tokio::spawn(async move {
+            let status = vmm.wait().await;
+            let planned = stop_reason.lock().unwrap().clone();
+            let reason = planned.unwrap_or_else(|| exit_reason(&log_file, &events, status));
+            info!(log, "cloud-hypervisor exited"; "status" => ?status, "reason" => &reason);
+            tx.send_replace(Some(VmExit { status, reason }));
+        });
+    }
+
+    /// Ends the VMM (gracefully within `grace`, else SIGKILL) and virtiofsd, and removes the
+    /// sockets. `grace` zero skips the API (a failed start has nothing to shut down cleanly).
+    async fn teardown(&mut self, reason: String, grace: Duration) {
+        self.stop_reason
+            .lock()
+            .unwrap()
+            .get_or_insert(reason.clone());
+        let deadline = tokio::time::Instant::now() + grace;
+        if let Some(vmm) = self.running_vmm().cloned() {
+            if let Some(api) = self.api.as_ref().filter(|_| !grace.is_zero()) {
+                for (name, result) in [
+                    ("vm.shutdown", api.shutdown_vm(remaining(deadline)).await),
+                    ("vmm.shutdown", api.shutdown_vmm(remaining(deadline)).await),
+                ] {
+                    if let Err(e) = result {
+                        debug!(self.log, "graceful shutdown step failed"; "call" => name, "error" => %e);
+                    }
+                }
+            }
+            if tokio::time::timeout_at(deadline, vmm.wait()).await.is_err() {
+                warn!(self.log, "cloud-hypervisor did not exit in time, killing it"; "pid" => vmm.pid(), "grace" => ?grace);
+                vmm.kill().await;
+            }
+        } else if self.vmm.is_none() {
+            // Never launched: wait_exit still resolves.
+            self.exit_tx.send_if_modified(|exit| {
+                exit.get_or_insert(VmExit {
+                    status: None,
+                    reason: reason.clone(),
+                });
+                true
+            });
+        }
+        if let Some(virtiofsd) = self.virtiofsd.take() {
+            // It normally left by itself when the VMM disconnected.
+            virtiofsd
+                .stop(remaining(deadline).max(Duration::from_millis(500)))
+                .await;
+        }
+        self.api = None;
+        if let Some(spec) = &self.spec {
+            for path in [spec.dir.join(API_SOCKET), spec.vsock.socket.clone()] {
+                if let Err(e) = remove_file(&path) {
+                    warn!(self.log, "cannot remove socket"; "error" => %e);
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Hypervisor for Clh {
+    fn kind(&self) -> HypervisorKind {
+        HypervisorKind::Clh
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            accel: Accel::Kvm,
+            cpu_hotplug: true,
+            memory_hotplug: self.opts.memory_hotplug_mib > 0,
+            fs_sharing: true,
+        }
+    }
+
+    async fn prepare(&mut self, spec: &VmSpec) -> Result<()> {
+        if self.running_vmm().is_some() {
+            return Err(invalid("prepare", "the VM is already running".into()));
+        }
+        validate(spec, &self.opts.binary)?;
+        if let Some(old) = self.virtiofsd.take() {
+            old.stop(Duration::from_secs(1)).await;
+        }
+        if let Some(share) = &spec.share {
+            let virtiofsd = Virtiofsd::start(
+                share,
+                &spec.dir.join(VIRTIOFSD_LOG),
+                self.opts.start_timeout,
+            )
+            .await?;
+            info!(self.log, "virtiofsd ready"; "pid" => virtiofsd.pid(), "socket" => %share.socket.display());
+            self.virtiofsd = Some(virtiofsd);
+        }
+        self.vcpus = spec.vcpus;
+        self.memory_mib = spec.memory_mib;
+        self.spec = Some(spec.clone());
+        Ok(())
+    }
+
+    async fn start(&mut self) -> Result<()> {
+        let spec = self
+            .spec
+            .clone()
+            .ok_or_else(|| invalid("start", "prepare() was not called".into()))?;
+        if self.vmm.is_some() {
+            return Err(invalid(
+                "start",
+                "the VMM was already started; prepare again after a stop".into(),
+            ));
+        }
+        match self.launch_and_boot(&spec).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                warn!(self.log, "start failed, tearing down"; "error" => %e);
+                self.teardown(format!("start failed: {e}"), Duration::ZERO)
+                    .await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn wait_exit(&self) -> VmExit {
+        let mut rx = self.exit_rx.clone();
+        let exit = match rx.wait_for(Option::is_some).await {
+            Ok(exit) => exit.clone().expect("waited for Some"),
+            Err(_) => VmExit {
+                status: None,
+                reason: "driver dropped".into(),
+            },
+        };
+        exit
+    }
+
+    async fn stop(&mut self, grace: Duration) -> Result<()> {
+        self.teardown("stopped".into(), grace).await;
+        Ok(())
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.running_vmm().map(|d| d.pid())
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        let vmm = self.running_vmm().map(|d| d.pid());
+        let virtiofsd = self
+            .virtiofsd
+            .as_ref()
+            .filter(|v| v.daemon().exited().is_none())
+            .map(|v| v.pid());
+        vmm.into_iter().chain(virtiofsd).collect()
+    }
+
+    async fn resize(&mut self, vcpus: Option<u32>, memory_mib: Option<u64>) -> Result<()> {
+        let spec = self
+            .spec
+            .as_ref()
+            .ok_or_else(|| invalid("resize", "the VM was never prepared".into()))?;
+        let api = match (&self.api, self.running_vmm()) {
+            (Some(api), Some(_)) => api,
+            _ => return Err(invalid("resize", "the VM is not running".into())),
+        };
+        if let Some(n) = vcpus {
+            if n == 0 || n > spec.max_vcpus {
+                return Err(invalid(
+                    "resize",
+                    format!("{n} vCPUs is outside 1..={}", spec.max_vcpus),
+                ));
+            }
+        }
+        if let Some(m) = memory_mib {
+            let max = spec.memory_mib + self.opts.memory_hotplug_mib;
+            if m < self.memory_mib || m > max {
+                return Err(invalid(
+                    "resize",
+                    format!(
+                        "{m} MiB is outside {}..={max} MiB (memory is only ever added)",
+                        self.memory_mib
+                    ),
+                ));
+            }
+        }
+        api.resize(VmResize {
+            desired_vcpus: vcpus.map(|n| n as i32),
+            desired_ram: memory_mib.map(|m| (m << 20) as i64),
+            ..VmResize::new()
+        })
+        .await?;
+        info!(self.log, "VM resized"; "vcpus" => ?vcpus, "memory_mib" => ?memory_mib);
+        self.vcpus = vcpus.unwrap_or(self.vcpus);
+        self.memory_mib = memory_mib.unwrap_or(self.memory_mib);
+        Ok(())
+    }
+}
+
+fn invalid(call: &str, why: String) -> HypervisorError {
+    HypervisorError::Io {
+        context: format!("cloud-hypervisor {call}: {why}"),
+        source: std::io::ErrorKind::InvalidInput.into(),
+    }
+}
+
+fn remaining(deadline: tokio::time::Instant) -> Duration {
+    deadline.saturating_duration_since(tokio::time::Instant::now())
+}
+
+fn remove_file(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(HypervisorError::Io {
+            context: format!("removing {}", path.display()),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Everything that would only fail later, and less clearly, inside CH.
+fn validate(spec: &VmSpec, binary: &Path) -> Result<()> {
+    for (what, path) in [
+        ("cloud-hypervisor", binary),
+        ("sandbox directory", spec.dir.as_path()),
+        ("guest kernel", spec.kernel.as_path()),
+        ("guest initramfs", spec.initrd.as_path()),
+    ] {
+        if !path.exists() {
+            return Err(HypervisorError::Missing {
+                what,
+                path: path.to_path_buf(),
+            });
+        }
+    }
+    if spec.vcpus == 0 || spec.max_vcpus < spec.vcpus {
+        return Err(invalid(
+            "prepare",
+            format!(
+                "vcpus {} / max_vcpus {} (need 1 ≤ vcpus ≤ max)",
+                spec.vcpus, spec.max_vcpus
+            ),
+        ));
+    }
+    if spec.memory_mib < 64 {
+        return Err(invalid(
+            "prepare",
+            format!(
+                "{} MiB of memory is below the 64 MiB minimum",
+                spec.memory_mib
+            ),
+        ));
+    }
+    if spec.vsock.cid < 3 {
+        return Err(invalid(
+            "prepare",
+            format!(
+                "vsock CID {} is reserved (guests use 3 and up)",
+                spec.vsock.cid
+            ),
+        ));
+    }
+    pod_netns(spec)?;
+    Ok(())
+}
+
+/// The one network namespace the NICs live in. CH runs inside it (see [`enter_netns_on_exec`]).
+fn pod_netns(spec: &VmSpec) -> Result<Option<&Path>> {
+    let mut all = spec.nets.iter().map(|n| n.netns.as_deref());
+    let first = all.next().flatten();
+    if all.any(|ns| ns != first) {
+        return Err(invalid(
+            "prepare",
+            "all NICs must live in the same network namespace".into(),
+        ));
+    }
+    if let Some(ns) = first.filter(|ns| !ns.exists()) {
+        return Err(HypervisorError::Missing {
+            what: "network namespace",
+            path: ns.to_path_buf(),
+        });
+    }
+    Ok(first)
+}
+
+/// Starts CH inside the pod's network namespace. It gets the taps as fds, but still looks
+/// them up by name for MTU and offload settings, which only works in their namespace. The
+/// API and vsock sockets are path-based Unix sockets, reachable from any namespace.
+fn enter_netns_on_exec(cmd: &mut Command, netns: &Path) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let file = File::open(netns).map_err(|source| HypervisorError::Io {
+        context: format!("opening network namespace {}", netns.display()),
+        source,
+    })?;
+    // SAFETY: only setns(2), async-signal-safe, runs between fork and exec; `file` stays
+    // open in the parent until the command is spawned (it is moved into the closure).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
+/// Polls `vmm.ping` until it answers, failing early when the VMM exits.
+async fn wait_for_api(
+    api: &api::Api,
+    vmm: &Daemon,
+    socket: &Path,
+    log_file: &Path,
+    timeout: Duration,
+) -> Result<cloud_hypervisor_client::models::VmmPingResponse> {
+    let deadline = Instant::now() + timeout;
+    let mut last_error = None;
+    loop {
+        if let Some(status) = vmm.exited() {
+            return Err(HypervisorError::Died {
+                what: "cloud-hypervisor",
+                status,
+                detail: last_error_line(log_file).unwrap_or_else(|| last_line(log_file)),
+            });
+        }
+        if socket.exists() {
+            match api.ping(Duration::from_secs(1)).await {
+                Ok(ping) => return Ok(ping),
+                Err(e) => last_error = Some(e.to_string()),
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(HypervisorError::Timeout {
+                what: "cloud-hypervisor API (vmm.ping)".into(),
+                timeout,
+                detail: last_error.or_else(|| Some(format!("{} never appeared", socket.display()))),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Why the VMM ended, from its log (last ERROR line) and the event monitor (last events).
+pub fn exit_reason(log_file: &Path, events: &Path, status: Option<i32>) -> String {
+    let status = match status {
+        Some(s) if s > 128 => format!("killed by signal {}", s - 128),
+        Some(s) => format!("exit status {s}"),
+        None => "exit status unknown".into(),
+    };
+    let events = last_events(events, 4);
+    let events = if events.is_empty() {
+        String::new()
+    } else {
+        format!("; last events: {}", events.join(", "))
+    };
+    match last_error_line(log_file) {
+        Some(error) => format!("cloud-hypervisor exited ({status}): {error}{events}"),
+        None => format!("cloud-hypervisor exited ({status}){events}"),
+    }
+}
+
+/// The message of the last `ERROR` line of CH's log (`… <thread> ERROR:file:line -- message`).
+fn last_error_line(log_file: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(log_file).ok()?;
+    let line = text.lines().rev().find(|l| l.contains(" ERROR:"))?;
+    Some(
+        line.split_once(" -- ")
+            .map(|(_, msg)| msg)
+            .unwrap_or(line)
+            .trim()
+            .to_string(),
+    )
+}
+
+/// The last `n` events of the event monitor file (pretty-printed JSON objects back to back),
+/// as "source event".
+fn last_events(events: &Path, n: usize) -> Vec<String> {
+    #[derive(serde::Deserialize)]
+    struct Event {
+        source: String,
+        event: String,
+    }
+    let Ok(text) = std::fs::read_to_string(events) else {
+        return Vec::new();
+    };
+    // A half-written last object ends the stream; what came before still counts.
+    let all: Vec<String> = serde_json::Deserializer::from_str(&text)
+        .into_iter::<Event>()
+        .map_while(|e| e.ok())
+        .map(|e| format!("{} {}", e.source, e.event))
+        .collect();
+    all[all.len().saturating_sub(n)..].to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_reason_prefers_the_last_error_line_and_lists_events() {
+        let dir = std::env::temp_dir().join(format!("shoji-clh-exit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("clh.log");
+        std::fs::write(
+            &log,
+            "cloud-hypervisor:  0.1s: <vmm> WARN:vmm/src/lib.rs:1 -- something\n\
+             cloud-hypervisor: 14.2s: <vcpu0> ERROR:vmm/src/cpu.rs:1180 -- VCPU generated error: VcpuRun(Failed to run vcpu)\n",
+        )
+        .unwrap();
+        let events = dir.join("clh-events.json");
+        let ev = |s: &str, e: &str| {
+            serde_json::to_string_pretty(&serde_json::json!({
+                "timestamp": {"secs": 0, "nanos": 1}, "source": s, "event": e, "properties": null
+            }))
+            .unwrap()
+        };
+        std::fs::write(
+            &events,
+            format!(
+                "{}\n{}\n{}\n{{\"timestamp\":",
+                ev("vm", "booted"),
+                ev("vm", "shutdown"),
+                ev("vmm", "shutdown")
+            ),
+        )
+        .unwrap();
+        assert_eq!(
+            exit_reason(&log, &events, Some(1)),
+            "cloud-hypervisor exited (exit status 1): VCPU generated error: VcpuRun(Failed to run vcpu); \
+             last events: vm booted, vm shutdown, vmm shutdown"
+        );
+        assert_eq!(
+            exit_reason(&dir.join("none.log"), &dir.join("none.json"), Some(137)),
+            "cloud-hypervisor exited (killed by signal 9)"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,108 @@
+//! Opening a pod's tap devices from the host, inside the pod's network namespace, so their
+//! fds can be handed to Cloud Hypervisor (which then needs no access to the namespace).
+use std::{
+    fs::File,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::{Path, PathBuf},
+};
+
+use nix::sched::{setns, CloneFlags};
+
+use crate::hypervisor::{HypervisorError, NetDevice, Result};
+
+/// Opens every tap of `nets` (all in `netns`, or the host's namespace when `None`) and
+/// returns one fd per tap, in order. Runs on a short-lived thread of its own: `setns`
+/// changes the calling thread's namespace, which must never leak into tokio's threads.
+pub async fn open_taps(nets: &[NetDevice], netns: Option<&Path>) -> Result<Vec<OwnedFd>> {
+    let taps: Vec<String> = nets.iter().map(|n| n.tap.clone()).collect();
+    let netns = netns.map(Path::to_path_buf);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("clh-open-taps".into())
+        .spawn(move || {
+            let _ = tx.send(open_in(&taps, netns));
+        })
+        .map_err(|source| HypervisorError::Io {
+            context: "spawning the tap-opening thread".into(),
+            source,
+        })?;
+    rx.await.expect("the tap-opening thread always answers")
+}
+
+fn open_in(taps: &[String], netns: Option<PathBuf>) -> Result<Vec<OwnedFd>> {
+    let where_ = netns
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "the host namespace".into());
+    if let Some(ns) = &netns {
+        let file = File::open(ns).map_err(|source| HypervisorError::Io {
+            context: format!("opening network namespace {where_}"),
+            source,
+        })?;
+        setns(&file, CloneFlags::CLONE_NEWNET).map_err(|e| HypervisorError::Io {
+            context: format!("entering network namespace {where_}"),
+            source: e.into(),
+        })?;
+    }
+    taps.iter()
+        .map(|tap| {
+            open_tap(tap).map_err(|source| HypervisorError::Io {
+                context: format!("opening tap {tap} in {where_}"),
+                source,
+            })
+        })
+        .collect()
+}
+
+/// Attaches to an existing tap. TUNSETIFF would create a missing one, so existence is
+/// checked first; the multi-queue flag must match how the tap was created.
+fn open_tap(name: &str) -> std::io::Result<OwnedFd> {
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "invalid interface name",
+        ));
+    }
+    let cname = std::ffi::CString::new(name)?;
+    // SAFETY: if_nametoindex(3) reads a NUL-terminated name; it asks a socket of this
+    // thread's network namespace.
+    if unsafe { libc::if_nametoindex(cname.as_ptr()) } == 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "no such interface in this network namespace",
+        ));
+    }
+    let base = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+    match attach(name, base) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            attach(name, base | libc::IFF_MULTI_QUEUE as libc::c_short)
+        }
+        other => other,
+    }
+}
+
+fn attach(name: &str, flags: libc::c_short) -> std::io::Result<OwnedFd> {
+    // SAFETY: open(2) of a constant path; the result is checked.
+    let fd = unsafe {
+        libc::open(
+            c"/dev/net/tun".as_ptr(),
+            libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain data; zeroed is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    req.ifr_ifru.ifru_flags = flags;
+    // SAFETY: TUNSETIFF reads an ifreq that lives for the call.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &req) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fd)
+}
