@@ -2,3 +2,4 @@
 
 pub mod containerd;
 pub mod image;
+pub mod fake_clh;
