@@ -43,7 +43,12 @@ impl Daemon {
             let status = wait_pidfd(pidfd, pid).await;
             let _ = tx.send(Some(status));
         });
-        Ok(Daemon { name, pid, exit: rx, _watcher: Arc::new(watcher) })
+        Ok(Daemon {
+            name,
+            pid,
+            exit: rx,
+            _watcher: Arc::new(watcher),
+        })
     }
 
     pub fn name(&self) -> &'static str {
@@ -116,17 +121,33 @@ fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
 }
 
 async fn wait_pidfd(pidfd: OwnedFd, pid: u32) -> Option<i32> {
-    match AsyncFd::new(pidfd) {
-        Ok(fd) => {
-            let _ = fd.readable().await;
-            reap(fd.get_ref().as_raw_fd())
-        }
+    match readable(pidfd).await {
+        Some(fd) => reap(fd.as_raw_fd()),
         // Cannot poll the pidfd (not expected): fall back to polling the pid.
-        Err(_) => {
+        None => {
             while unsafe { libc::kill(pid as i32, 0) } == 0 {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             None
+        }
+    }
+}
+
+/// Waits until the pidfd is readable (the process exited); `None` if it cannot be polled.
+async fn readable(pidfd: OwnedFd) -> Option<OwnedFd> {
+    // SAFETY: the AsyncFd owns `pidfd`, so the descriptor stays open and unchanged while registered.
+    let fd = unsafe { AsyncFd::register(pidfd) }.ok()?;
+    let _ = fd.readable().await;
+    Some(fd.into_inner())
+}
+
+/// Resolves when process `pid` has exited, without reaping it (its parent still collects
+/// the status). Returns at once if no such process exists.
+pub async fn wait_pid_exit(pid: u32) {
+    let Ok(pidfd) = pidfd_open(pid) else { return };
+    if readable(pidfd).await.is_none() {
+        while unsafe { libc::kill(pid as i32, 0) } == 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 }
@@ -141,7 +162,11 @@ fn reap(pidfd: i32) -> Option<i32> {
     }
     // SAFETY: after a successful waitid, si_status and si_code are valid.
     let (code, status) = unsafe { (info.si_code, info.si_status()) };
-    Some(if code == libc::CLD_EXITED { status } else { 128 + status })
+    Some(if code == libc::CLD_EXITED {
+        status
+    } else {
+        128 + status
+    })
 }
 
 #[cfg(test)]
@@ -161,8 +186,14 @@ mod tests {
         cmd.arg("60");
         let d = Daemon::spawn("sleep", cmd, &log).unwrap();
         assert_eq!(d.exited(), None);
-        assert_eq!(d.stop(Duration::from_secs(5)).await, Some(128 + libc::SIGTERM));
-        assert_eq!(d.stop(Duration::from_secs(5)).await, Some(128 + libc::SIGTERM));
+        assert_eq!(
+            d.stop(Duration::from_secs(5)).await,
+            Some(128 + libc::SIGTERM)
+        );
+        assert_eq!(
+            d.stop(Duration::from_secs(5)).await,
+            Some(128 + libc::SIGTERM)
+        );
         let _ = std::fs::remove_file(log);
     }
 }

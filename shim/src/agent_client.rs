@@ -1,0 +1,592 @@
+//! The host's link to shoji-agent: readiness, hybrid-vsock dialing and the typed ttrpc client.
+//!
+//! Order matters (REFERENCE §2): bind a [`ReadyListener`] *before* the VMM starts, wait for
+//! the agent's announcement, and only then dial ([`AgentClient::connect`]). A host `CONNECT`
+//! that reaches vhost-device-vsock while the device is still starting can wedge it for the
+//! life of the VM; the announcement is also the fastest readiness signal (no polling).
+//!
+//! Hybrid vsock (vhost-device-vsock, Cloud Hypervisor, Firecracker): host→guest is a Unix
+//! stream connection to the VM's vsock socket plus the line `CONNECT <port>\n`, answered by
+//! `OK <n>\n`; guest→host connections to port P arrive on the Unix socket `<socket>_<P>`.
+use std::{
+    future::Future,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use shoji_agent_api::{
+    stream::{self, StreamError, StreamHeader, StreamKind},
+    ttrpc_api,
+    types::*,
+    AGENT_PORT, IO_PORT, READY_LINE, READY_PORT,
+};
+use tokio::{
+    io::AsyncWriteExt,
+    net::{UnixListener, UnixStream},
+};
+use ttrpc::{context, Code};
+
+/// How long one long-poll call (WaitProcess, WaitOomEvent) stays open before it is
+/// re-issued. Between two polls the agent's health is checked, so a dead agent is noticed.
+pub const LONG_POLL: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot listen for the agent's announcement on {path}: {source}")]
+    Listen {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the agent did not announce itself within {timeout:?}")]
+    NotReady { timeout: Duration },
+    #[error("cannot connect to the VM's vsock socket {socket}: {source}")]
+    Connect {
+        socket: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("vsock handshake for guest port {port} failed: {reason}")]
+    Handshake { port: u32, reason: String },
+    #[error("agent call {call} timed out after {timeout:?}")]
+    Timeout {
+        call: &'static str,
+        timeout: Duration,
+    },
+    /// The agent answered with an error status (e.g. `NOT_FOUND` for an unknown container).
+    #[error("agent call {call} failed ({code:?}): {message}")]
+    Rpc {
+        call: &'static str,
+        code: Code,
+        message: String,
+    },
+    /// The connection to the agent broke (the VM died or the agent closed it).
+    #[error("agent call {call}: connection failed: {source}")]
+    Transport {
+        call: &'static str,
+        #[source]
+        source: ttrpc::Error,
+    },
+    #[error("{kind} stream of {container_id}/{exec_id}: {source}")]
+    Stream {
+        kind: StreamKind,
+        container_id: String,
+        exec_id: String,
+        #[source]
+        source: StreamError,
+    },
+}
+
+impl AgentError {
+    /// The ttrpc status code, when the agent answered with one.
+    pub fn code(&self) -> Option<Code> {
+        match self {
+            AgentError::Rpc { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    pub fn is_not_found(&self) -> bool {
+        self.code() == Some(Code::NOT_FOUND)
+    }
+}
+
+pub type Result<T, E = AgentError> = std::result::Result<T, E>;
+
+/// Listens on `<vsock socket>_1026` for the agent's `SHOJI-AGENT-READY` line. The socket
+/// file is removed when this is dropped.
+pub struct ReadyListener {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl ReadyListener {
+    /// Binds the listener; call before the VMM starts.
+    pub fn bind(vsock_socket: &Path) -> Result<ReadyListener> {
+        let path = port_socket(vsock_socket, READY_PORT);
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).map_err(|source| AgentError::Listen {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(ReadyListener { listener, path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Waits for a connection that carries the ready line. Connections carrying anything
+    /// else are dropped (only the guest can connect here, but a broken guest must not
+    /// count as ready).
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<()> {
+        let announce = async {
+            loop {
+                let Ok((mut conn, _)) = self.listener.accept().await else {
+                    continue;
+                };
+                let line =
+                    tokio::time::timeout(Duration::from_secs(2), stream::read_line(&mut conn, 64))
+                        .await;
+                if let Ok(Ok(line)) = line {
+                    if line == READY_LINE.trim_end() {
+                        return;
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(timeout, announce)
+            .await
+            .map_err(|_| AgentError::NotReady { timeout })
+    }
+}
+
+impl Drop for ReadyListener {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// The Unix socket on which guest connections to host port `port` arrive.
+pub fn port_socket(vsock_socket: &Path, port: u32) -> PathBuf {
+    let mut s = vsock_socket.as_os_str().to_owned();
+    s.push(format!("_{port}"));
+    PathBuf::from(s)
+}
+
+/// Opens a connection to guest vsock port `port` through the hybrid-vsock socket.
+pub async fn dial(vsock_socket: &Path, port: u32, timeout: Duration) -> Result<UnixStream> {
+    let connect = async {
+        let mut conn =
+            UnixStream::connect(vsock_socket)
+                .await
+                .map_err(|source| AgentError::Connect {
+                    socket: vsock_socket.into(),
+                    source,
+                })?;
+        let handshake = |reason: String| AgentError::Handshake { port, reason };
+        conn.write_all(format!("CONNECT {port}\n").as_bytes())
+            .await
+            .map_err(|e| handshake(e.to_string()))?;
+        // Byte by byte, so no payload after the line is consumed. vhost-device-vsock answers
+        // `OK <guest port>`, Cloud Hypervisor `OK <host port>`: only the prefix counts.
+        let line = stream::read_line(&mut conn, 64)
+            .await
+            .map_err(|e| handshake(e.to_string()))?;
+        if !line.starts_with("OK") {
+            return Err(handshake(format!("unexpected answer {line:?}")));
+        }
+        Ok(conn)
+    };
+    tokio::time::timeout(timeout, connect)
+        .await
+        .map_err(|_| AgentError::Handshake {
+            port,
+            reason: format!("no answer within {timeout:?}"),
+        })?
+}
+
+/// Typed client of the agent's ttrpc service. Every call has a timeout; cloning is cheap
+/// and clones share the connection.
+#[derive(Clone)]
+pub struct AgentClient {
+    rpc: ttrpc_api::AgentClient,
+    vsock_socket: PathBuf,
+    call_timeout: Duration,
+}
+
+impl AgentClient {
+    /// Dials the agent port and builds the ttrpc client. `call_timeout` bounds the dial and
+    /// every ordinary call.
+    pub async fn connect(vsock_socket: &Path, call_timeout: Duration) -> Result<AgentClient> {
+        let conn = dial(vsock_socket, AGENT_PORT, call_timeout).await?;
+        let client = ttrpc::r#async::Client::new(ttrpc::r#async::transport::Socket::from(conn));
+        Ok(AgentClient {
+            rpc: ttrpc_api::AgentClient::new(client),
+            vsock_socket: vsock_socket.into(),
+            call_timeout,
+        })
+    }
+
+    pub fn call_timeout(&self) -> Duration {
+        self.call_timeout
+    }
+
+    /// Runs one call bounded by `timeout`, on the wire (so the agent drops it too) and locally.
+    async fn call<T, F, Fut>(&self, call: &'static str, timeout: Duration, f: F) -> Result<T>
+    where
+        F: FnOnce(ttrpc_api::AgentClient, context::Context) -> Fut,
+        Fut: Future<Output = ttrpc::Result<T>>,
+    {
+        let ctx = context::with_duration(timeout);
+        // The local bound is a little longer so the agent's DEADLINE_EXCEEDED wins when it can.
+        match tokio::time::timeout(
+            timeout + Duration::from_millis(500),
+            f(self.rpc.clone(), ctx),
+        )
+        .await
+        {
+            Err(_) => Err(AgentError::Timeout { call, timeout }),
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(ttrpc::Error::RpcStatus(s))) if s.code() == Code::DEADLINE_EXCEEDED => {
+                Err(AgentError::Timeout { call, timeout })
+            }
+            Ok(Err(ttrpc::Error::RpcStatus(s))) => Err(AgentError::Rpc {
+                call,
+                code: s.code(),
+                message: s.message().to_string(),
+            }),
+            Ok(Err(ttrpc::Error::Others(m))) if m.starts_with("Receive packet timeout") => {
+                Err(AgentError::Timeout { call, timeout })
+            }
+            Ok(Err(source)) => Err(AgentError::Transport { call, source }),
+        }
+    }
+
+    pub async fn health(&self) -> Result<HealthResponse> {
+        self.call("Health", self.call_timeout, |c, ctx| async move {
+            c.health(ctx, &Empty::new()).await
+        })
+        .await
+    }
+
+    pub async fn guest_details(&self) -> Result<GuestDetailsResponse> {
+        self.call("GuestDetails", self.call_timeout, |c, ctx| async move {
+            c.guest_details(ctx, &Empty::new()).await
+        })
+        .await
+    }
+
+    /// Creates a container; its init process exists but does not run yet. Container
+    /// creation runs the OCI runtime in the guest, so it gets twice the call timeout.
+    pub async fn create_container(&self, req: CreateContainerRequest) -> Result<()> {
+        self.call(
+            "CreateContainer",
+            self.call_timeout * 2,
+            |c, ctx| async move { c.create_container(ctx, &req).await },
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn exec_process(&self, req: ExecProcessRequest) -> Result<()> {
+        self.call("ExecProcess", self.call_timeout, |c, ctx| async move {
+            c.exec_process(ctx, &req).await
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Runs a created process; returns its guest pid.
+    pub async fn start_process(&self, container_id: &str, exec_id: &str) -> Result<u32> {
+        let req = process_ref(container_id, exec_id);
+        self.call("StartProcess", self.call_timeout, |c, ctx| async move {
+            c.start_process(ctx, &req).await
+        })
+        .await
+        .map(|r| r.pid)
+    }
+
+    /// Waits, without a deadline, until the process has exited and its output is drained.
+    /// Polls in [`LONG_POLL`] slices; between two the agent must answer Health, so a dead
+    /// VM ends the wait with an error instead of hanging.
+    pub async fn wait_process(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+    ) -> Result<WaitProcessResponse> {
+        let req = process_ref(container_id, exec_id);
+        self.long_poll("WaitProcess", |c, ctx| {
+            let req = req.clone();
+            async move { c.wait_process(ctx, &req).await }
+        })
+        .await
+    }
+
+    /// Waits, without a deadline, for the next OOM kill in any container (see [`Self::wait_process`]).
+    pub async fn wait_oom_event(&self) -> Result<String> {
+        self.long_poll("WaitOomEvent", |c, ctx| async move {
+            c.wait_oom_event(ctx, &Empty::new()).await
+        })
+        .await
+        .map(|e| e.container_id)
+    }
+
+    async fn long_poll<T, F, Fut>(&self, call: &'static str, f: F) -> Result<T>
+    where
+        F: Fn(ttrpc_api::AgentClient, context::Context) -> Fut,
+        Fut: Future<Output = ttrpc::Result<T>>,
+    {
+        loop {
+            match self.call(call, LONG_POLL, &f).await {
+                Err(AgentError::Timeout { .. }) => {
+                    self.health().await?;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    pub async fn signal_process(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        signal: u32,
+        all: bool,
+    ) -> Result<()> {
+        let req = SignalProcessRequest {
+            container_id: container_id.into(),
+            exec_id: exec_id.into(),
+            signal,
+            all,
+            ..Default::default()
+        };
+        self.call("SignalProcess", self.call_timeout, |c, ctx| async move {
+            c.signal_process(ctx, &req).await
+        })
+        .await
+        .map(drop)
+    }
+
+    pub async fn resize_tty(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        width: u32,
+        height: u32,
+    ) -> Result<()> {
+        let req = ResizeTtyRequest {
+            container_id: container_id.into(),
+            exec_id: exec_id.into(),
+            width,
+            height,
+            ..Default::default()
+        };
+        self.call("ResizeTty", self.call_timeout, |c, ctx| async move {
+            c.resize_tty(ctx, &req).await
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Removes a container (kills what still runs). Unknown containers succeed.
+    pub async fn remove_container(&self, container_id: &str) -> Result<()> {
+        let req = container_ref(container_id);
+        self.call("RemoveContainer", self.call_timeout, |c, ctx| async move {
+            c.remove_container(ctx, &req).await
+        })
+        .await
+        .map(drop)
+    }
+
+    pub async fn pause_container(&self, container_id: &str) -> Result<()> {
+        let req = container_ref(container_id);
+        self.call("PauseContainer", self.call_timeout, |c, ctx| async move {
+            c.pause_container(ctx, &req).await
+        })
+        .await
+        .map(drop)
+    }
+
+    pub async fn resume_container(&self, container_id: &str) -> Result<()> {
+        let req = container_ref(container_id);
+        self.call("ResumeContainer", self.call_timeout, |c, ctx| async move {
+            c.resume_container(ctx, &req).await
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Applies new resources; `resources_json` is an OCI LinuxResources document.
+    pub async fn update_container(
+        &self,
+        container_id: &str,
+        resources_json: Vec<u8>,
+    ) -> Result<()> {
+        let req = UpdateContainerRequest {
+            container_id: container_id.into(),
+            resources_json,
+            ..Default::default()
+        };
+        self.call("UpdateContainer", self.call_timeout, |c, ctx| async move {
+            c.update_container(ctx, &req).await
+        })
+        .await
+        .map(drop)
+    }
+
+    pub async fn list_processes(&self, container_id: &str) -> Result<Vec<u32>> {
+        let req = container_ref(container_id);
+        self.call("ListProcesses", self.call_timeout, |c, ctx| async move {
+            c.list_processes(ctx, &req).await
+        })
+        .await
+        .map(|r| r.pids)
+    }
+
+    pub async fn container_stats(&self, container_id: &str) -> Result<ContainerStatsResponse> {
+        let req = container_ref(container_id);
+        self.call("ContainerStats", self.call_timeout, |c, ctx| async move {
+            c.container_stats(ctx, &req).await
+        })
+        .await
+    }
+
+    pub async fn configure_network(&self, req: ConfigureNetworkRequest) -> Result<()> {
+        self.call("ConfigureNetwork", self.call_timeout, |c, ctx| async move {
+            c.configure_network(ctx, &req).await
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Asks the guest to sync and power off; returns before the power-off. `timeout` is
+    /// usually shorter than the call timeout: the caller stops the VMM either way.
+    pub async fn shutdown(&self, timeout: Duration) -> Result<()> {
+        self.call("Shutdown", timeout, |c, ctx| async move {
+            c.shutdown(ctx, &Empty::new()).await
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Opens one stdio stream of a process (see [`shoji_agent_api::stream`]): after this
+    /// returns, stdout/stderr/tty output can be read raw and stdin written in frames.
+    /// Attach before StartProcess so no output is missed.
+    pub async fn open_stream(
+        &self,
+        kind: StreamKind,
+        container_id: &str,
+        exec_id: &str,
+    ) -> Result<UnixStream> {
+        let mut conn = dial(&self.vsock_socket, IO_PORT, self.call_timeout).await?;
+        let header = StreamHeader {
+            kind,
+            container_id: container_id.into(),
+            exec_id: exec_id.into(),
+        };
+        let stream_err = |source| AgentError::Stream {
+            kind,
+            container_id: container_id.into(),
+            exec_id: exec_id.into(),
+            source,
+        };
+        match tokio::time::timeout(self.call_timeout, stream::open(&mut conn, &header)).await {
+            Ok(Ok(())) => Ok(conn),
+            Ok(Err(e)) => Err(stream_err(e)),
+            Err(_) => Err(stream_err(StreamError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {:?}", self.call_timeout),
+            )))),
+        }
+    }
+}
+
+fn process_ref(container_id: &str, exec_id: &str) -> ProcessRef {
+    ProcessRef {
+        container_id: container_id.into(),
+        exec_id: exec_id.into(),
+        ..Default::default()
+    }
+}
+
+fn container_ref(container_id: &str) -> ContainerRef {
+    ContainerRef {
+        container_id: container_id.into(),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("shoji-agent-client-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[tokio::test]
+    async fn ready_listener_ignores_garbage_then_accepts_the_line() {
+        let dir = scratch("ready");
+        let vsock = dir.join("vsock.sock");
+        let ready = ReadyListener::bind(&vsock).unwrap();
+        assert_eq!(ready.path(), dir.join("vsock.sock_1026"));
+        let path = ready.path().to_path_buf();
+        let guest = tokio::spawn(async move {
+            let mut c = UnixStream::connect(&path).await.unwrap();
+            c.write_all(b"GARBAGE\n").await.unwrap();
+            let mut c = UnixStream::connect(&path).await.unwrap();
+            c.write_all(READY_LINE.as_bytes()).await.unwrap();
+            c
+        });
+        ready.wait_ready(Duration::from_secs(5)).await.unwrap();
+        drop(guest.await.unwrap());
+        drop(ready);
+        assert!(!dir.join("vsock.sock_1026").exists(), "socket left behind");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn ready_listener_times_out() {
+        let dir = scratch("notready");
+        let ready = ReadyListener::bind(&dir.join("vsock.sock")).unwrap();
+        let err = ready
+            .wait_ready(Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, AgentError::NotReady { .. }), "{err}");
+        drop(ready);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn dial_checks_only_the_ok_prefix_and_keeps_the_payload() {
+        let dir = scratch("dial");
+        let sock = dir.join("vsock.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let server = tokio::spawn(async move {
+            for answer in ["OK 1024\npayload", "NO\n"] {
+                let (mut c, _) = listener.accept().await.unwrap();
+                let line = stream::read_line(&mut c, 64).await.unwrap();
+                assert_eq!(line, "CONNECT 1024");
+                c.write_all(answer.as_bytes()).await.unwrap();
+                c.flush().await.unwrap();
+                // Keep the connection until the client has read.
+                let _ = c.read_u8().await;
+            }
+        });
+        let mut conn = dial(&sock, AGENT_PORT, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let mut payload = [0u8; 7];
+        conn.read_exact(&mut payload).await.unwrap();
+        assert_eq!(&payload, b"payload");
+        drop(conn);
+        let err = dial(&sock, AGENT_PORT, Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, AgentError::Handshake { port: 1024, .. }),
+            "{err}"
+        );
+        server.await.unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn dial_to_a_missing_socket_names_it() {
+        let err = dial(
+            Path::new("/nonexistent/vsock.sock"),
+            AGENT_PORT,
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/vsock.sock"), "{err}");
+    }
+}

@@ -1,0 +1,416 @@
+//! The runtime's configuration file (TOML), shared by the shim and the `shoji` CLI.
+//!
+//! Looked up at `$SHOJI_CONFIG`, else `/etc/shoji/config.toml`; every key is optional and
+//! the defaults work on a host prepared by `hack/setup.sh`. Unknown keys are rejected (a
+//! typo must not silently fall back to a default). See docs/configuration.md.
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+use crate::hypervisor::HypervisorKind;
+
+/// Where the configuration file is read from when `$SHOJI_CONFIG` is not set.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/shoji/config.toml";
+/// Base directory of the per-sandbox directories when `$SHOJI_RUN_DIR` is not set.
+pub const DEFAULT_RUN_DIR: &str = "/run/shoji";
+/// Build cache of the guest kernel and initramfs when `$SHOJI_CACHE` is not set.
+pub const DEFAULT_CACHE_DIR: &str = "/var/cache/shoji";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid configuration in {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid configuration in {path}: {key}: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        message: String,
+    },
+}
+
+/// The whole file. Field names are the TOML keys.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `qemu` or `clh` (Cloud Hypervisor; needs a KVM that runs ordinary guests).
+    pub hypervisor: HypervisorKind,
+    /// Guest kernel (uncompressed vmlinux).
+    pub kernel: PathBuf,
+    /// Guest initramfs holding shoji-agent as /init.
+    pub initrd: PathBuf,
+    /// vCPUs of a sandbox whose pod declares no CPU limit.
+    pub default_vcpus: u32,
+    /// Guest memory (MiB) of a sandbox whose pod declares no memory limit.
+    pub default_memory_mib: u64,
+    /// Memory (MiB) added to a pod's declared memory limit for the guest kernel and agent.
+    pub memory_overhead_mib: u64,
+    /// Extra guest kernel arguments, appended to the driver's own.
+    pub kernel_args: Vec<String>,
+    /// Log level of the shim and the agent: error, warn, info or debug.
+    pub log_level: String,
+    /// Base directory of the per-sandbox directories (`$SHOJI_RUN_DIR` overrides it).
+    pub run_dir: PathBuf,
+    pub virtiofsd: VirtiofsdConfig,
+    pub qemu: QemuConfig,
+    pub clh: ClhConfig,
+    pub vhost_device_vsock: BinaryConfig,
+    pub timeouts: Timeouts,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VirtiofsdConfig {
+    pub path: PathBuf,
+    /// `--cache` mode: never, auto or always.
+    pub cache: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QemuConfig {
+    pub path: PathBuf,
+    /// TCG translation cache size (MiB) when QEMU has to emulate (bounds QEMU's RSS).
+    pub tcg_tb_size_mib: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClhConfig {
+    pub path: PathBuf,
+}
+
+/// A helper binary whose only setting is its path.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BinaryConfig {
+    pub path: PathBuf,
+}
+
+/// Time limits, in milliseconds in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// VMM and its device daemons launched and the guest booting.
+    #[serde(rename = "vm_start_ms", with = "millis")]
+    pub vm_start: Duration,
+    /// VMM start → the agent announced itself.
+    #[serde(rename = "agent_ready_ms", with = "millis")]
+    pub agent_ready: Duration,
+    /// One ordinary agent call.
+    #[serde(rename = "agent_call_ms", with = "millis")]
+    pub agent_call: Duration,
+    /// Graceful VM shutdown before the VMM is killed.
+    #[serde(rename = "shutdown_ms", with = "millis")]
+    pub shutdown: Duration,
+}
+
+mod millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        // Sized for TCG on a loaded 2-core host; KVM hosts finish well within them.
+        Timeouts {
+            vm_start: Duration::from_secs(10),
+            agent_ready: Duration::from_secs(30),
+            agent_call: Duration::from_secs(15),
+            shutdown: Duration::from_secs(3),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let cache = cache_dir();
+        Config {
+            hypervisor: HypervisorKind::Qemu,
+            kernel: cache.join("vmlinux"),
+            initrd: cache.join("initramfs.img"),
+            default_vcpus: 1,
+            default_memory_mib: 256,
+            memory_overhead_mib: 64,
+            kernel_args: Vec::new(),
+            log_level: "info".into(),
+            run_dir: PathBuf::from(DEFAULT_RUN_DIR),
+            virtiofsd: VirtiofsdConfig::default(),
+            qemu: QemuConfig::default(),
+            clh: ClhConfig::default(),
+            vhost_device_vsock: BinaryConfig {
+                path: find_binary("vhost-device-vsock"),
+            },
+            timeouts: Timeouts::default(),
+        }
+    }
+}
+
+impl Default for VirtiofsdConfig {
+    fn default() -> Self {
+        // `auto` lets the guest cache lookups for a second; `never` costs a round trip each.
+        VirtiofsdConfig {
+            path: find_binary("virtiofsd"),
+            cache: "auto".into(),
+        }
+    }
+}
+
+impl Default for QemuConfig {
+    fn default() -> Self {
+        QemuConfig {
+            path: find_binary("qemu-system-x86_64"),
+            tcg_tb_size_mib: 32,
+        }
+    }
+}
+
+impl Default for ClhConfig {
+    fn default() -> Self {
+        ClhConfig {
+            path: find_binary("cloud-hypervisor"),
+        }
+    }
+}
+
+impl Config {
+    /// Reads `$SHOJI_CONFIG` or [`DEFAULT_CONFIG_PATH`]; an absent default file means defaults.
+    /// `$SHOJI_RUN_DIR` overrides `run_dir`.
+    pub fn load() -> Result<Config, ConfigError> {
+        Config::load_from(None)
+    }
+
+    /// Like [`Config::load`], but `path` (the runtime's `ConfigPath` option from containerd)
+    /// wins over `$SHOJI_CONFIG` and the default path.
+    pub fn load_from(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut cfg = match path
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("SHOJI_CONFIG").map(PathBuf::from))
+        {
+            Some(path) => Config::from_file(&path)?,
+            None if Path::new(DEFAULT_CONFIG_PATH).exists() => {
+                Config::from_file(Path::new(DEFAULT_CONFIG_PATH))?
+            }
+            None => Config::default(),
+        };
+        if let Some(dir) = std::env::var_os("SHOJI_RUN_DIR") {
+            cfg.run_dir = PathBuf::from(dir);
+        }
+        Ok(cfg)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates TOML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.into(),
+            message: e.message().to_string(),
+        })?;
+        cfg.validate(origin)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, origin: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, message: String| {
+            Err(ConfigError::Invalid {
+                path: origin.into(),
+                key,
+                message,
+            })
+        };
+        if !(1..=255).contains(&self.default_vcpus) {
+            return invalid(
+                "default_vcpus",
+                format!("{} is not within 1..=255", self.default_vcpus),
+            );
+        }
+        if self.default_memory_mib < 64 {
+            return invalid(
+                "default_memory_mib",
+                format!(
+                    "{} MiB is below the 64 MiB minimum",
+                    self.default_memory_mib
+                ),
+            );
+        }
+        if !["never", "auto", "always", "metadata"].contains(&self.virtiofsd.cache.as_str()) {
+            return invalid(
+                "virtiofsd.cache",
+                format!(
+                    "{:?} is not one of never, auto, always, metadata",
+                    self.virtiofsd.cache
+                ),
+            );
+        }
+        if !["error", "warn", "info", "debug", "trace"].contains(&self.log_level.as_str()) {
+            return invalid(
+                "log_level",
+                format!(
+                    "{:?} is not one of error, warn, info, debug, trace",
+                    self.log_level
+                ),
+            );
+        }
+        if self
+            .kernel_args
+            .iter()
+            .any(|a| a.is_empty() || a.contains(char::is_whitespace))
+        {
+            return invalid(
+                "kernel_args",
+                "each entry must be one non-empty word".into(),
+            );
+        }
+        let t = &self.timeouts;
+        for (key, d) in [
+            ("timeouts.vm_start_ms", t.vm_start),
+            ("timeouts.agent_ready_ms", t.agent_ready),
+            ("timeouts.agent_call_ms", t.agent_call),
+            ("timeouts.shutdown_ms", t.shutdown),
+        ] {
+            if d.is_zero() {
+                return invalid(key, "must be greater than 0".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `$SHOJI_CACHE` or [`DEFAULT_CACHE_DIR`].
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("SHOJI_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CACHE_DIR))
+}
+
+/// Finds a binary in `$PATH`, then in `~/.cargo/bin` (where `cargo install` puts virtiofsd
+/// and vhost-device-vsock; containerd starts the shim with a minimal PATH). Returns the bare
+/// name when not found, so the error at launch names what is missing.
+pub fn find_binary(name: &str) -> PathBuf {
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"));
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([home.join(".cargo/bin"), PathBuf::from("/root/.cargo/bin")])
+        .map(|dir| dir.join(name))
+        .find(|p| is_executable(p))
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    p.metadata()
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        assert_eq!(parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn full_file_is_read() {
+        let cfg = parse(
+            r#"
+            hypervisor = "clh"
+            kernel = "/k"
+            initrd = "/i"
+            default_vcpus = 2
+            default_memory_mib = 512
+            kernel_args = ["loglevel=7"]
+            log_level = "debug"
+            run_dir = "/tmp/r"
+            [virtiofsd]
+            path = "/v"
+            cache = "never"
+            [qemu]
+            path = "/q"
+            tcg_tb_size_mib = 64
+            [clh]
+            path = "/c"
+            [vhost_device_vsock]
+            path = "/h"
+            [timeouts]
+            vm_start_ms = 1000
+            agent_ready_ms = 2000
+            agent_call_ms = 3000
+            shutdown_ms = 4000
+            "#,
+        )
+        .unwrap();
+        assert_eq!(cfg.hypervisor, HypervisorKind::Clh);
+        assert_eq!(cfg.kernel, PathBuf::from("/k"));
+        assert_eq!(cfg.default_memory_mib, 512);
+        assert_eq!(cfg.virtiofsd.cache, "never");
+        assert_eq!(cfg.qemu.tcg_tb_size_mib, 64);
+        assert_eq!(cfg.vhost_device_vsock.path, PathBuf::from("/h"));
+        assert_eq!(cfg.timeouts.agent_ready, Duration::from_secs(2));
+        assert_eq!(cfg.timeouts.shutdown, Duration::from_secs(4));
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = parse("kernal = \"/k\"").unwrap_err().to_string();
+        assert!(err.contains("kernal"), "{err}");
+        let err = parse("[timeouts]\nagent_ready = 5")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("agent_ready"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let err = parse("hypervisor = \"firecracker\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("firecracker"), "{err}");
+        let err = parse("[virtiofsd]\ncache = \"sometimes\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("virtiofsd.cache"), "{err}");
+        let err = parse("default_vcpus = 0").unwrap_err().to_string();
+        assert!(err.contains("default_vcpus"), "{err}");
+        let err = parse("[timeouts]\nagent_call_ms = 0")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("agent_call_ms"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_is_an_error_naming_it() {
+        let err = Config::from_file(Path::new("/nonexistent/shoji.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/nonexistent/shoji.toml"), "{err}");
+    }
+}
