@@ -20,6 +20,8 @@ use tokio::process::Command;
 const LOCK_PATH: &str = "/run/shoji-tests/containerd.lock";
 /// The image CRI uses as the sandbox ("pause") container: `image::BUSYBOX`, whose default command sleeps.
 pub const SANDBOX_IMAGE: &str = crate::image::BUSYBOX;
+/// cgroup under which test pods get their cgroup parent (kubelet's job, so removing it is the harness's).
+pub const POD_CGROUP_ROOT: &str = "/shoji-tests";
 /// The runtime type the shoji shim answers to.
 pub const SHOJI_RUNTIME: &str = "io.containerd.shoji.v2";
 
@@ -546,8 +548,9 @@ fn teardown(
         run_bounded(&mut c, Duration::from_secs(15))
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
     };
+    let mut namespaces = String::new();
     if pid.is_some() && address.exists() {
-        let namespaces = ctr_cmd("default", &["namespaces", "ls", "-q"]).unwrap_or_default();
+        namespaces = ctr_cmd("default", &["namespaces", "ls", "-q"]).unwrap_or_default();
         for ns in namespaces.lines().map(str::trim).filter(|l| !l.is_empty()) {
             let tasks = ctr_cmd(ns, &["tasks", "ls", "-q"]).unwrap_or_default();
             for t in tasks.lines().map(str::trim).filter(|l| !l.is_empty()) {
@@ -596,6 +599,17 @@ fn teardown(
             problems.push(format!("umount {}: {e}", m.display()));
         }
     }
+    // 5. cgroups containerd/runc created and never remove: `/<namespace>` (ctr) and the pods' parents.
+    let ns_cgroups = namespaces
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(|ns| format!("/{ns}"));
+    for cg in ns_cgroups.chain(std::iter::once(POD_CGROUP_ROOT.to_string())) {
+        if let Err(e) = remove_cgroup(&cg) {
+            problems.push(format!("cgroup {cg}: {e}"));
+        }
+    }
     let path = dir.path().to_path_buf();
     if let Err(e) = dir.close() {
         problems.push(format!("remove {}: {e}", path.display()));
@@ -605,6 +619,52 @@ fn teardown(
     } else {
         Err(Error::Leftovers(problems.join("; ")))
     }
+}
+
+/// Mount points of the cgroup hierarchies (v1 controllers and the v2/unified one).
+fn cgroup_roots() -> Vec<PathBuf> {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines()
+        .filter_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            let fstype = post.split(' ').next()?;
+            let mount_point = pre.split(' ').nth(4)?;
+            matches!(fstype, "cgroup" | "cgroup2")
+                .then(|| PathBuf::from(unescape_mountinfo(mount_point)))
+        })
+        .collect()
+}
+
+/// Removes cgroup `rel` (e.g. `/k8s.io`) and everything below it in every hierarchy, deepest first. Only empty
+/// cgroups can go: a cgroup with processes left is an error (EBUSY). Already gone is success.
+pub fn remove_cgroup(rel: &str) -> std::io::Result<()> {
+    fn remove_tree(dir: &Path) -> std::io::Result<()> {
+        let entries = match fs::read_dir(dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            r => r?,
+        };
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_tree(&e.path())?;
+            }
+        }
+        match fs::remove_dir(dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            r => r.map_err(|e| {
+                std::io::Error::new(e.kind(), format!("rmdir {}: {e}", dir.display()))
+            }),
+        }
+    }
+    let rel = rel.trim_start_matches('/');
+    if rel.is_empty() || rel.contains("..") {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("bad cgroup path {rel:?}"),
+        ));
+    }
+    cgroup_roots()
+        .iter()
+        .try_for_each(|root| remove_tree(&root.join(rel)))
 }
 
 /// Pids whose command line contains `arg` as one argument.

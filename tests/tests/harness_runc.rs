@@ -1,42 +1,51 @@
-//! Proves the containerd/CRI harness with runc on containerd 1.7 and 2.x.
-use shoji_tests::containerd::{Containerd, Options, Version};
+//! Proves the containerd/CRI harness with runc on containerd 1.7 and 2.x. The scenarios are runtime-agnostic
+//! (`shoji_tests::scenario`). Tests share /run/containerd/{s,fifo}: `Containerd::start` serialises them with a
+//! host-wide lock.
+
+use shoji_tests::containerd::Version;
+use shoji_tests::scenario::{self, Env, Runtime};
 use std::time::Duration;
 
-async fn ctr_run(version: Version) {
-    let ctrd = Containerd::start(version, Options::default())
-        .await
-        .expect("start");
-    shoji_tests::image::import(&ctrd, "shoji")
-        .await
-        .expect("import");
-    let out = ctrd
-        .ctr(
-            "shoji",
-            &[
-                "run",
-                "--rm",
-                shoji_tests::image::BUSYBOX,
-                "t1",
-                "sh",
-                "-c",
-                "echo hi; exit 3",
-            ],
-            Duration::from_secs(30),
-        )
-        .await
-        .unwrap();
-    println!("{out:?}");
-    assert_eq!(out.stdout, "hi\n");
-    assert_eq!(out.code(), 3);
-    ctrd.assert_no_leftovers().await.unwrap();
-    ctrd.stop().await.unwrap();
+/// Upper bound for one test, so a hang fails instead of stalling CI.
+const TEST_LIMIT: Duration = Duration::from_secs(300);
+
+async fn bounded(f: impl std::future::Future<Output = scenario::Result<()>>) {
+    match tokio::time::timeout(TEST_LIMIT, f).await {
+        Ok(r) => r.unwrap_or_else(|e| panic!("{e}")),
+        Err(_) => panic!("test exceeded {TEST_LIMIT:?}"),
+    }
+}
+
+async fn ctr_run(version: Version) -> scenario::Result<()> {
+    let env = Env::start(version, &Runtime::runc(), None).await?;
+    let r = scenario::ctr_run_exit_code(&env).await;
+    let finished = env.finish().await;
+    r.and(finished)
+}
+
+async fn cri_pod(version: Version, network: u8) -> scenario::Result<()> {
+    let env = Env::start(version, &Runtime::runc(), Some(network)).await?;
+    let r = scenario::cri_pod_lifecycle(&env).await;
+    let finished = env.finish().await;
+    r.and(finished)
 }
 
 #[tokio::test]
-async fn ctr_run_1_7() {
-    ctr_run(Version::V1_7).await
+async fn ctr_run_containerd_1_7() {
+    bounded(ctr_run(Version::V1_7)).await
 }
+
 #[tokio::test]
-async fn ctr_run_2() {
-    ctr_run(Version::V2).await
+async fn ctr_run_containerd_2() {
+    bounded(ctr_run(Version::V2)).await
+}
+
+#[tokio::test]
+async fn cri_pod_containerd_1_7() {
+    bounded(cri_pod(Version::V1_7, 201)).await
+}
+
+#[tokio::test]
+async fn cri_pod_containerd_2() {
+    bounded(cri_pod(Version::V2, 202)).await
 }

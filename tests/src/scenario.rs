@@ -1,0 +1,317 @@
+//! End-to-end scenarios against a private containerd, parameterised by runtime: proven with runc
+//! (`harness_runc.rs`), run unchanged with shoji once its shim exists.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::cni::{self, Network};
+use crate::containerd::{Containerd, Options, Version, SHOJI_RUNTIME};
+use crate::cri::{self, api, Cri};
+use crate::image;
+use crate::leaks::{Scope, Snapshot};
+
+pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// Which runtime a scenario drives.
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    /// `ctr run --runtime` value.
+    pub runtime_type: String,
+    /// CRI runtime handler.
+    pub cri_handler: String,
+    /// Runtime config file (`ConfigPath`, `ctr run --runtime-config-path`).
+    pub config_path: Option<PathBuf>,
+    /// Directory holding the shim binary, put on containerd's PATH.
+    pub shim_dir: Option<PathBuf>,
+    /// Extra environment for containerd and its shims.
+    pub env: Vec<(String, String)>,
+    /// Dirs whose entries must not outlive a scenario (e.g. the shim's run dir).
+    pub run_dirs: Vec<PathBuf>,
+    /// Bound for one CRI call (VM boots under TCG need seconds).
+    pub call_timeout: Duration,
+}
+
+impl Runtime {
+    pub fn runc() -> Runtime {
+        Runtime {
+            runtime_type: "io.containerd.runc.v2".into(),
+            cri_handler: "runc".into(),
+            config_path: None,
+            shim_dir: None,
+            env: Vec::new(),
+            run_dirs: Vec::new(),
+            call_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// shoji through `containerd-shim-shoji-v2` in `shim_dir`, handler `shoji`, configured by `config_path`.
+    pub fn shoji(shim_dir: PathBuf, config_path: Option<PathBuf>, run_dir: PathBuf) -> Runtime {
+        Runtime {
+            runtime_type: SHOJI_RUNTIME.into(),
+            cri_handler: "shoji".into(),
+            config_path,
+            shim_dir: Some(shim_dir),
+            env: vec![("SHOJI_RUN_DIR".into(), run_dir.display().to_string())],
+            run_dirs: vec![run_dir],
+            call_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// A private containerd with the busybox image imported, optionally a pod network, and a leak baseline.
+pub struct Env {
+    pub ctrd: Containerd,
+    pub net: Option<Network>,
+    pub runtime: Runtime,
+    scope: Scope,
+    baseline: Snapshot,
+}
+
+/// Namespace for `ctr` scenarios; CRI uses `k8s.io`.
+pub const CTR_NAMESPACE: &str = "shoji-test";
+pub const CRI_NAMESPACE: &str = "k8s.io";
+
+impl Env {
+    /// `network`: the 10.233.<n>.0/24 test network number, for CRI scenarios.
+    pub async fn start(version: Version, runtime: &Runtime, network: Option<u8>) -> Result<Env> {
+        let net = network.map(Network::new).transpose()?;
+        let handlers =
+            ["shoji", "shoji-qemu"].map(|h| (h.to_string(), runtime.config_path.clone()));
+        let opts = Options {
+            shim_dir: runtime.shim_dir.clone(),
+            shoji_handlers: handlers.into(),
+            cni_conf_dir: net.as_ref().map(Network::conf_dir),
+            env: runtime.env.clone(),
+            ..Options::default()
+        };
+        let ctrd = Containerd::start(version, opts).await?;
+        image::import(&ctrd, CTR_NAMESPACE).await?;
+        if net.is_some() {
+            image::import(&ctrd, CRI_NAMESPACE).await?;
+        }
+        let scope = Scope {
+            cmdline_markers: std::iter::once(ctrd.dir().display().to_string())
+                .chain(runtime.run_dirs.iter().map(|d| d.display().to_string()))
+                .collect(),
+            mount_dirs: vec![ctrd.dir().to_path_buf(), PathBuf::from("/run/netns")],
+            run_dirs: runtime.run_dirs.clone(),
+        };
+        let baseline = Snapshot::take(&scope);
+        Ok(Env {
+            ctrd,
+            net,
+            runtime: runtime.clone(),
+            scope,
+            baseline,
+        })
+    }
+
+    pub async fn cri(&self) -> Result<Cri> {
+        Ok(Cri::connect(self.ctrd.address(), self.runtime.call_timeout).await?)
+    }
+
+    /// Leak checks while containerd still runs (what the runtime itself cleaned up), then teardown.
+    pub async fn finish(self) -> Result<()> {
+        let checked = async {
+            self.ctrd.assert_no_leftovers().await?;
+            self.baseline
+                .assert_clean(&self.scope, Duration::from_secs(10))
+                .await?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+        }
+        .await;
+        let Env { ctrd, net, .. } = self;
+        let stopped = ctrd.stop().await;
+        let net_down = net.map(Network::teardown).transpose();
+        checked?;
+        stopped?;
+        net_down?;
+        Ok(())
+    }
+}
+
+fn check(cond: bool, what: impl FnOnce() -> String) -> Result<()> {
+    if cond {
+        Ok(())
+    } else {
+        Err(what().into())
+    }
+}
+
+/// `ctr run --rm`: output and exit code come back, nothing remains.
+pub async fn ctr_run_exit_code(env: &Env) -> Result<()> {
+    let mut args = vec!["run", "--rm", "--runtime", &env.runtime.runtime_type];
+    let config = env
+        .runtime
+        .config_path
+        .as_ref()
+        .map(|p| p.display().to_string());
+    if let Some(c) = &config {
+        args.extend(["--runtime-config-path", c]);
+    }
+    args.extend([
+        image::BUSYBOX,
+        "ctr-run-1",
+        "sh",
+        "-c",
+        "echo hi; echo oops >&2; exit 3",
+    ]);
+    let out = env
+        .ctrd
+        .ctr(CTR_NAMESPACE, &args, env.runtime.call_timeout)
+        .await?;
+    check(
+        out.code() == 3 && out.stdout == "hi\n" && out.stderr.contains("oops"),
+        || format!("ctr run: want exit 3, stdout \"hi\\n\", stderr with oops; got {out:?}"),
+    )
+}
+
+/// The pod scenario: RunPodSandbox on the test network, an httpd container answering the host at the pod IP,
+/// ExecSync exit codes and output, container log, status, stats, stop and removal.
+pub async fn cri_pod_lifecycle(env: &Env) -> Result<()> {
+    let net = env
+        .net
+        .as_ref()
+        .ok_or("cri_pod_lifecycle needs Env::start with a network")?;
+    let cri = env.cri().await?;
+    let logs = tempfile::Builder::new()
+        .prefix("shoji-podlogs-")
+        .tempdir()?;
+    let pod_config = cri::pod_config("web-pod", "shoji-test", logs.path());
+    let pod = cri.run_pod(&pod_config, &env.runtime.cri_handler).await?;
+    let result = pod_steps(&cri, net, &pod, &pod_config, logs.path()).await;
+    // Always remove the pod, also when a step failed; the first error wins.
+    let stop = cri.stop_pod(&pod).await;
+    let remove = cri.remove_pod(&pod).await;
+    result?;
+    stop?;
+    remove?;
+    let pods = cri.list_pods().await?;
+    check(pods.is_empty(), || {
+        format!("pods left after RemovePodSandbox: {pods:?}")
+    })
+}
+
+async fn pod_steps(
+    cri: &Cri,
+    net: &Network,
+    pod: &str,
+    pod_config: &api::PodSandboxConfig,
+    log_dir: &std::path::Path,
+) -> Result<()> {
+    let ip: Ipv4Addr = cri.pod_ip(pod).await?.parse()?;
+    check(net.contains(ip), || {
+        format!("pod IP {ip} outside the test network {}", net.subnet())
+    })?;
+
+    let web = cri::container_config(
+        "web",
+        image::BUSYBOX,
+        &[
+            "sh",
+            "-c",
+            "echo web-started; exec httpd -f -p 8080 -h /www",
+        ],
+    );
+    let id = cri.create_container(pod, &web, pod_config).await?;
+    cri.start_container(&id).await?;
+
+    let resp = cni::http_get(net, ip, 8080, "/index.html", Duration::from_secs(20)).await?;
+    check(
+        resp.starts_with("HTTP/1.") && resp.contains("shoji busybox httpd"),
+        || format!("httpd answered {resp:?}"),
+    )?;
+
+    let out = cri
+        .exec_sync(
+            &id,
+            &["sh", "-c", "echo out; echo err >&2; exit 7"],
+            Duration::from_secs(10),
+        )
+        .await?;
+    check(
+        (out.exit_code, out.stdout.as_str(), out.stderr.as_str()) == (7, "out\n", "err\n"),
+        || format!("ExecSync: want (7, out, err), got {out:?}"),
+    )?;
+    let out = cri
+        .exec_sync(
+            &id,
+            &["sh", "-c", "hostname; cat /etc/resolv.conf"],
+            Duration::from_secs(10),
+        )
+        .await?;
+    check(
+        out.exit_code == 0
+            && out.stdout.starts_with("web-pod\n")
+            && out.stdout.contains("nameserver 10.233.255.10"),
+        || format!("hostname/DNS config not applied: {out:?}"),
+    )?;
+
+    // Some CPU time and memory for the stats to show.
+    let burn =
+        "i=0; while [ $i -lt 30000 ]; do i=$((i+1)); done; head -c 4000000 /dev/zero > /tmp/fill";
+    let out = cri
+        .exec_sync(&id, &["sh", "-c", burn], Duration::from_secs(30))
+        .await?;
+    check(out.exit_code == 0, || format!("burn exec failed: {out:?}"))?;
+    let stats = cri.container_stats(&id).await?;
+    let cpu = stats
+        .cpu
+        .as_ref()
+        .and_then(|c| c.usage_core_nano_seconds.as_ref())
+        .map_or(0, |v| v.value);
+    let mem = stats
+        .memory
+        .as_ref()
+        .and_then(|m| m.working_set_bytes.as_ref())
+        .map_or(0, |v| v.value);
+    check(cpu > 1_000_000 && mem > 100_000, || {
+        format!("ContainerStats without real numbers: {stats:?}")
+    })?;
+    let pstats = cri.pod_stats(pod).await?;
+    let linux = pstats
+        .linux
+        .as_ref()
+        .ok_or("PodSandboxStats without linux stats")?;
+    let pod_cpu = linux
+        .cpu
+        .as_ref()
+        .and_then(|c| c.usage_core_nano_seconds.as_ref())
+        .map_or(0, |v| v.value);
+    check(
+        pod_cpu >= cpu
+            && linux
+                .containers
+                .iter()
+                .any(|c| c.attributes.as_ref().is_some_and(|a| a.id == id)),
+        || {
+            format!("PodSandboxStats: pod cpu {pod_cpu} < container cpu {cpu} or container missing: {pstats:?}")
+        },
+    )?;
+
+    let status = cri.container_status(&id).await?;
+    check(
+        status.state == api::ContainerState::ContainerRunning as i32,
+        || format!("not running: {status:?}"),
+    )?;
+    let listed = cri.list_containers(Some(pod)).await?;
+    check(listed.len() == 1 && listed[0].id == id, || {
+        format!("ListContainers: {listed:?}")
+    })?;
+
+    let log = std::fs::read_to_string(log_dir.join("web.log")).unwrap_or_default();
+    check(log.contains(" stdout F web-started"), || {
+        format!("container log lacks the CRI line: {log:?}")
+    })?;
+
+    // httpd as PID 1 has no SIGTERM handler: StopContainer escalates to SIGKILL after the grace period.
+    cri.stop_container(&id, Duration::from_secs(1)).await?;
+    let status = cri.container_status(&id).await?;
+    check(
+        status.state == api::ContainerState::ContainerExited as i32,
+        || format!("not exited: {status:?}"),
+    )?;
+    cri.remove_container(&id).await?;
+    Ok(())
+}
