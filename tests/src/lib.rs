@@ -1,5 +1,9 @@
 //! Test harness: real containerd, real VMs.
 
+pub mod cni;
 pub mod containerd;
-pub mod image;
+pub mod cri;
 pub mod fake_clh;
+pub mod image;
+pub mod leaks;
+pub mod scenario;
