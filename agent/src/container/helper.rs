@@ -1,0 +1,77 @@
+//! Helper mode: `shoji-agent helper <verb> <work-dir> <request-json>`, one verb per process.
+use std::{
+    error::Error,
+    fs::File,
+    os::fd::{FromRawFd, OwnedFd, RawFd},
+    path::Path,
+    sync::Mutex,
+};
+
+use serde::de::DeserializeOwned;
+
+use super::{create, delete, err_file, exec, kill, log_file, start};
+
+/// Exit status 0 on success; 1 with the error text in `<work-dir>/<verb>.err` on failure.
+pub fn main(args: &[String]) -> i32 {
+    let [verb, work_dir, request] = args else {
+        eprintln!("usage: shoji-agent helper <verb> <work-dir> <request-json>");
+        return 2;
+    };
+    let work_dir = Path::new(work_dir);
+    send_tracing_to(&log_file(work_dir, verb));
+    let result = match verb.as_str() {
+        create::VERB => parse(request).and_then(create::run),
+        start::VERB => parse(request).and_then(start::run),
+        exec::VERB => parse(request).and_then(exec::run),
+        kill::VERB => parse(request).and_then(kill::run),
+        delete::VERB => parse(request).and_then(delete::run),
+        other => Err(format!("unknown helper verb {other:?}")),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(message) => {
+            let _ = std::fs::write(err_file(work_dir, verb), &message);
+            1
+        }
+    }
+}
+
+fn parse<T: DeserializeOwned>(request: &str) -> Result<T, String> {
+    serde_json::from_str(request).map_err(|e| format!("bad helper request: {e}"))
+}
+
+/// libcontainer logs through `tracing`: keep it in a private file (opened close-on-exec),
+/// never on the container's stdio.
+fn send_tracing_to(path: &Path) {
+    if let Ok(file) = File::create(path) {
+        let _ = tracing_subscriber::fmt()
+            .with_writer(Mutex::new(file))
+            .with_max_level(tracing_subscriber::filter::LevelFilter::WARN)
+            .try_init();
+    }
+}
+
+/// An error and its sources, outermost first (libcontainer's top-level messages are terse).
+pub(super) fn describe(e: &dyn Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let next = s.to_string();
+        if !text.ends_with(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = s.source();
+    }
+    text
+}
+
+/// Takes ownership of an fd the agent placed at a fixed number.
+pub(super) fn inherited(fd: RawFd) -> Result<OwnedFd, String> {
+    // SAFETY: F_GETFD only checks that the descriptor is open.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(format!("fd {fd} was not passed to the helper"));
+    }
+    // SAFETY: the fd is open and nothing else in this process owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}

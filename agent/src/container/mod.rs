@@ -1,0 +1,168 @@
+//! Container lifecycle verbs, each run by a short-lived single-threaded copy of the agent:
+//! `shoji-agent helper <verb> <work-dir> <request-json>`.
+//!
+//! libcontainer clones raw processes and waits for its own intermediate child, which is
+//! unsafe inside the multi-threaded PID 1 that reaps every child. So the agent spawns a
+//! helper per verb and learns the outcome only from things that do not depend on the
+//! helper's pipes (a created container keeps every fd the helper had):
+//! * success or failure: the helper's exit status, delivered by the agent's reaper;
+//! * the error text: `<work-dir>/<verb>.err`;
+//! * the container/exec pid: a pid file written by libcontainer;
+//! * libcontainer's tracing: `<work-dir>/<verb>.log` (close-on-exec, never the container's stderr).
+//!
+//! Stdio for the container's process is passed at fixed fds [`FD_STDIN`], [`FD_STDOUT`],
+//! [`FD_STDERR`] (never 0–2, which are the helper's own /dev/null); a tty arrives as the pty
+//! master over libcontainer's console socket, which the agent listens on.
+pub mod create;
+pub mod delete;
+pub mod exec;
+pub mod helper;
+pub mod kill;
+pub mod rootfs;
+pub mod spec;
+pub mod start;
+
+use std::{
+    os::{
+        fd::{AsRawFd, BorrowedFd, RawFd},
+        unix::process::CommandExt,
+    },
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use nix::{
+    sys::signal::{kill, Signal},
+    unistd::Pid,
+};
+use serde::Serialize;
+
+use crate::reaper::Reaper;
+
+/// argv[1] that selects helper mode.
+pub const HELPER_ARG: &str = "helper";
+/// libcontainer's state directory.
+pub const STATE_ROOT: &str = "/run/shoji/libcontainer";
+pub const FD_STDIN: RawFd = 3;
+pub const FD_STDOUT: RawFd = 4;
+pub const FD_STDERR: RawFd = 5;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HelperError {
+    #[error("helper {verb}: spawning failed: {source}")]
+    Spawn {
+        verb: &'static str,
+        source: std::io::Error,
+    },
+    #[error("helper {verb}: no result within {0:?}", timeout)]
+    Timeout {
+        verb: &'static str,
+        timeout: Duration,
+    },
+    #[error("{message}")]
+    Failed {
+        verb: &'static str,
+        status: i32,
+        message: String,
+    },
+}
+
+fn err_file(work_dir: &Path, verb: &str) -> PathBuf {
+    work_dir.join(format!("{verb}.err"))
+}
+
+fn log_file(work_dir: &Path, verb: &str) -> PathBuf {
+    work_dir.join(format!("{verb}.log"))
+}
+
+/// Runs `shoji-agent helper <verb>` with `fds` placed at their target numbers and waits
+/// (through the reaper) for its exit. On timeout the helper is killed.
+pub async fn run_helper(
+    reaper: &Reaper,
+    verb: &'static str,
+    work_dir: &Path,
+    request: &impl Serialize,
+    fds: &[(RawFd, BorrowedFd<'_>)],
+    timeout: Duration,
+) -> Result<(), HelperError> {
+    let request = serde_json::to_string(request).expect("helper requests serialize");
+    let _ = std::fs::remove_file(err_file(work_dir, verb));
+    let moves: Vec<(RawFd, RawFd)> = fds
+        .iter()
+        .map(|(target, fd)| (fd.as_raw_fd(), *target))
+        .collect();
+    let mut cmd = Command::new("/proc/self/exe");
+    cmd.arg0("shoji-agent")
+        .args([HELPER_ARG, verb])
+        .arg(work_dir)
+        .arg(&request)
+        .env_clear()
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: only async-signal-safe calls (fcntl, dup2) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Park every source above the targets first so that no move clobbers another source.
+            let mut parked = Vec::with_capacity(moves.len());
+            for (src, target) in &moves {
+                let high = libc::fcntl(*src, libc::F_DUPFD_CLOEXEC, 64);
+                if high < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                parked.push((high, *target));
+            }
+            // dup2 clears close-on-exec on the target; the parked copies close at exec.
+            for (high, target) in parked {
+                if libc::dup2(high, target) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let child = cmd
+        .spawn()
+        .map_err(|source| HelperError::Spawn { verb, source })?;
+    let pid = child.id() as i32;
+    // The reaper collects the exit; never wait on `child`.
+    drop(child);
+    let exit = match tokio::time::timeout(timeout, reaper.watch(pid)).await {
+        Ok(Ok(exit)) => exit,
+        Ok(Err(_)) => unreachable!("the reaper never drops a waiter"),
+        Err(_) => {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            return Err(HelperError::Timeout { verb, timeout });
+        }
+    };
+    if exit.status == 0 {
+        return Ok(());
+    }
+    let message = std::fs::read_to_string(err_file(work_dir, verb))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| {
+            format!(
+                "helper {verb} exited with status {} and left no error",
+                exit.status
+            )
+        });
+    Err(HelperError::Failed {
+        verb,
+        status: exit.status,
+        message,
+    })
+}
+
+/// The pid libcontainer wrote for the process a helper made.
+fn read_pid_file(verb: &'static str, path: &Path) -> Result<i32, HelperError> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.trim().parse().map_err(|_| HelperError::Failed {
+        verb,
+        status: 0,
+        message: format!(
+            "helper {verb} succeeded but {} holds no pid ({text:?})",
+            path.display()
+        ),
+    })
+}

@@ -1,0 +1,361 @@
+//! What the agent changes in, and checks about, the OCI documents the host sends.
+//!
+//! The container spec keeps user, capabilities, read-only root, no_new_privs, rlimits,
+//! env, cwd, mounts, resources and seccomp. It loses hooks (they would run in the guest,
+//! not where the host meant), namespace paths (host paths mean nothing here) and the
+//! network namespace (every container shares the guest's network). Its root becomes the
+//! assembled rootfs and its cgroupsPath `/shoji/<id>`.
+use std::{
+    ffi::OsString,
+    os::unix::fs::PermissionsExt,
+    path::{Component, Path, PathBuf},
+};
+
+use libcontainer::oci_spec::runtime::{LinuxNamespaceType, Process, Root, Spec};
+
+use crate::cgroup;
+
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// The kernel's limit on one argv/env string (MAX_ARG_STRLEN).
+const MAX_ARG_LEN: usize = 32 * 4096;
+/// What we allow for argv + env together: below the kernel's default ARG_MAX (2 MiB with an 8 MiB stack).
+const MAX_ARGS_TOTAL: usize = 1536 * 1024;
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum SpecError {
+    #[error("invalid {kind} id {id:?}: must match [A-Za-z0-9][A-Za-z0-9_.-]{{0,127}}")]
+    BadId { kind: &'static str, id: String },
+    #[error("invalid OCI {what} JSON: {reason}")]
+    BadJson { what: &'static str, reason: String },
+    #[error("the spec has no {0}")]
+    Missing(&'static str),
+    #[error("process args are empty")]
+    NoArgs,
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("exec: {name:?}: {reason}")]
+    NotExecutable { name: String, reason: String },
+}
+
+/// Container and exec ids name directories and cgroups: keep them to a safe alphabet.
+pub fn validate_id(kind: &'static str, id: &str) -> Result<(), SpecError> {
+    let ok = id.len() <= 128
+        && id.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(SpecError::BadId {
+            kind,
+            id: id.chars().take(140).collect(),
+        })
+    }
+}
+
+/// Parses and rewrites a container's config.json for running it in the guest.
+pub fn container_spec(
+    spec_json: &[u8],
+    id: &str,
+    rootfs: &Path,
+    terminal: bool,
+) -> Result<Spec, SpecError> {
+    let mut spec: Spec = serde_json::from_slice(spec_json).map_err(|e| SpecError::BadJson {
+        what: "runtime spec",
+        reason: e.to_string(),
+    })?;
+    let mut process = spec
+        .process()
+        .clone()
+        .ok_or(SpecError::Missing("process"))?;
+    process.set_terminal(Some(terminal));
+    check_args(&process)?;
+    spec.set_process(Some(process));
+    let readonly = spec.root().as_ref().and_then(|r| r.readonly());
+    let mut root = Root::default();
+    root.set_path(rootfs.to_path_buf()).set_readonly(readonly);
+    spec.set_root(Some(root));
+    spec.set_hooks(None);
+    let mut linux = spec
+        .linux()
+        .clone()
+        .ok_or(SpecError::Missing("linux section"))?;
+    if let Some(namespaces) = linux.namespaces() {
+        let kept = namespaces
+            .iter()
+            .filter(|ns| ns.typ() != LinuxNamespaceType::Network)
+            .map(|ns| {
+                let mut ns = ns.clone();
+                ns.set_path(None);
+                ns
+            })
+            .collect();
+        linux.set_namespaces(Some(kept));
+    }
+    linux.set_cgroups_path(Some(PathBuf::from(cgroup::spec_path(id))));
+    spec.set_linux(Some(linux));
+    Ok(spec)
+}
+
+/// Parses an exec's OCI Process. Nothing is defaulted: oci-spec's default process would
+/// grant capabilities the host did not ask for.
+pub fn exec_process(process_json: &[u8], terminal: bool) -> Result<Process, SpecError> {
+    let mut process: Process =
+        serde_json::from_slice(process_json).map_err(|e| SpecError::BadJson {
+            what: "process",
+            reason: e.to_string(),
+        })?;
+    process.set_terminal(Some(terminal));
+    check_args(&process)?;
+    Ok(process)
+}
+
+fn check_args(p: &Process) -> Result<(), SpecError> {
+    let args = p.args().as_deref().unwrap_or_default();
+    if args.is_empty() || args[0].is_empty() {
+        return Err(SpecError::NoArgs);
+    }
+    let env = p.env().as_deref().unwrap_or_default();
+    let mut total = 0;
+    for (what, s) in args
+        .iter()
+        .map(|a| ("argument", a))
+        .chain(env.iter().map(|e| ("environment entry", e)))
+    {
+        if s.len() >= MAX_ARG_LEN {
+            return Err(SpecError::TooLarge(format!(
+                "an {what} is {} bytes long; the kernel accepts at most {} bytes per string",
+                s.len(),
+                MAX_ARG_LEN - 1
+            )));
+        }
+        total += s.len() + 1 + std::mem::size_of::<usize>();
+    }
+    if total > MAX_ARGS_TOTAL {
+        return Err(SpecError::TooLarge(format!(
+            "arguments and environment take {total} bytes; at most {MAX_ARGS_TOTAL} are accepted"
+        )));
+    }
+    Ok(())
+}
+
+/// Fails fast, as runc does, when args[0] cannot be executed in `rootfs`: searched in the
+/// process's PATH when it has no slash, else relative to its cwd. Symlinks are followed
+/// inside `rootfs`. Binaries that only exist on a volume mounted into the container are
+/// not visible here and are reported missing.
+pub fn check_executable(rootfs: &Path, process: &Process) -> Result<(), SpecError> {
+    let name = &process.args().as_ref().ok_or(SpecError::NoArgs)?[0];
+    let err = |reason: String| SpecError::NotExecutable {
+        name: name.clone(),
+        reason,
+    };
+    if name.contains('/') {
+        let path = process.cwd().join(name);
+        return executable(rootfs, &path).map_err(|e| err(format!("stat {}: {e}", path.display())));
+    }
+    let env_path = process
+        .env()
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .rev()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or(DEFAULT_PATH)
+        .to_string();
+    for dir in env_path.split(':').filter(|d| !d.is_empty()) {
+        let dir = if dir.starts_with('/') {
+            PathBuf::from(dir)
+        } else {
+            process.cwd().join(dir)
+        };
+        if executable(rootfs, &dir.join(name)).is_ok() {
+            return Ok(());
+        }
+    }
+    Err(err("executable file not found in $PATH".into()))
+}
+
+fn executable(rootfs: &Path, path: &Path) -> Result<(), String> {
+    let resolved = resolve_in_root(rootfs, path).ok_or("no such file or directory")?;
+    let meta = std::fs::metadata(&resolved).map_err(|_| "no such file or directory".to_string())?;
+    if meta.is_dir() {
+        return Err("is a directory".into());
+    }
+    if meta.permissions().mode() & 0o111 == 0 {
+        return Err("permission denied".into());
+    }
+    Ok(())
+}
+
+/// Resolves `path` as the container would see it (absolute symlinks point into `root`);
+/// None when a component does not exist or symlinks loop.
+fn resolve_in_root(root: &Path, path: &Path) -> Option<PathBuf> {
+    // Components still to walk, last one first; `None` restarts at the container's `/`.
+    fn push(pending: &mut Vec<Option<OsString>>, path: &Path) {
+        for c in path.components().rev() {
+            match c {
+                Component::Normal(p) => pending.push(Some(p.to_owned())),
+                Component::ParentDir => pending.push(Some("..".into())),
+                Component::RootDir => pending.push(None),
+                Component::CurDir | Component::Prefix(_) => {}
+            }
+        }
+    }
+    let mut pending = Vec::new();
+    push(&mut pending, path);
+    let mut inside = PathBuf::new();
+    let mut hops = 0;
+    while let Some(c) = pending.pop() {
+        let Some(part) = c else {
+            inside = PathBuf::new();
+            continue;
+        };
+        if part == ".." {
+            inside.pop();
+            continue;
+        }
+        let candidate = inside.join(&part);
+        let on_host = root.join(&candidate);
+        let meta = std::fs::symlink_metadata(&on_host).ok()?;
+        if meta.file_type().is_symlink() {
+            hops += 1;
+            if hops > 40 {
+                return None;
+            }
+            push(&mut pending, &std::fs::read_link(&on_host).ok()?);
+        } else {
+            inside = candidate;
+        }
+    }
+    Some(root.join(inside))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    #[test]
+    fn ids() {
+        for good in ["a", "c1", "0abc_d.e-f", &"x".repeat(128)] {
+            assert!(validate_id("container", good).is_ok(), "{good}");
+        }
+        for bad in ["", "-a", ".a", "a/b", "a b", "../x", "é", &"x".repeat(129)] {
+            assert!(validate_id("container", bad).is_err(), "{bad}");
+        }
+    }
+
+    fn rootfs() -> PathBuf {
+        let r = std::env::temp_dir().join(format!(
+            "shoji-agent-spec-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&r);
+        std::fs::create_dir_all(r.join("bin")).unwrap();
+        std::fs::create_dir_all(r.join("usr/bin")).unwrap();
+        std::fs::write(r.join("bin/busybox"), b"").unwrap();
+        std::fs::set_permissions(
+            r.join("bin/busybox"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        std::fs::write(r.join("bin/data"), b"").unwrap();
+        // An absolute link must resolve inside the rootfs, not on the agent's /.
+        symlink("/bin/busybox", r.join("bin/sh")).unwrap();
+        symlink("../../bin/busybox", r.join("usr/bin/env")).unwrap();
+        symlink("loop", r.join("bin/loop")).unwrap();
+        r
+    }
+
+    fn process(args: &[&str], env: &[&str]) -> Process {
+        let json =
+            serde_json::json!({"args": args, "env": env, "cwd": "/", "user": {"uid": 0, "gid": 0}});
+        exec_process(json.to_string().as_bytes(), false).unwrap()
+    }
+
+    #[test]
+    fn executables_resolve_in_the_rootfs() {
+        let r = rootfs();
+        assert!(check_executable(&r, &process(&["sh"], &["PATH=/bin"])).is_ok());
+        assert!(check_executable(&r, &process(&["env"], &[])).is_ok());
+        assert!(check_executable(&r, &process(&["/bin/sh", "-c", "true"], &[])).is_ok());
+        assert!(check_executable(&r, &process(&["./bin/sh"], &[])).is_ok());
+        assert_eq!(
+            check_executable(&r, &process(&["nosuch"], &["PATH=/bin:/usr/bin"]))
+                .unwrap_err()
+                .to_string(),
+            "exec: \"nosuch\": executable file not found in $PATH"
+        );
+        let e = check_executable(&r, &process(&["/bin/data"], &[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("permission denied"), "{e}");
+        assert!(check_executable(&r, &process(&["/bin/loop"], &[])).is_err());
+        assert!(check_executable(&r, &process(&["/bin"], &[])).is_err());
+        std::fs::remove_dir_all(&r).unwrap();
+    }
+
+    #[test]
+    fn container_spec_is_rewritten() {
+        let json = serde_json::json!({
+            "ociVersion": "1.0.2",
+            "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 1000, "gid": 1000}, "terminal": true},
+            "root": {"path": "/host/rootfs", "readonly": true},
+            "hooks": {"prestart": [{"path": "/bin/true"}]},
+            "linux": {
+                "namespaces": [{"type": "pid"}, {"type": "network", "path": "/var/run/netns/x"}, {"type": "ipc", "path": "/proc/1/ns/ipc"}],
+                "cgroupsPath": "kubepods-x"
+            }
+        });
+        let spec = container_spec(
+            json.to_string().as_bytes(),
+            "c1",
+            Path::new("/run/r"),
+            false,
+        )
+        .unwrap();
+        let root = spec.root().as_ref().unwrap();
+        assert_eq!(
+            (root.path().as_path(), root.readonly()),
+            (Path::new("/run/r"), Some(true))
+        );
+        assert!(spec.hooks().is_none());
+        let linux = spec.linux().as_ref().unwrap();
+        let ns = linux.namespaces().as_ref().unwrap();
+        assert_eq!(
+            ns.iter().map(|n| n.typ()).collect::<Vec<_>>(),
+            vec![LinuxNamespaceType::Pid, LinuxNamespaceType::Ipc]
+        );
+        assert!(ns.iter().all(|n| n.path().is_none()));
+        assert_eq!(
+            linux.cgroups_path().as_deref(),
+            Some(Path::new("/shoji/c1"))
+        );
+        let p = spec.process().as_ref().unwrap();
+        assert_eq!((p.terminal(), p.user().uid()), (Some(false), 1000));
+        assert!(p.capabilities().is_none(), "no capabilities may be added");
+    }
+
+    #[test]
+    fn bad_documents_are_named() {
+        assert!(matches!(
+            container_spec(b"{", "c", Path::new("/r"), false),
+            Err(SpecError::BadJson { .. })
+        ));
+        assert_eq!(
+            container_spec(b"{\"ociVersion\":\"1\"}", "c", Path::new("/r"), false).unwrap_err(),
+            SpecError::Missing("process")
+        );
+        assert_eq!(
+            exec_process(br#"{"args":[],"cwd":"/","user":{"uid":0,"gid":0}}"#, false).unwrap_err(),
+            SpecError::NoArgs
+        );
+        let huge = serde_json::json!({"args": ["sh", "x".repeat(1 << 20)], "cwd": "/", "user": {"uid": 0, "gid": 0}});
+        let e = exec_process(huge.to_string().as_bytes(), false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("at most 131071 bytes per string"), "{e}");
+    }
+}

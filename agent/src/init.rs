@@ -1,0 +1,238 @@
+//! Guest bring-up as PID 1: tmpfs root, mounts, cgroups, hostname, share; clean power-off.
+//!
+//! The kernel starts `/init` on the initramfs (rootfs), where pivot_root(2) fails with EINVAL,
+//! and libcontainer needs it for each container. So the first run copies the binary onto a
+//! fresh tmpfs, moves that tmpfs over `/`, chroots into it and re-executes itself (the
+//! classic switch_root); [`ROOT_SWITCHED_ENV`] tells the second run it already happened.
+use std::{
+    ffi::CString,
+    fs,
+    os::unix::fs::PermissionsExt,
+    path::Path,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use nix::{
+    mount::{mount, MsFlags},
+    sys::reboot::{reboot, RebootMode},
+    unistd::{chdir, chroot, execve, sethostname, sync},
+};
+use shoji_agent_api::{CMDLINE_HOSTNAME, CMDLINE_LOG_LEVEL, CMDLINE_SHARE_TAG, GUEST_SHARE_DIR};
+use slog::{error, info, warn};
+
+use crate::{cgroup, logger::log, network, server};
+
+/// Set (to the switch's start time in µs since the epoch) when `/` is already the tmpfs.
+const ROOT_SWITCHED_ENV: &str = "SHOJI_AGENT_ROOT_SWITCHED_AT";
+const NEW_ROOT: &str = "/newroot";
+
+/// Settings the host passes on the kernel command line.
+#[derive(Debug, Default, PartialEq)]
+pub struct Cmdline {
+    pub share_tag: Option<String>,
+    pub log_level: Option<String>,
+    pub hostname: Option<String>,
+}
+
+impl Cmdline {
+    pub fn parse(text: &str) -> Cmdline {
+        let mut c = Cmdline::default();
+        for word in text.split_whitespace() {
+            let Some((key, value)) = word.split_once('=') else {
+                continue;
+            };
+            let value = Some(value.to_string()).filter(|v| !v.is_empty());
+            match key {
+                CMDLINE_SHARE_TAG => c.share_tag = value,
+                CMDLINE_LOG_LEVEL => c.log_level = value,
+                CMDLINE_HOSTNAME => c.hostname = value,
+                _ => {}
+            }
+        }
+        c
+    }
+}
+
+/// PID 1's whole life; never returns (the VM powers off).
+pub fn run() -> ! {
+    let started = Instant::now();
+    let switch_started_us = match std::env::var(ROOT_SWITCHED_ENV) {
+        Ok(v) => v.parse::<u64>().ok(),
+        Err(_) => {
+            // Nothing can be logged yet: on failure the kernel panics and the host sees it.
+            switch_root()
+                .unwrap_or_else(|e| panic!("shoji-agent: moving / onto a tmpfs failed: {e}"));
+            unreachable!("switch_root returns only on error");
+        }
+    };
+    if let Err(e) = mount_basics() {
+        panic!("shoji-agent: mounting the basic filesystems failed: {e}");
+    }
+    let cmdline = Cmdline::parse(&fs::read_to_string("/proc/cmdline").unwrap_or_default());
+    crate::logger::init(cmdline.log_level.as_deref().unwrap_or("info"));
+    let switch_ms = switch_started_us.map(|t| now_us().saturating_sub(t) as f64 / 1000.0);
+
+    if let Err(e) = cgroup::init_root() {
+        error!(log(), "cgroup setup failed, containers will not run"; "error" => %e);
+    }
+    if let Some(name) = &cmdline.hostname {
+        if let Err(e) = sethostname(name) {
+            warn!(log(), "setting the hostname failed"; "hostname" => name, "error" => %e);
+        }
+    }
+    if let Some(tag) = &cmdline.share_tag {
+        if let Err(e) = mount_share(tag) {
+            error!(log(), "mounting the shared directory failed"; "tag" => tag, "error" => %e);
+        }
+    }
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(8)
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("shoji-agent: starting the tokio runtime failed: {e}"));
+    let result = runtime.block_on(async move {
+        if let Err(e) = network::loopback_up().await {
+            warn!(log(), "bringing up lo failed"; "error" => %e);
+        }
+        let prepared_ms = started.elapsed().as_secs_f64() * 1000.0;
+        server::serve(switch_ms, prepared_ms).await
+    });
+    match result {
+        Ok(()) => info!(log(), "shutdown requested, powering off"),
+        Err(e) => error!(log(), "agent server failed, powering off"; "error" => %e),
+    }
+    power_off()
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// Copies `/init` onto a tmpfs, makes that tmpfs `/` and re-executes it there.
+fn switch_root() -> Result<(), nix::Error> {
+    let start = now_us();
+    let io = |e: std::io::Error| nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO));
+    fs::create_dir_all(NEW_ROOT).map_err(io)?;
+    mount(
+        Some("rootfs"),
+        NEW_ROOT,
+        Some("tmpfs"),
+        MsFlags::empty(),
+        Some("mode=0755"),
+    )?;
+    for dir in ["dev", "proc", "sys", "run", "tmp"] {
+        fs::create_dir_all(Path::new(NEW_ROOT).join(dir)).map_err(io)?;
+    }
+    let init = Path::new(NEW_ROOT).join("init");
+    fs::copy("/init", &init).map_err(io)?;
+    fs::set_permissions(&init, fs::Permissions::from_mode(0o755)).map_err(io)?;
+    // Free the initramfs copy: nothing else lives there.
+    let _ = fs::remove_file("/init");
+    chdir(NEW_ROOT)?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)?;
+    chroot(".")?;
+    chdir("/")?;
+    let argv = [CString::new("/init").unwrap()];
+    let env = [CString::new(format!("{ROOT_SWITCHED_ENV}={start}")).unwrap()];
+    execve(&argv[0], &argv, &env)?;
+    Ok(())
+}
+
+/// One mount, tolerating "already mounted" (a re-run or a kernel that automounted it).
+fn mount_fs(
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<(), String> {
+    fs::create_dir_all(target).map_err(|e| format!("mkdir {target}: {e}"))?;
+    match mount(Some(source), target, Some(fstype), flags, data) {
+        Ok(()) | Err(nix::Error::EBUSY) => Ok(()),
+        Err(e) => Err(format!("mount {fstype} on {target}: {e}")),
+    }
+}
+
+fn mount_basics() -> Result<(), String> {
+    let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount_fs("proc", "/proc", "proc", nodev, None)?;
+    mount_fs("sysfs", "/sys", "sysfs", nodev, None)?;
+    mount_fs(
+        "devtmpfs",
+        "/dev",
+        "devtmpfs",
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    )?;
+    mount_fs(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("ptmxmode=0666,mode=0620,gid=5"),
+    )?;
+    mount_fs(
+        "shm",
+        "/dev/shm",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    )?;
+    mount_fs(
+        "run",
+        "/run",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755"),
+    )?;
+    mount_fs("cgroup2", cgroup::ROOT, "cgroup2", nodev, None)?;
+    Ok(())
+}
+
+fn mount_share(tag: &str) -> Result<(), String> {
+    mount_fs(
+        tag,
+        GUEST_SHARE_DIR,
+        "virtiofs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        None,
+    )
+}
+
+/// Flushes filesystems and powers the VM off.
+pub fn power_off() -> ! {
+    sync();
+    // Give the console a moment to drain the last log line.
+    std::thread::sleep(Duration::from_millis(10));
+    let e = reboot(RebootMode::RB_POWER_OFF).unwrap_err();
+    panic!("shoji-agent: power-off failed: {e}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline_keys() {
+        let c = Cmdline::parse(
+            "console=ttyS0 quiet shoji.share=pod1 shoji.log=debug shoji.hostname=web-0 shoji.x=1\n",
+        );
+        assert_eq!(
+            c,
+            Cmdline {
+                share_tag: Some("pod1".into()),
+                log_level: Some("debug".into()),
+                hostname: Some("web-0".into())
+            }
+        );
+        assert_eq!(
+            Cmdline::parse("shoji.share= root=/dev/vda"),
+            Cmdline::default()
+        );
+    }
+}

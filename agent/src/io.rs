@@ -1,0 +1,491 @@
+//! Process stdio: pipes or a pty per process, and the stream listener on vsock port 1025
+//! (protocol in `shoji_agent_api::stream`).
+//!
+//! Output is read only while its stream is attached, so nothing is lost before the host
+//! attaches (the pipe or pty buffers it, and the process blocks when that is full). When
+//! no stream attached within [`ATTACH_GRACE`] of the process's start, its unattached
+//! output is drained and discarded so that a full pipe never blocks the process (or the
+//! container's shutdown) forever. Output streams end when the pipe reaches EOF (the pty:
+//! EIO once every slave is closed), so the bytes written just before exit arrive too.
+//! WaitProcess waits for that, at most [`DRAIN_AFTER_EXIT`] past the exit (a grandchild
+//! may keep the pipe open).
+use std::{
+    collections::HashMap,
+    fs::OpenOptions,
+    io,
+    os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use nix::{
+    fcntl::{fcntl, FcntlArg, OFlag},
+    sys::socket::{recvmsg, ControlMessageOwned, MsgFlags},
+    unistd::pipe2,
+};
+use shoji_agent_api::stream::{read_frame, read_line, StreamHeader, StreamKind, MAX_HEADER};
+use slog::{debug, warn};
+use tokio::{
+    io::{unix::AsyncFd, AsyncRead, AsyncWrite, AsyncWriteExt},
+    net::UnixListener,
+    sync::watch,
+};
+
+use crate::{logger::log, sandbox::Sandbox};
+
+/// How long after StartProcess unattached output is kept for a stream to attach.
+pub const ATTACH_GRACE: Duration = Duration::from_secs(5);
+/// How long after the exit WaitProcess waits for output to be delivered.
+pub const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
+/// How long a new connection may take to send its header.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+const CONSOLE_DIR: &str = "/run/shoji/console";
+
+/// A non-blocking pipe end or pty master driven by tokio.
+struct AsyncFile(AsyncFd<OwnedFd>);
+
+impl AsyncFile {
+    fn new(fd: OwnedFd) -> io::Result<AsyncFile> {
+        let flags = OFlag::from_bits_truncate(fcntl(&fd, FcntlArg::F_GETFL)?);
+        fcntl(&fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+        // SAFETY: the OwnedFd stays open, unchanged, for the AsyncFd's whole life.
+        let fd = unsafe { AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)?;
+        Ok(AsyncFile(fd))
+    }
+
+    /// 0 at EOF; a pty master reports EIO once all slaves are closed, which is EOF too.
+    async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let mut guard = self.0.readable().await?;
+            match guard.try_io(|fd| nix::unistd::read(fd.get_ref(), buf).map_err(io::Error::from)) {
+                Ok(Err(e)) if e.raw_os_error() == Some(libc::EIO) => return Ok(0),
+                Ok(r) => return r,
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    async fn write_all(&self, mut buf: &[u8]) -> io::Result<()> {
+        while !buf.is_empty() {
+            let mut guard = self.0.writable().await?;
+            match guard.try_io(|fd| nix::unistd::write(fd.get_ref(), buf).map_err(io::Error::from))
+            {
+                Ok(Ok(n)) => buf = &buf[n..],
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => continue,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A process's output or input end held by the agent until a stream takes it.
+enum Slot {
+    Waiting(OwnedFd),
+    Taken,
+}
+
+/// The container's ends of a process's stdio, handed to the helper that creates it.
+pub struct ChildStdio {
+    pub stdin: OwnedFd,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+}
+
+impl ChildStdio {
+    pub fn fds(&self) -> [BorrowedFd<'_>; 3] {
+        [self.stdin.as_fd(), self.stdout.as_fd(), self.stderr.as_fd()]
+    }
+}
+
+/// The agent's side of one process's stdio.
+pub struct ProcessIo {
+    terminal: bool,
+    slots: Mutex<HashMap<StreamKind, Slot>>,
+    /// The pty master, kept for resizing.
+    master: Mutex<Option<OwnedFd>>,
+    /// One per output stream (stdout and stderr, or tty): true once its EOF was reached.
+    drained: HashMap<StreamKind, watch::Sender<bool>>,
+}
+
+fn output_kinds(terminal: bool) -> &'static [StreamKind] {
+    if terminal {
+        &[StreamKind::Tty]
+    } else {
+        &[StreamKind::Stdout, StreamKind::Stderr]
+    }
+}
+
+impl ProcessIo {
+    fn empty(terminal: bool) -> ProcessIo {
+        let drained = output_kinds(terminal)
+            .iter()
+            .map(|k| (*k, watch::channel(false).0))
+            .collect();
+        ProcessIo {
+            terminal,
+            slots: Mutex::new(HashMap::new()),
+            master: Mutex::new(None),
+            drained,
+        }
+    }
+
+    /// Pipes for a process without a tty; stdin is /dev/null unless `stdin`.
+    pub fn pipes(stdin: bool) -> io::Result<(ProcessIo, ChildStdio)> {
+        let pio = ProcessIo::empty(false);
+        let mut slots = pio.slots.lock().unwrap();
+        let child_stdin = if stdin {
+            let (r, w) = pipe2(OFlag::O_CLOEXEC)?;
+            slots.insert(StreamKind::Stdin, Slot::Waiting(w));
+            r
+        } else {
+            OwnedFd::from(OpenOptions::new().read(true).open("/dev/null")?)
+        };
+        let (out_r, out_w) = pipe2(OFlag::O_CLOEXEC)?;
+        let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC)?;
+        slots.insert(StreamKind::Stdout, Slot::Waiting(out_r));
+        slots.insert(StreamKind::Stderr, Slot::Waiting(err_r));
+        drop(slots);
+        Ok((
+            pio,
+            ChildStdio {
+                stdin: child_stdin,
+                stdout: out_w,
+                stderr: err_w,
+            },
+        ))
+    }
+
+    /// A tty process: the master arrives later through [`ProcessIo::set_master`].
+    pub fn tty() -> ProcessIo {
+        ProcessIo::empty(true)
+    }
+
+    pub fn set_master(&self, master: OwnedFd) -> io::Result<()> {
+        *self.master.lock().unwrap() = Some(master.try_clone()?);
+        self.slots
+            .lock()
+            .unwrap()
+            .insert(StreamKind::Tty, Slot::Waiting(master));
+        Ok(())
+    }
+
+    /// Takes the fd a new stream of `kind` serves.
+    fn attach(&self, kind: StreamKind) -> Result<OwnedFd, String> {
+        let mut slots = self.slots.lock().unwrap();
+        match slots.get_mut(&kind) {
+            Some(slot @ Slot::Waiting(_)) => match std::mem::replace(slot, Slot::Taken) {
+                Slot::Waiting(fd) => Ok(fd),
+                Slot::Taken => unreachable!(),
+            },
+            Some(Slot::Taken) => Err(format!("{kind} is already attached (or was discarded)")),
+            None if self.terminal && kind != StreamKind::Tty => {
+                Err(format!("the process has a tty: attach `tty`, not {kind}"))
+            }
+            None if kind == StreamKind::Tty => Err("the process has no tty".into()),
+            None => Err(format!("the process has no {kind}")),
+        }
+    }
+
+    fn mark_drained(&self, kind: StreamKind) {
+        if let Some(tx) = self.drained.get(&kind) {
+            tx.send_replace(true);
+        }
+    }
+
+    /// After [`ATTACH_GRACE`], drains and discards output no stream attached to.
+    pub fn discard_unattached_later(self: &Arc<Self>) {
+        let pio = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(ATTACH_GRACE).await;
+            for kind in output_kinds(pio.terminal) {
+                if let Ok(fd) = pio.attach(*kind) {
+                    debug!(log(), "discarding unattached output"; "stream" => %kind);
+                    pump_output(&pio, *kind, fd, None::<tokio::io::Sink>).await;
+                }
+            }
+        });
+    }
+
+    /// Waits until every output stream hit EOF, giving up at `deadline`.
+    pub async fn drained(&self, deadline: tokio::time::Instant) {
+        for tx in self.drained.values() {
+            let mut rx = tx.subscribe();
+            let _ = tokio::time::timeout_at(deadline, rx.wait_for(|d| *d)).await;
+        }
+    }
+
+    pub fn resize(&self, width: u16, height: u16) -> Result<(), String> {
+        let master = self.master.lock().unwrap();
+        let master = master.as_ref().ok_or("the process has no tty")?;
+        let ws = libc::winsize {
+            ws_row: height,
+            ws_col: width,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads one winsize from the pointer.
+        if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) } < 0 {
+            return Err(format!("resizing the tty: {}", io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+}
+
+/// Copies output to `conn` until EOF, then marks it drained. A broken connection does not
+/// stop the draining (the process must never block on a full pipe).
+async fn pump_output<W: AsyncWrite + Unpin>(
+    pio: &ProcessIo,
+    kind: StreamKind,
+    fd: OwnedFd,
+    mut conn: Option<W>,
+) {
+    match AsyncFile::new(fd) {
+        Ok(file) => {
+            let mut buf = vec![0u8; 32 * 1024];
+            loop {
+                let n = match file.read(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) => {
+                        warn!(log(), "reading process output failed"; "stream" => %kind, "error" => %e);
+                        break;
+                    }
+                };
+                if let Some(c) = conn.as_mut() {
+                    if let Err(e) = c.write_all(&buf[..n]).await {
+                        debug!(log(), "output stream broke, discarding the rest"; "stream" => %kind, "error" => %e);
+                        conn = None;
+                    }
+                }
+            }
+        }
+        Err(e) => warn!(log(), "process output unusable"; "stream" => %kind, "error" => %e),
+    }
+    if let Some(mut c) = conn {
+        let _ = c.shutdown().await;
+    }
+    pio.mark_drained(kind);
+}
+
+/// Copies framed input from `conn` into the process until the EOF frame (or a broken
+/// connection); then the process's stdin is closed (for a tty: input stops).
+async fn pump_input<R: AsyncRead + Unpin>(kind: StreamKind, fd: OwnedFd, conn: &mut R) {
+    let file = match AsyncFile::new(fd) {
+        Ok(f) => f,
+        Err(e) => return warn!(log(), "process input unusable"; "stream" => %kind, "error" => %e),
+    };
+    let mut buf = Vec::new();
+    loop {
+        match read_frame(conn, &mut buf).await {
+            Ok(true) => {
+                if let Err(e) = file.write_all(&buf).await {
+                    debug!(log(), "process input closed"; "stream" => %kind, "error" => %e);
+                    return;
+                }
+            }
+            Ok(false) => return,
+            Err(e) => {
+                return debug!(log(), "input stream ended without EOF frame"; "stream" => %kind, "error" => %e)
+            }
+        }
+    }
+}
+
+/// Serves one stream connection: header, verdict, then the data in its direction(s).
+pub async fn serve_stream<S>(sandbox: Arc<Sandbox>, mut conn: S)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let header = match tokio::time::timeout(HEADER_TIMEOUT, read_line(&mut conn, MAX_HEADER)).await
+    {
+        Ok(Ok(line)) => StreamHeader::parse(&line).map_err(|e| e.to_string()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no header within {HEADER_TIMEOUT:?}")),
+    };
+    let attached = header.and_then(|h| {
+        let pio = sandbox
+            .process_io(&h.container_id, &h.exec_id)
+            .map_err(|e| e.to_string())?;
+        let fd = pio.attach(h.kind)?;
+        Ok((h, pio, fd))
+    });
+    let (h, pio, fd) = match attached {
+        Ok(a) => a,
+        Err(reason) => {
+            debug!(log(), "refused a stream"; "reason" => &reason);
+            let line = format!("ERR {}\n", reason.replace('\n', " "));
+            let _ = conn.write_all(line.as_bytes()).await;
+            let _ = conn.shutdown().await;
+            return;
+        }
+    };
+    if conn.write_all(b"OK\n").await.is_err() {
+        // The host went away before the verdict: keep draining so the process cannot block.
+        if h.kind != StreamKind::Stdin {
+            pump_output(&pio, h.kind, fd, None::<S>).await;
+        }
+        return;
+    }
+    debug!(log(), "stream attached"; "container" => &h.container_id, "exec" => &h.exec_id, "stream" => %h.kind);
+    match h.kind {
+        StreamKind::Stdin => pump_input(h.kind, fd, &mut conn).await,
+        StreamKind::Stdout | StreamKind::Stderr => pump_output(&pio, h.kind, fd, Some(conn)).await,
+        StreamKind::Tty => {
+            let input = match fd.try_clone() {
+                Ok(i) => i,
+                Err(e) => return warn!(log(), "duplicating the pty master failed"; "error" => %e),
+            };
+            let (mut rd, wr) = tokio::io::split(conn);
+            let input_task =
+                tokio::spawn(async move { pump_input(StreamKind::Tty, input, &mut rd).await });
+            pump_output(&pio, h.kind, fd, Some(wr)).await;
+            input_task.abort();
+        }
+    }
+}
+
+/// The listening end of libcontainer's console socket, over which a tty process's pty
+/// master arrives.
+pub struct ConsoleSocket {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl ConsoleSocket {
+    pub fn bind() -> io::Result<ConsoleSocket> {
+        // sun_path holds 108 bytes: a short counter name, not the container id.
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        std::fs::create_dir_all(CONSOLE_DIR)?;
+        let path =
+            Path::new(CONSOLE_DIR).join(format!("{}.sock", NEXT.fetch_add(1, Ordering::Relaxed)));
+        let _ = std::fs::remove_file(&path);
+        Ok(ConsoleSocket {
+            listener: UnixListener::bind(&path)?,
+            path,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The pty master sent by the container's init (already queued once the helper succeeded).
+    pub async fn receive(&self, timeout: Duration) -> io::Result<OwnedFd> {
+        let receive = async {
+            let (conn, _) = self.listener.accept().await?;
+            loop {
+                conn.readable().await?;
+                let got = conn.try_io(tokio::io::Interest::READABLE, || {
+                    let mut name = [0u8; 256];
+                    let mut iov = [io::IoSliceMut::new(&mut name)];
+                    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+                    let msg = recvmsg::<()>(
+                        conn.as_raw_fd(),
+                        &mut iov,
+                        Some(&mut space),
+                        MsgFlags::MSG_CMSG_CLOEXEC,
+                    )
+                    .map_err(io::Error::from)?;
+                    for cmsg in msg.cmsgs().map_err(io::Error::from)? {
+                        if let ControlMessageOwned::ScmRights(fds) = cmsg {
+                            if let Some(fd) = fds.first() {
+                                // SAFETY: SCM_RIGHTS gave us a new descriptor we now own.
+                                return Ok(Some(unsafe {
+                                    <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(*fd)
+                                }));
+                            }
+                        }
+                    }
+                    Ok(None)
+                });
+                match got {
+                    Ok(Some(fd)) => return Ok(fd),
+                    Ok(None) => {
+                        return Err(io::Error::other("console socket message carried no fd"))
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        tokio::time::timeout(timeout, receive)
+            .await
+            .unwrap_or_else(|_| {
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no pty master on the console socket",
+                ))
+            })
+    }
+}
+
+impl Drop for ConsoleSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn output_is_complete_after_the_writer_closes() {
+        let (pio, child) = ProcessIo::pipes(false).unwrap();
+        let pio = Arc::new(pio);
+        let data: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
+        let writer_data = data.clone();
+        let writer = std::thread::spawn(move || {
+            let mut f = std::fs::File::from(child.stdout);
+            std::io::Write::write_all(&mut f, &writer_data).unwrap();
+        });
+        let (host, agent) = tokio::io::duplex(4096);
+        let fd = pio.attach(StreamKind::Stdout).unwrap();
+        let p = pio.clone();
+        let pump =
+            tokio::spawn(async move { pump_output(&p, StreamKind::Stdout, fd, Some(agent)).await });
+        let mut got = Vec::new();
+        let mut host = host;
+        tokio::io::AsyncReadExt::read_to_end(&mut host, &mut got)
+            .await
+            .unwrap();
+        writer.join().unwrap();
+        pump.await.unwrap();
+        assert_eq!(got, data);
+        assert!(*pio.drained[&StreamKind::Stdout].borrow());
+        assert!(
+            pio.attach(StreamKind::Stdout).is_err(),
+            "a stream attaches once"
+        );
+        assert!(pio
+            .attach(StreamKind::Stdin)
+            .unwrap_err()
+            .contains("no stdin"));
+    }
+
+    #[tokio::test]
+    async fn stdin_frames_then_eof_close_the_pipe() {
+        let (pio, child) = ProcessIo::pipes(true).unwrap();
+        let fd = pio.attach(StreamKind::Stdin).unwrap();
+        let (mut host, mut agent) = tokio::io::duplex(4096);
+        let pump = tokio::spawn(async move { pump_input(StreamKind::Stdin, fd, &mut agent).await });
+        shoji_agent_api::stream::write_frame(&mut host, b"hello ")
+            .await
+            .unwrap();
+        shoji_agent_api::stream::write_frame(&mut host, b"world")
+            .await
+            .unwrap();
+        shoji_agent_api::stream::write_frame(&mut host, b"")
+            .await
+            .unwrap();
+        pump.await.unwrap();
+        let mut got = String::new();
+        std::io::Read::read_to_string(&mut std::fs::File::from(child.stdin), &mut got).unwrap();
+        assert_eq!(got, "hello world");
+    }
+}

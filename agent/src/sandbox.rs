@@ -1,0 +1,602 @@
+//! Guest-wide state: the containers, their processes, and every lifecycle operation.
+//!
+//! The server validates nothing itself; each RPC is one method here. Container verbs that
+//! need libcontainer run in helpers (`container`); cgroup work is direct (`cgroup`).
+use std::{
+    collections::{HashMap, HashSet},
+    fs,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use libcontainer::oci_spec::runtime::LinuxResources;
+use nix::{
+    sys::signal::{kill, Signal},
+    unistd::Pid,
+};
+use shoji_agent_api::types::{ContainerStatsResponse, CreateContainerRequest, ExecProcessRequest};
+use slog::{debug, info, warn};
+use tokio::sync::watch;
+
+use crate::{
+    cgroup,
+    container::{self, rootfs, spec, HelperError},
+    io::{ConsoleSocket, ProcessIo, DRAIN_AFTER_EXIT},
+    logger::log,
+    oom::OomWatcher,
+    reaper::{Exit, Reaper},
+};
+
+const CONTAINERS_DIR: &str = "/run/shoji/containers";
+const PTY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long RemoveContainer waits for the init to die after SIGKILL.
+const KILL_WAIT: Duration = Duration::from_secs(5);
+
+/// What went wrong, by the ttrpc status code it maps to.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<spec::SpecError> for AgentError {
+    fn from(e: spec::SpecError) -> Self {
+        AgentError::InvalidArgument(e.to_string())
+    }
+}
+
+fn internal<E: std::fmt::Display>(context: &str) -> impl FnOnce(E) -> AgentError + '_ {
+    move |e| AgentError::Internal(format!("{context}: {e}"))
+}
+
+fn helper_err(context: String) -> impl FnOnce(HelperError) -> AgentError {
+    move |e| AgentError::Internal(format!("{context}: {e}"))
+}
+
+/// One process: a container's init (exec_id "") or an exec.
+pub struct Process {
+    exec_id: String,
+    /// Where its files live (the bundle for the init, `execs/<id>` for an exec).
+    dir: PathBuf,
+    pub io: Arc<ProcessIo>,
+    /// The container's ends of the stdio pipes until the process is created (None with a tty).
+    child_stdio: Mutex<Option<crate::io::ChildStdio>>,
+    /// Set once the process exists (the init: at create; an exec: at start).
+    pid: Mutex<Option<i32>>,
+    started: Mutex<bool>,
+    exit: watch::Sender<Option<Exit>>,
+}
+
+impl Process {
+    fn new(
+        exec_id: &str,
+        dir: PathBuf,
+        io: ProcessIo,
+        child_stdio: Option<crate::io::ChildStdio>,
+    ) -> Process {
+        Process {
+            exec_id: exec_id.to_string(),
+            dir,
+            io: Arc::new(io),
+            child_stdio: Mutex::new(child_stdio),
+            pid: Mutex::new(None),
+            started: Mutex::new(false),
+            exit: watch::channel(None).0,
+        }
+    }
+
+    fn pid(&self) -> Option<i32> {
+        *self.pid.lock().unwrap()
+    }
+
+    fn exited(&self) -> Option<Exit> {
+        *self.exit.borrow()
+    }
+
+    /// Records the pid and follows the process's exit through the reaper.
+    fn set_pid(self: &Arc<Self>, reaper: &Reaper, pid: i32) {
+        *self.pid.lock().unwrap() = Some(pid);
+        let rx = reaper.watch(pid);
+        let p = self.clone();
+        tokio::spawn(async move {
+            if let Ok(exit) = rx.await {
+                p.exit
+                    .send_if_modified(|e| e.is_none() && e.replace(exit).is_none());
+            }
+        });
+    }
+
+    /// A process that never ran gets an exit too, so that nobody waits for it forever.
+    fn mark_gone(&self) {
+        let gone = Exit {
+            status: 128 + Signal::SIGKILL as i32,
+            at: SystemTime::now(),
+        };
+        self.exit
+            .send_if_modified(|e| e.is_none() && e.replace(gone).is_none());
+    }
+}
+
+pub struct Container {
+    id: String,
+    dir: PathBuf,
+    rootfs: PathBuf,
+    cgroup: PathBuf,
+    init: Arc<Process>,
+    execs: Mutex<HashMap<String, Arc<Process>>>,
+}
+
+impl Container {
+    fn process(&self, exec_id: &str) -> Result<Arc<Process>, AgentError> {
+        if exec_id.is_empty() {
+            return Ok(self.init.clone());
+        }
+        self.execs
+            .lock()
+            .unwrap()
+            .get(exec_id)
+            .cloned()
+            .ok_or_else(|| {
+                AgentError::NotFound(format!(
+                    "container {:?} has no process with exec id {exec_id:?}",
+                    self.id
+                ))
+            })
+    }
+
+    fn processes(&self) -> Vec<Arc<Process>> {
+        let mut all = vec![self.init.clone()];
+        all.extend(self.execs.lock().unwrap().values().cloned());
+        all
+    }
+}
+
+#[derive(Default)]
+struct Table {
+    containers: HashMap<String, Arc<Container>>,
+    /// Ids being created or removed: a second request for them must not interleave.
+    busy: HashSet<String>,
+}
+
+pub struct Sandbox {
+    reaper: Arc<Reaper>,
+    table: Mutex<Table>,
+    pub oom: OomWatcher,
+}
+
+/// Releases a reserved id however the operation ends.
+struct Reservation<'a> {
+    sandbox: &'a Sandbox,
+    id: String,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.sandbox.table.lock().unwrap().busy.remove(&self.id);
+    }
+}
+
+impl Sandbox {
+    pub fn new(reaper: Arc<Reaper>, oom: OomWatcher) -> Sandbox {
+        Sandbox {
+            reaper,
+            table: Mutex::new(Table::default()),
+            oom,
+        }
+    }
+
+    fn container(&self, id: &str) -> Result<Arc<Container>, AgentError> {
+        self.table
+            .lock()
+            .unwrap()
+            .containers
+            .get(id)
+            .cloned()
+            .ok_or_else(|| AgentError::NotFound(format!("no container {id:?}")))
+    }
+
+    pub fn process_io(&self, id: &str, exec_id: &str) -> Result<Arc<ProcessIo>, AgentError> {
+        Ok(self.container(id)?.process(exec_id)?.io.clone())
+    }
+
+    fn reserve(&self, id: &str, must_be_new: bool) -> Result<Reservation<'_>, AgentError> {
+        let mut t = self.table.lock().unwrap();
+        if t.busy.contains(id) {
+            return Err(AgentError::FailedPrecondition(format!(
+                "container {id:?} is being created or removed"
+            )));
+        }
+        if must_be_new && t.containers.contains_key(id) {
+            return Err(AgentError::AlreadyExists(format!(
+                "container {id:?} already exists"
+            )));
+        }
+        t.busy.insert(id.to_string());
+        Ok(Reservation {
+            sandbox: self,
+            id: id.to_string(),
+        })
+    }
+
+    pub async fn create_container(&self, req: CreateContainerRequest) -> Result<(), AgentError> {
+        let id = req.container_id.as_str();
+        spec::validate_id("container", id)?;
+        let rootfs_req = req
+            .rootfs
+            .as_ref()
+            .filter(|r| !r.source.is_empty())
+            .ok_or_else(|| {
+                AgentError::InvalidArgument("CreateContainer needs rootfs.source".into())
+            })?;
+        let _reservation = self.reserve(id, true)?;
+        let dir = Path::new(CONTAINERS_DIR).join(id);
+        // A leftover of an earlier failed attempt must not leak into this one.
+        rootfs::teardown(&dir).map_err(internal("cleaning up an old container directory"))?;
+        fs::create_dir_all(&dir).map_err(internal("creating the container directory"))?;
+        match self
+            .create_in(
+                id,
+                &dir,
+                &req,
+                Path::new(&rootfs_req.source),
+                rootfs_req.guest_overlay,
+            )
+            .await
+        {
+            Ok(c) => {
+                self.oom.watch(id, &c.cgroup);
+                self.table
+                    .lock()
+                    .unwrap()
+                    .containers
+                    .insert(id.to_string(), c);
+                debug!(log(), "container created"; "container" => id);
+                Ok(())
+            }
+            Err(e) => {
+                self.destroy(id, &dir).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn create_in(
+        &self,
+        id: &str,
+        dir: &Path,
+        req: &CreateContainerRequest,
+        source: &Path,
+        overlay: bool,
+    ) -> Result<Arc<Container>, AgentError> {
+        // Parse before mounting anything: bad JSON fails fast.
+        spec::container_spec(&req.spec_json, id, Path::new("/"), req.terminal)?;
+        let rootfs = rootfs::assemble(source, overlay, dir).map_err(|e| match e {
+            rootfs::RootfsError::NoSource(_) => AgentError::InvalidArgument(e.to_string()),
+            e => AgentError::Internal(e.to_string()),
+        })?;
+        let spec = spec::container_spec(&req.spec_json, id, &rootfs, req.terminal)?;
+        spec::check_executable(
+            &rootfs,
+            spec.process()
+                .as_ref()
+                .expect("container_spec checks the process"),
+        )?;
+        spec.save(dir.join("config.json"))
+            .map_err(internal("writing config.json"))?;
+
+        let (pio, child, console) = if req.terminal {
+            (
+                ProcessIo::tty(),
+                None,
+                Some(ConsoleSocket::bind().map_err(internal("console socket"))?),
+            )
+        } else {
+            let (pio, child) = ProcessIo::pipes(req.stdin).map_err(internal("stdio pipes"))?;
+            (pio, Some(child), None)
+        };
+        let pid = container::create::create(
+            &self.reaper,
+            id,
+            dir,
+            child.as_ref().map(|c| c.fds()),
+            console.as_ref().map(|c| c.path()),
+        )
+        .await
+        .map_err(helper_err(format!("creating container {id:?}")))?;
+        // The container holds its ends now; ours must go so that EOF can happen.
+        drop(child);
+        let init = Arc::new(Process::new("", dir.to_path_buf(), pio, None));
+        init.set_pid(&self.reaper, pid);
+        if let Some(console) = console {
+            let master = console
+                .receive(PTY_TIMEOUT)
+                .await
+                .map_err(internal("receiving the pty master"))?;
+            init.io
+                .set_master(master)
+                .map_err(internal("keeping the pty master"))?;
+        }
+        Ok(Arc::new(Container {
+            id: id.to_string(),
+            dir: dir.to_path_buf(),
+            rootfs,
+            cgroup: cgroup::dir(id),
+            init,
+            execs: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    pub async fn exec_process(&self, req: ExecProcessRequest) -> Result<(), AgentError> {
+        spec::validate_id("exec", &req.exec_id)?;
+        let c = self.container(&req.container_id)?;
+        if c.init.exited().is_some() {
+            return Err(AgentError::FailedPrecondition(format!(
+                "container {:?} is not running",
+                c.id
+            )));
+        }
+        let process = spec::exec_process(&req.process_json, req.terminal)?;
+        spec::check_executable(&c.rootfs, &process)?;
+        let dir = c.dir.join("execs").join(&req.exec_id);
+        let mut execs = c.execs.lock().unwrap();
+        if execs.contains_key(&req.exec_id) {
+            return Err(AgentError::AlreadyExists(format!(
+                "container {:?} already has an exec {:?}",
+                c.id, req.exec_id
+            )));
+        }
+        fs::create_dir_all(&dir).map_err(internal("creating the exec directory"))?;
+        let json = serde_json::to_vec(&process).map_err(internal("serializing the process"))?;
+        fs::write(dir.join("process.json"), json).map_err(internal("writing process.json"))?;
+        let (pio, child) = if req.terminal {
+            (ProcessIo::tty(), None)
+        } else {
+            let (pio, child) = ProcessIo::pipes(req.stdin).map_err(internal("stdio pipes"))?;
+            (pio, Some(child))
+        };
+        execs.insert(
+            req.exec_id.clone(),
+            Arc::new(Process::new(&req.exec_id, dir, pio, child)),
+        );
+        Ok(())
+    }
+
+    pub async fn start_process(&self, id: &str, exec_id: &str) -> Result<u32, AgentError> {
+        let c = self.container(id)?;
+        let p = c.process(exec_id)?;
+        {
+            let mut started = p.started.lock().unwrap();
+            if *started {
+                return Err(AgentError::FailedPrecondition(format!(
+                    "process {id:?}/{exec_id:?} was already started"
+                )));
+            }
+            *started = true;
+        }
+        let result = if exec_id.is_empty() {
+            self.start_init(&c).await
+        } else {
+            self.start_exec(&c, &p).await
+        };
+        match result {
+            Ok(pid) => {
+                p.io.discard_unattached_later();
+                Ok(pid as u32)
+            }
+            Err(e) => {
+                if !exec_id.is_empty() {
+                    p.mark_gone();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn start_init(&self, c: &Container) -> Result<i32, AgentError> {
+        if let Some(exit) = c.init.exited() {
+            return Err(AgentError::FailedPrecondition(format!(
+                "container {:?} exited (status {}) before it was started",
+                c.id, exit.status
+            )));
+        }
+        container::start::start(&self.reaper, &c.id, &c.dir)
+            .await
+            .map_err(helper_err(format!("starting container {:?}", c.id)))?;
+        c.init
+            .pid()
+            .ok_or_else(|| AgentError::Internal("the init has no pid".into()))
+    }
+
+    async fn start_exec(&self, c: &Container, p: &Arc<Process>) -> Result<i32, AgentError> {
+        if c.init.exited().is_some() {
+            return Err(AgentError::FailedPrecondition(format!(
+                "container {:?} is not running",
+                c.id
+            )));
+        }
+        let child = p.child_stdio.lock().unwrap().take();
+        let console = if child.is_none() {
+            Some(ConsoleSocket::bind().map_err(internal("console socket"))?)
+        } else {
+            None
+        };
+        let pid = container::exec::exec(
+            &self.reaper,
+            &c.id,
+            &p.dir,
+            child.as_ref().map(|c| c.fds()),
+            console.as_ref().map(|c| c.path()),
+        )
+        .await
+        .map_err(helper_err(format!(
+            "exec {:?} in container {:?}",
+            p.exec_id, c.id
+        )))?;
+        drop(child);
+        p.set_pid(&self.reaper, pid);
+        if let Some(console) = console {
+            let master = console
+                .receive(PTY_TIMEOUT)
+                .await
+                .map_err(internal("receiving the pty master"))?;
+            p.io.set_master(master)
+                .map_err(internal("keeping the pty master"))?;
+        }
+        Ok(pid)
+    }
+
+    /// The exit of a process, once its output was delivered (or [`DRAIN_AFTER_EXIT`] passed).
+    pub async fn wait_process(&self, id: &str, exec_id: &str) -> Result<Exit, AgentError> {
+        let p = self.container(id)?.process(exec_id)?;
+        let mut rx = p.exit.subscribe();
+        let exit = rx
+            .wait_for(|e| e.is_some())
+            .await
+            .map_err(internal("waiting for the exit"))?
+            .expect("waited for Some");
+        let deadline = tokio::time::Instant::now() + DRAIN_AFTER_EXIT;
+        p.io.drained(deadline).await;
+        Ok(exit)
+    }
+
+    pub async fn signal_process(
+        &self,
+        id: &str,
+        exec_id: &str,
+        signal: u32,
+        all: bool,
+    ) -> Result<(), AgentError> {
+        let c = self.container(id)?;
+        let p = c.process(exec_id)?;
+        let sig = Signal::try_from(signal as i32)
+            .map_err(|_| AgentError::InvalidArgument(format!("{signal} is not a signal number")))?;
+        if all || exec_id.is_empty() {
+            if !all && c.init.exited().is_some() {
+                return Err(AgentError::NotFound(format!(
+                    "container {id:?}: process already exited"
+                )));
+            }
+            return container::kill::kill(&self.reaper, id, &c.dir, sig as i32, all)
+                .await
+                .map_err(helper_err(format!("signalling container {id:?}")));
+        }
+        let pid = match (p.pid(), p.exited()) {
+            (_, Some(_)) => {
+                return Err(AgentError::NotFound(format!(
+                    "process {id:?}/{exec_id:?} already exited"
+                )))
+            }
+            (None, None) => {
+                return Err(AgentError::FailedPrecondition(format!(
+                    "process {id:?}/{exec_id:?} was not started"
+                )))
+            }
+            (Some(pid), None) => pid,
+        };
+        kill(Pid::from_raw(pid), sig).map_err(internal("kill"))
+    }
+
+    pub fn resize_tty(
+        &self,
+        id: &str,
+        exec_id: &str,
+        width: u32,
+        height: u32,
+    ) -> Result<(), AgentError> {
+        let p = self.container(id)?.process(exec_id)?;
+        let clamp = |v: u32| v.min(u16::MAX as u32) as u16;
+        p.io.resize(clamp(width), clamp(height))
+            .map_err(AgentError::FailedPrecondition)
+    }
+
+    /// Kills what runs, deletes the container everywhere. Unknown ids are already removed.
+    pub async fn remove_container(&self, id: &str) -> Result<(), AgentError> {
+        let _reservation = self.reserve(id, false)?;
+        let Some(c) = self.table.lock().unwrap().containers.remove(id) else {
+            return Ok(());
+        };
+        self.destroy(id, &c.dir).await;
+        for p in c.processes() {
+            p.mark_gone();
+        }
+        // Wait for the init's reaping so no exit arrives for a container that no longer exists.
+        let mut rx = c.init.exit.subscribe();
+        if c.init.pid().is_some()
+            && tokio::time::timeout(KILL_WAIT, rx.wait_for(|e| e.is_some()))
+                .await
+                .is_err()
+        {
+            warn!(log(), "container init did not die"; "container" => id);
+        }
+        debug!(log(), "container removed"; "container" => id);
+        Ok(())
+    }
+
+    /// Best-effort teardown of everything a container may own; logs what it cannot undo.
+    async fn destroy(&self, id: &str, dir: &Path) {
+        self.oom.unwatch(id);
+        let cg = cgroup::dir(id);
+        if let Err(e) = cgroup::kill_all(&cg) {
+            warn!(log(), "killing the container's processes failed"; "container" => id, "error" => %e);
+        }
+        if dir.exists() {
+            if let Err(e) = container::delete::delete(&self.reaper, id, dir).await {
+                warn!(log(), "libcontainer delete failed"; "container" => id, "error" => %e);
+            }
+        }
+        if let Err(e) = cgroup::remove(&cg).await {
+            warn!(log(), "removing the cgroup failed"; "container" => id, "error" => %e);
+        }
+        if let Err(e) = rootfs::teardown(dir) {
+            warn!(log(), "removing the container's files failed"; "container" => id, "error" => %e);
+        }
+    }
+
+    pub async fn pause(&self, id: &str, frozen: bool) -> Result<(), AgentError> {
+        let c = self.container(id)?;
+        cgroup::freeze(&c.cgroup, frozen)
+            .await
+            .map_err(internal("freezer"))
+    }
+
+    pub fn update(&self, id: &str, resources_json: &[u8]) -> Result<(), AgentError> {
+        let c = self.container(id)?;
+        let r: LinuxResources = serde_json::from_slice(resources_json).map_err(|e| {
+            AgentError::InvalidArgument(format!("invalid OCI LinuxResources JSON: {e}"))
+        })?;
+        cgroup::update(&c.cgroup, &r).map_err(|e| AgentError::InvalidArgument(e.to_string()))
+    }
+
+    pub fn pids(&self, id: &str) -> Result<Vec<u32>, AgentError> {
+        cgroup::pids(&self.container(id)?.cgroup).map_err(internal("listing processes"))
+    }
+
+    pub fn stats(&self, id: &str) -> Result<ContainerStatsResponse, AgentError> {
+        cgroup::stats(&self.container(id)?.cgroup).map_err(internal("reading cgroup stats"))
+    }
+
+    /// Kills every container (before power-off), without waiting for cleanup.
+    pub fn kill_everything(&self) {
+        let ids: Vec<String> = self
+            .table
+            .lock()
+            .unwrap()
+            .containers
+            .keys()
+            .cloned()
+            .collect();
+        for id in ids {
+            let _ = cgroup::kill_all(&cgroup::dir(&id));
+        }
+        info!(log(), "killed all containers");
+    }
+}

@@ -1,0 +1,305 @@
+//! The ttrpc `Agent` service on vsock port 1024 (thin: each RPC is one `Sandbox` call),
+//! the stdio listener on port 1025, and the readiness announcement to the host.
+use std::{sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use shoji_agent_api::{
+    ttrpc_api::{create_agent, Agent},
+    types::*,
+    AGENT_PORT, IO_PORT, READY_LINE, READY_PORT,
+};
+use slog::{debug, error, info, warn};
+use tokio::{io::AsyncWriteExt, sync::mpsc};
+use tokio_vsock::{VsockAddr, VsockListener, VsockStream, VMADDR_CID_ANY, VMADDR_CID_HOST};
+use ttrpc::{r#async::TtrpcContext, Code};
+
+use crate::{
+    guest, io,
+    logger::log,
+    network,
+    oom::OomWatcher,
+    reaper::Reaper,
+    sandbox::{AgentError, Sandbox},
+};
+
+/// How long the agent keeps trying to announce itself.
+const READY_ATTEMPTS: u32 = 100;
+const READY_RETRY: Duration = Duration::from_millis(50);
+/// Lets the Shutdown reply leave before the power-off.
+const SHUTDOWN_DELAY: Duration = Duration::from_millis(100);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("starting the reaper: {0}")]
+    Reaper(std::io::Error),
+    #[error("starting the OOM watch: {0}")]
+    Oom(std::io::Error),
+    #[error("ttrpc server: {0}")]
+    Ttrpc(#[from] ttrpc::Error),
+    #[error("stdio listener on vsock port {IO_PORT}: {0}")]
+    Io(std::io::Error),
+}
+
+/// Why the agent stops.
+enum Stop {
+    Requested,
+    Failed(ServeError),
+}
+
+struct Service {
+    sandbox: Arc<Sandbox>,
+    stop: mpsc::UnboundedSender<Stop>,
+}
+
+type Res<T> = ttrpc::Result<T>;
+
+fn status(rpc: &str, e: AgentError) -> ttrpc::Error {
+    let code = match &e {
+        AgentError::NotFound(_) => Code::NOT_FOUND,
+        AgentError::InvalidArgument(_) => Code::INVALID_ARGUMENT,
+        AgentError::AlreadyExists(_) => Code::ALREADY_EXISTS,
+        AgentError::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
+        AgentError::Internal(_) => Code::INTERNAL,
+    };
+    if code == Code::INTERNAL {
+        warn!(log(), "request failed"; "rpc" => rpc, "error" => %e);
+    } else {
+        debug!(log(), "request refused"; "rpc" => rpc, "error" => %e);
+    }
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, e.to_string()))
+}
+
+fn done<T>(rpc: &str, r: Result<T, AgentError>) -> Res<T> {
+    r.map_err(|e| status(rpc, e))
+}
+
+#[async_trait]
+impl Agent for Service {
+    async fn health(&self, _: &TtrpcContext, _: Empty) -> Res<HealthResponse> {
+        let mut r = HealthResponse::new();
+        r.version = env!("CARGO_PKG_VERSION").to_string();
+        Ok(r)
+    }
+
+    async fn guest_details(&self, _: &TtrpcContext, _: Empty) -> Res<GuestDetailsResponse> {
+        Ok(guest::details())
+    }
+
+    async fn create_container(&self, _: &TtrpcContext, req: CreateContainerRequest) -> Res<Empty> {
+        done("CreateContainer", self.sandbox.create_container(req).await).map(|_| Empty::new())
+    }
+
+    async fn exec_process(&self, _: &TtrpcContext, req: ExecProcessRequest) -> Res<Empty> {
+        done("ExecProcess", self.sandbox.exec_process(req).await).map(|_| Empty::new())
+    }
+
+    async fn start_process(&self, _: &TtrpcContext, req: ProcessRef) -> Res<StartProcessResponse> {
+        let pid = done(
+            "StartProcess",
+            self.sandbox
+                .start_process(&req.container_id, &req.exec_id)
+                .await,
+        )?;
+        let mut r = StartProcessResponse::new();
+        r.pid = pid;
+        Ok(r)
+    }
+
+    async fn wait_process(&self, _: &TtrpcContext, req: ProcessRef) -> Res<WaitProcessResponse> {
+        let exit = done(
+            "WaitProcess",
+            self.sandbox
+                .wait_process(&req.container_id, &req.exec_id)
+                .await,
+        )?;
+        let at = exit
+            .at
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let mut r = WaitProcessResponse::new();
+        r.exit_status = exit.status;
+        r.exited_at_secs = at.as_secs() as i64;
+        r.exited_at_nanos = at.subsec_nanos();
+        Ok(r)
+    }
+
+    async fn signal_process(&self, _: &TtrpcContext, req: SignalProcessRequest) -> Res<Empty> {
+        let r = self
+            .sandbox
+            .signal_process(&req.container_id, &req.exec_id, req.signal, req.all)
+            .await;
+        done("SignalProcess", r).map(|_| Empty::new())
+    }
+
+    async fn resize_tty(&self, _: &TtrpcContext, req: ResizeTtyRequest) -> Res<Empty> {
+        let r = self
+            .sandbox
+            .resize_tty(&req.container_id, &req.exec_id, req.width, req.height);
+        done("ResizeTty", r).map(|_| Empty::new())
+    }
+
+    async fn remove_container(&self, _: &TtrpcContext, req: ContainerRef) -> Res<Empty> {
+        done(
+            "RemoveContainer",
+            self.sandbox.remove_container(&req.container_id).await,
+        )
+        .map(|_| Empty::new())
+    }
+
+    async fn pause_container(&self, _: &TtrpcContext, req: ContainerRef) -> Res<Empty> {
+        done(
+            "PauseContainer",
+            self.sandbox.pause(&req.container_id, true).await,
+        )
+        .map(|_| Empty::new())
+    }
+
+    async fn resume_container(&self, _: &TtrpcContext, req: ContainerRef) -> Res<Empty> {
+        done(
+            "ResumeContainer",
+            self.sandbox.pause(&req.container_id, false).await,
+        )
+        .map(|_| Empty::new())
+    }
+
+    async fn update_container(&self, _: &TtrpcContext, req: UpdateContainerRequest) -> Res<Empty> {
+        done(
+            "UpdateContainer",
+            self.sandbox.update(&req.container_id, &req.resources_json),
+        )
+        .map(|_| Empty::new())
+    }
+
+    async fn list_processes(
+        &self,
+        _: &TtrpcContext,
+        req: ContainerRef,
+    ) -> Res<ListProcessesResponse> {
+        let mut r = ListProcessesResponse::new();
+        r.pids = done("ListProcesses", self.sandbox.pids(&req.container_id))?;
+        Ok(r)
+    }
+
+    async fn container_stats(
+        &self,
+        _: &TtrpcContext,
+        req: ContainerRef,
+    ) -> Res<ContainerStatsResponse> {
+        done("ContainerStats", self.sandbox.stats(&req.container_id))
+    }
+
+    async fn wait_oom_event(&self, _: &TtrpcContext, _: Empty) -> Res<OomEvent> {
+        match self.sandbox.oom.next().await {
+            Some(id) => {
+                let mut r = OomEvent::new();
+                r.container_id = id;
+                Ok(r)
+            }
+            None => done(
+                "WaitOomEvent",
+                Err(AgentError::Internal("the OOM watch stopped".into())),
+            ),
+        }
+    }
+
+    async fn configure_network(
+        &self,
+        _: &TtrpcContext,
+        req: ConfigureNetworkRequest,
+    ) -> Res<Empty> {
+        let r = network::configure(&req).await.map_err(|e| match e {
+            network::NetworkError::Invalid(_)
+            | network::NetworkError::NoSuchMac(_)
+            | network::NetworkError::NoSuchDevice(_) => AgentError::InvalidArgument(e.to_string()),
+            e => AgentError::Internal(e.to_string()),
+        });
+        done("ConfigureNetwork", r).map(|_| Empty::new())
+    }
+
+    async fn shutdown(&self, _: &TtrpcContext, _: Empty) -> Res<Empty> {
+        let stop = self.stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(SHUTDOWN_DELAY).await;
+            let _ = stop.send(Stop::Requested);
+        });
+        Ok(Empty::new())
+    }
+}
+
+/// Connects to the host and says the agent is ready; retried briefly.
+async fn announce_ready() -> bool {
+    for _ in 0..READY_ATTEMPTS {
+        if let Ok(mut s) = VsockStream::connect(VsockAddr::new(VMADDR_CID_HOST, READY_PORT)).await {
+            if s.write_all(READY_LINE.as_bytes()).await.is_ok() {
+                return true;
+            }
+        }
+        tokio::time::sleep(READY_RETRY).await;
+    }
+    false
+}
+
+fn uptime_ms() -> f64 {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        .map(|s| s * 1000.0)
+        .unwrap_or(0.0)
+}
+
+/// Serves until Shutdown (Ok) or until a listener fails (Err).
+pub async fn serve(switch_ms: Option<f64>, prepared_ms: f64) -> Result<(), ServeError> {
+    let reaper = Reaper::start().map_err(ServeError::Reaper)?;
+    let oom = OomWatcher::start().map_err(ServeError::Oom)?;
+    let sandbox = Arc::new(Sandbox::new(reaper, oom));
+    let (stop_tx, mut stop_rx) = mpsc::unbounded_channel();
+
+    let service = Arc::new(Service {
+        sandbox: sandbox.clone(),
+        stop: stop_tx.clone(),
+    });
+    let mut server = ttrpc::r#async::Server::new()
+        .bind(&format!("vsock://-1:{AGENT_PORT}"))?
+        .register_service(create_agent(service));
+    server.start().await?;
+
+    let listener =
+        VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, IO_PORT)).map_err(ServeError::Io)?;
+    let sb = sandbox.clone();
+    tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((conn, _)) => {
+                    tokio::spawn(io::serve_stream(sb.clone(), conn));
+                }
+                Err(e)
+                    if e.raw_os_error() == Some(libc::EMFILE)
+                        || e.raw_os_error() == Some(libc::ENFILE) =>
+                {
+                    warn!(log(), "stdio listener out of fds"; "error" => %e);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => {
+                    let _ = stop_tx.send(Stop::Failed(ServeError::Io(e)));
+                    return;
+                }
+            }
+        }
+    });
+
+    let ready = announce_ready().await;
+    if ready {
+        info!(log(), "agent ready";
+            "since_boot_ms" => uptime_ms(), "root_switch_ms" => switch_ms, "init_ms" => prepared_ms, "seccomp" => "libseccomp, linked statically");
+    } else {
+        error!(log(), "could not announce readiness to the host"; "port" => READY_PORT);
+    }
+
+    let stop = stop_rx.recv().await;
+    sandbox.kill_everything();
+    let _ = server.shutdown().await;
+    match stop {
+        Some(Stop::Failed(e)) => Err(e),
+        Some(Stop::Requested) | None => Ok(()),
+    }
+}
