@@ -37,6 +37,7 @@ use crate::{
     config::Config,
     events::EventSender,
     io::{IoError, ProcessIo, StdioPaths},
+    network::{self, NetworkError, PodNetwork},
     sandbox::{Mount, Sandbox, SandboxConfig, SandboxError},
 };
 
@@ -77,6 +78,8 @@ pub enum PodError {
     Agent(#[from] AgentError),
     #[error(transparent)]
     Io(#[from] IoError),
+    #[error(transparent)]
+    Network(#[from] NetworkError),
 }
 
 pub type Result<T, E = PodError> = std::result::Result<T, E>;
@@ -153,6 +156,8 @@ pub struct Pod {
     sandbox: OnceCell<Arc<Sandbox>>,
     /// The container whose Create booted the VM; deleting it tears the VM down.
     owner: Mutex<Option<String>>,
+    /// The pod's network namespace and what was set up in it for the VM.
+    network: Mutex<Option<(PathBuf, PodNetwork)>>,
     containers: Mutex<HashMap<String, Arc<Container>>>,
 }
 
@@ -164,6 +169,7 @@ impl Pod {
             events,
             sandbox: OnceCell::new(),
             owner: Mutex::new(None),
+            network: Mutex::new(None),
             containers: Mutex::new(HashMap::new()),
         })
     }
@@ -282,8 +288,35 @@ impl Pod {
         cfg.vcpus = size.vcpus;
         cfg.memory_mib = size.memory_mib;
         cfg.hostname = spec.hostname().clone();
-        info!(self.log, "booting the pod's VM"; "sandbox" => &sandbox_id, "vcpus" => size.vcpus, "memory_mib" => size.memory_mib);
-        let sandbox = Arc::new(Sandbox::start(cfg, self.log.clone()).await?);
+        let network = match spec::network_namespace(spec) {
+            Some(netns) => Some((netns.clone(), network::setup(&netns).await?)),
+            None => None,
+        };
+        if let Some((_, net)) = &network {
+            cfg.nets = net.devices.clone();
+        }
+        info!(self.log, "booting the pod's VM"; "sandbox" => &sandbox_id, "vcpus" => size.vcpus, "memory_mib" => size.memory_mib, "nics" => cfg.nets.len());
+        let started = async {
+            let sandbox = Sandbox::start(cfg, self.log.clone()).await?;
+            if let Some((_, net)) = &network {
+                if let Err(e) = sandbox.agent().configure_network(net.guest.clone()).await {
+                    let _ = sandbox.stop().await;
+                    return Err(e.into());
+                }
+            }
+            Ok::<_, PodError>(sandbox)
+        }
+        .await;
+        let sandbox = match started {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                if let Some((netns, net)) = &network {
+                    network::teardown(netns, net).await;
+                }
+                return Err(e);
+            }
+        };
+        *self.network.lock().unwrap() = network;
         if self.sandbox.set(sandbox.clone()).is_err() {
             // Two concurrent Creates both booted a VM: keep the first.
             let _ = sandbox.stop().await;
@@ -690,12 +723,16 @@ impl Pod {
         }
     }
 
-    /// Stops the VM (idempotent) after ending every process still marked running.
+    /// Stops the VM and unplugs it from the pod network. Idempotent.
     pub async fn stop_vm(&self) {
         if let Some(sandbox) = self.sandbox.get() {
             if let Err(e) = sandbox.stop().await {
                 warn!(self.log, "stopping the pod's VM failed"; "error" => %e);
             }
+        }
+        let network = self.network.lock().unwrap().take();
+        if let Some((netns, net)) = network {
+            network::teardown(&netns, &net).await;
         }
     }
 

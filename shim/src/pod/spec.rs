@@ -1,7 +1,9 @@
 //! What the shim reads from an OCI spec written by containerd: which role the container plays
 //! in its pod (CRI annotations), the pod's size, and which mounts are host paths that have
 //! to travel into the VM through the shared directory.
-use oci_spec::runtime::{Mount as OciMount, Spec};
+use std::path::PathBuf;
+
+use oci_spec::runtime::{LinuxNamespaceType, Mount as OciMount, Spec};
 
 pub const ANNOTATION_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
 pub const ANNOTATION_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
@@ -70,6 +72,15 @@ pub fn vm_size(spec: &Spec, default: VmSize, memory_overhead_mib: u64) -> VmSize
         vcpus: vcpus.max(1),
         memory_mib,
     }
+}
+
+/// The network namespace CRI created (and CNI populated) for the pod, if the spec joins one.
+pub fn network_namespace(spec: &Spec) -> Option<PathBuf> {
+    let namespaces = spec.linux().as_ref()?.namespaces().as_ref()?;
+    namespaces
+        .iter()
+        .find(|n| n.typ() == LinuxNamespaceType::Network)
+        .and_then(|n| n.path().clone())
 }
 
 /// A mount whose source is a host path (a bind mount): volumes, /etc/hosts, resolv.conf, ...

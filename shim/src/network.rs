@@ -1,0 +1,305 @@
+//! Pod networking: the pod's veth (made by CNI in the pod's network namespace) is bridged
+//! to a tap device for the VM with tc redirects in both directions, and the guest NIC takes
+//! the veth's MAC, addresses, routes and MTU, so the rest of the node sees the pod exactly
+//! as CNI set it up.
+//!
+//! Only the u32 classifier is assumed (some kernels lack matchall/flower). The tap lives in
+//! the pod's namespace, so it disappears with the namespace even if teardown never ran.
+use std::{path::Path, time::Duration};
+
+use serde::Deserialize;
+use shoji_agent_api::types::{ConfigureNetworkRequest, Interface, Route};
+use tokio::process::Command;
+
+use crate::hypervisor::NetDevice;
+
+/// How long one `ip`/`tc` command may take.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    #[error("`{command}` failed: {stderr}")]
+    Command { command: String, stderr: String },
+    #[error("`{command}` did not finish within {COMMAND_TIMEOUT:?}")]
+    Timeout { command: String },
+    #[error("cannot parse the output of `{command}`: {why}")]
+    Parse { command: String, why: String },
+    #[error("network namespace {0} does not exist")]
+    NoNamespace(String),
+}
+
+pub type Result<T, E = NetworkError> = std::result::Result<T, E>;
+
+/// The pod network as the VM needs it: the NICs to give the VMM and what to tell the agent.
+#[derive(Debug, Clone)]
+pub struct PodNetwork {
+    pub devices: Vec<NetDevice>,
+    pub guest: ConfigureNetworkRequest,
+}
+
+#[derive(Debug, Deserialize)]
+struct Link {
+    ifname: String,
+    #[serde(default)]
+    address: String,
+    #[serde(default)]
+    mtu: u32,
+    #[serde(default)]
+    link_type: String,
+    #[serde(default)]
+    addr_info: Vec<AddrInfo>,
+}
+
+#[derive(Debug, Deserialize)]
+struct AddrInfo {
+    family: String,
+    local: String,
+    prefixlen: u8,
+    #[serde(default)]
+    scope: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct RouteInfo {
+    dst: String,
+    #[serde(default)]
+    gateway: Option<String>,
+    #[serde(default)]
+    dev: Option<String>,
+}
+
+/// Runs a command inside the namespace `netns` (nsenter), bounded by [`COMMAND_TIMEOUT`].
+async fn run_in(netns: &Path, args: &[&str]) -> Result<String> {
+    let command = args.join(" ");
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", netns.display()))
+        .arg("--")
+        .args(args)
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(COMMAND_TIMEOUT, cmd.output())
+        .await
+        .map_err(|_| NetworkError::Timeout {
+            command: command.clone(),
+        })?
+        .map_err(|e| NetworkError::Command {
+            command: command.clone(),
+            stderr: e.to_string(),
+        })?;
+    if !out.status.success() {
+        return Err(NetworkError::Command {
+            command,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn parse<T: serde::de::DeserializeOwned>(command: &str, json: &str) -> Result<T> {
+    serde_json::from_str(json).map_err(|e| NetworkError::Parse {
+        command: command.into(),
+        why: e.to_string(),
+    })
+}
+
+/// The tap name paired with the pod interface at `index`.
+fn tap_name(index: usize) -> String {
+    format!("shojitap{index}")
+}
+
+/// Bridges every Ethernet interface of the pod namespace to a new tap for the VM.
+/// Returns what the VMM and the agent need. A namespace without interfaces other than
+/// loopback gives an empty network (the pod has host networking off and no CNI result).
+pub async fn setup(netns: &Path) -> Result<PodNetwork> {
+    if !netns.exists() {
+        return Err(NetworkError::NoNamespace(netns.display().to_string()));
+    }
+    let links: Vec<Link> = parse(
+        "ip -json addr show",
+        &run_in(netns, &["ip", "-json", "addr", "show"]).await?,
+    )?;
+    let routes: Vec<RouteInfo> = parse(
+        "ip -json route show",
+        &run_in(netns, &["ip", "-json", "route", "show"]).await?,
+    )?;
+    let mut net = PodNetwork {
+        devices: Vec::new(),
+        guest: ConfigureNetworkRequest::default(),
+    };
+    let pod_links: Vec<&Link> = links
+        .iter()
+        .filter(|l| l.link_type == "ether" && !l.ifname.starts_with("shojitap"))
+        .collect();
+    for (i, link) in pod_links.iter().enumerate() {
+        let tap = tap_name(i);
+        let mtu = link.mtu.to_string();
+        // `ip tuntap add` fails if the tap exists: a previous attempt left it, so reuse it.
+        if run_in(netns, &["ip", "link", "show", &tap]).await.is_err() {
+            run_in(netns, &["ip", "tuntap", "add", "dev", &tap, "mode", "tap"]).await?;
+        }
+        run_in(netns, &["ip", "link", "set", &tap, "mtu", &mtu, "up"]).await?;
+        for (from, to) in [
+            (link.ifname.as_str(), tap.as_str()),
+            (tap.as_str(), link.ifname.as_str()),
+        ] {
+            // Replace semantics: drop any earlier ingress qdisc (and its filters) first.
+            let _ = run_in(netns, &["tc", "qdisc", "del", "dev", from, "ingress"]).await;
+            run_in(netns, &["tc", "qdisc", "add", "dev", from, "ingress"]).await?;
+            run_in(
+                netns,
+                &[
+                    "tc", "filter", "add", "dev", from, "parent", "ffff:", "protocol", "all",
+                    "u32", "match", "u32", "0", "0", "action", "mirred", "egress", "redirect",
+                    "dev", to,
+                ],
+            )
+            .await?;
+        }
+        net.devices.push(NetDevice {
+            tap: tap.clone(),
+            mac: link.address.clone(),
+            mtu: link.mtu,
+            netns: Some(netns.to_path_buf()),
+        });
+        net.guest.interfaces.push(Interface {
+            name: link.ifname.clone(),
+            mac: link.address.clone(),
+            mtu: link.mtu,
+            addresses: link
+                .addr_info
+                .iter()
+                .filter(|a| (a.family == "inet" || a.family == "inet6") && a.scope != "link")
+                .map(|a| format!("{}/{}", a.local, a.prefixlen))
+                .collect(),
+            ..Default::default()
+        });
+    }
+    let names: Vec<&str> = pod_links.iter().map(|l| l.ifname.as_str()).collect();
+    net.guest.routes = routes
+        .into_iter()
+        .filter(|r| r.dev.as_deref().is_none_or(|d| names.contains(&d)))
+        .map(|r| Route {
+            destination: r.dst,
+            gateway: r.gateway.unwrap_or_default(),
+            device: r.dev.unwrap_or_default(),
+            ..Default::default()
+        })
+        .collect();
+    Ok(net)
+}
+
+/// Removes the taps and redirects `setup` made. Idempotent: a namespace or device that is
+/// already gone counts as removed.
+pub async fn teardown(netns: &Path, net: &PodNetwork) {
+    if !netns.exists() {
+        return;
+    }
+    for (dev, iface) in net.devices.iter().zip(&net.guest.interfaces) {
+        let _ = run_in(
+            netns,
+            &["tc", "qdisc", "del", "dev", &iface.name, "ingress"],
+        )
+        .await;
+        let _ = run_in(netns, &["ip", "link", "del", &dev.tap]).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pod namespace as CNI's bridge plugin leaves it: a veth with an address and a default route.
+    struct TestNs {
+        name: String,
+        path: std::path::PathBuf,
+    }
+
+    impl TestNs {
+        fn new(tag: &str) -> TestNs {
+            let name = format!("shoji-nt-{tag}-{}", std::process::id());
+            let sh = |args: &[&str]| {
+                let ok = std::process::Command::new("ip")
+                    .args(args)
+                    .status()
+                    .map(|s| s.success())
+                    .unwrap_or(false);
+                assert!(ok, "ip {args:?} failed");
+            };
+            sh(&["netns", "add", &name]);
+            let peer = format!("snt{}", std::process::id() % 100000);
+            sh(&[
+                "link", "add", &peer, "type", "veth", "peer", "name", "eth0", "netns", &name,
+            ]);
+            sh(&["-n", &name, "link", "set", "eth0", "mtu", "1400", "up"]);
+            sh(&["-n", &name, "addr", "add", "10.233.250.5/24", "dev", "eth0"]);
+            sh(&[
+                "-n",
+                &name,
+                "route",
+                "add",
+                "default",
+                "via",
+                "10.233.250.1",
+            ]);
+            TestNs {
+                path: format!("/run/netns/{name}").into(),
+                name,
+            }
+        }
+    }
+
+    impl Drop for TestNs {
+        // Deleting the namespace deletes eth0, and with it the veth's host end.
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "delete", &self.name])
+                .status();
+        }
+    }
+
+    #[tokio::test]
+    async fn veth_is_bridged_to_a_tap_with_its_mac_address_and_routes() {
+        let ns = TestNs::new("setup");
+        let net = setup(&ns.path).await.unwrap();
+        assert_eq!(net.devices.len(), 1);
+        let dev = &net.devices[0];
+        assert_eq!(dev.tap, "shojitap0");
+        assert_eq!(dev.mtu, 1400);
+        let iface = &net.guest.interfaces[0];
+        assert_eq!(iface.name, "eth0");
+        assert_eq!(iface.mac, dev.mac);
+        assert_eq!(iface.addresses, vec!["10.233.250.5/24".to_string()]);
+        assert!(net
+            .guest
+            .routes
+            .iter()
+            .any(|r| r.destination == "default" && r.gateway == "10.233.250.1"));
+        let filters = run_in(
+            &ns.path,
+            &["tc", "filter", "show", "dev", "eth0", "ingress"],
+        )
+        .await
+        .unwrap();
+        assert!(
+            filters.contains("shojitap0"),
+            "no redirect to the tap: {filters}"
+        );
+        // Setting up again (a retried boot) reuses what is there.
+        setup(&ns.path).await.unwrap();
+        teardown(&ns.path, &net).await;
+        assert!(
+            run_in(&ns.path, &["ip", "link", "show", "shojitap0"])
+                .await
+                .is_err(),
+            "tap left behind"
+        );
+        teardown(&ns.path, &net).await;
+    }
+
+    #[tokio::test]
+    async fn a_missing_namespace_is_named() {
+        let err = setup(Path::new("/run/netns/shoji-no-such-ns"))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("shoji-no-such-ns"), "{err}");
+    }
+}
