@@ -47,7 +47,11 @@ use serde_json::{json, Value};
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Record {
     /// The process started: its argv and network namespace (`net:[inode]`).
-    Start { pid: u32, argv: Vec<String>, netns: String },
+    Start {
+        pid: u32,
+        argv: Vec<String>,
+        netns: String,
+    },
     /// One API request. `status` is `None` for a request the fake was told to hang on.
     Request {
         method: String,
@@ -60,7 +64,11 @@ pub enum Record {
         status: Option<u16>,
     },
     /// The process is about to exit on its own.
-    Exit { code: i32, reason: String, unix_ms: u128 },
+    Exit {
+        code: i32,
+        reason: String,
+        unix_ms: u64,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -75,7 +83,10 @@ struct Args {
 }
 
 fn parse_args(argv: &[String]) -> Result<Args, String> {
-    let mut args = Args { fs_wait: Duration::from_secs(60), ..Args::default() };
+    let mut args = Args {
+        fs_wait: Duration::from_secs(60),
+        ..Args::default()
+    };
     let mut it = argv.iter().skip(1);
     while let Some(arg) = it.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -87,11 +98,18 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
         }
         let value = match inline {
             Some(v) => v,
-            None => it.next().cloned().ok_or_else(|| format!("{flag} needs a value"))?,
+            None => it
+                .next()
+                .cloned()
+                .ok_or_else(|| format!("{flag} needs a value"))?,
         };
         // CH's socket options are `path=<p>` (or a bare path).
         let path_opt = |v: &str| PathBuf::from(v.strip_prefix("path=").unwrap_or(v));
-        let millis = |v: &str| v.parse::<u64>().map(Duration::from_millis).map_err(|e| format!("{flag}: {e}"));
+        let millis = |v: &str| {
+            v.parse::<u64>()
+                .map(Duration::from_millis)
+                .map_err(|e| format!("{flag}: {e}"))
+        };
         match flag {
             "--api-socket" => args.api_socket = path_opt(&value),
             "--log-file" => args.log_file = Some(PathBuf::from(value)),
@@ -122,8 +140,14 @@ pub fn main() -> i32 {
         }
     };
     let fake = Arc::new(Fake::new(args));
-    let netns = std::fs::read_link("/proc/self/ns/net").map(|p| p.display().to_string()).unwrap_or_default();
-    fake.record(Record::Start { pid: std::process::id(), argv, netns });
+    let netns = std::fs::read_link("/proc/self/ns/net")
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    fake.record(Record::Start {
+        pid: std::process::id(),
+        argv,
+        netns,
+    });
     fake.event("vmm", "starting");
     let listener = match UnixListener::bind(&fake.args.api_socket) {
         Ok(l) => l,
@@ -194,11 +218,19 @@ struct Response {
 }
 
 fn ok() -> Response {
-    Response { status: 204, body: None, exit: false }
+    Response {
+        status: 204,
+        body: None,
+        exit: false,
+    }
 }
 
 fn json_response(status: u16, v: Value) -> Response {
-    Response { status, body: Some(v.to_string()), exit: false }
+    Response {
+        status,
+        body: Some(v.to_string()),
+        exit: false,
+    }
 }
 
 fn error(status: u16, chain: &[&str]) -> Response {
@@ -210,9 +242,18 @@ const API_ERROR: &str = "Error from API";
 impl Fake {
     fn new(args: Args) -> Fake {
         let record = args.record.as_ref().map(|p| {
-            OpenOptions::new().create(true).append(true).open(p).expect("open the --fake-record file")
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .expect("open the --fake-record file")
         });
-        Fake { args, started: Instant::now(), vm: Mutex::new(Vm::default()), record: Mutex::new(record) }
+        Fake {
+            args,
+            started: Instant::now(),
+            vm: Mutex::new(Vm::default()),
+            record: Mutex::new(record),
+        }
     }
 
     fn record(&self, r: Record) {
@@ -225,7 +266,10 @@ impl Fake {
         if let Some(path) = &self.args.log_file {
             if let Ok(mut f) = OpenOptions::new().create(true).append(true).open(path) {
                 let t = self.started.elapsed().as_secs_f64();
-                let _ = writeln!(f, "cloud-hypervisor: {t:>10.6}s: <{thread}> {level}:{place} -- {msg}");
+                let _ = writeln!(
+                    f,
+                    "cloud-hypervisor: {t:>10.6}s: <{thread}> {level}:{place} -- {msg}"
+                );
             }
         }
     }
@@ -244,8 +288,15 @@ impl Fake {
     }
 
     fn exit(&self, code: i32, reason: &str) -> ! {
-        let unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis();
-        self.record(Record::Exit { code, reason: reason.into(), unix_ms });
+        let unix_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        self.record(Record::Exit {
+            code,
+            reason: reason.into(),
+            unix_ms,
+        });
         std::process::exit(code)
     }
 
@@ -268,8 +319,15 @@ impl Fake {
     }
 
     fn handle(self: &Arc<Self>, req: Request, fds: Vec<OwnedFd>) -> Response {
-        let call = req.path.strip_prefix("/api/v1/").unwrap_or(&req.path).to_string();
-        let taps: Vec<String> = fds.iter().filter_map(|fd| tap_name(fd.as_raw_fd())).collect();
+        let call = req
+            .path
+            .strip_prefix("/api/v1/")
+            .unwrap_or(&req.path)
+            .to_string();
+        let taps: Vec<String> = fds
+            .iter()
+            .filter_map(|fd| tap_name(fd.as_raw_fd()))
+            .collect();
         let nfds = fds.len();
         let record = |status| Record::Request {
             method: req.method.clone(),
@@ -294,19 +352,35 @@ impl Fake {
                        "pid": std::process::id(), "features": ["io_uring", "kvm"]}),
             ),
             ("GET", "vm.info") => match &vm.config {
-                None => error(404, &[API_ERROR, "The VM info is not available", "VM is not created"]),
+                None => error(
+                    404,
+                    &[
+                        API_ERROR,
+                        "The VM info is not available",
+                        "VM is not created",
+                    ],
+                ),
                 Some(c) => {
                     let config = with_defaults(c);
                     let mem = &config["memory"];
-                    let actual = mem["size"].as_i64().unwrap_or(0) + mem["hotplugged_size"].as_i64().unwrap_or(0);
-                    json_response(200, json!({"config": config, "state": vm.state.name(), "memory_actual_size": actual}))
+                    let actual = mem["size"].as_i64().unwrap_or(0)
+                        + mem["hotplugged_size"].as_i64().unwrap_or(0);
+                    json_response(
+                        200,
+                        json!({"config": config, "state": vm.state.name(), "memory_actual_size": actual}),
+                    )
                 }
             },
             ("PUT", "vm.create") => match serde_json::from_slice::<Value>(&req.body) {
                 Err(e) => error(400, &["Failed to deserialize JSON", &e.to_string()]),
-                Ok(_) if vm.config.is_some() => {
-                    error(500, &[API_ERROR, "The VM could not be created", "VM is already created"])
-                }
+                Ok(_) if vm.config.is_some() => error(
+                    500,
+                    &[
+                        API_ERROR,
+                        "The VM could not be created",
+                        "VM is already created",
+                    ],
+                ),
                 Ok(c) => {
                     vm.config = Some(c);
                     vm.state = State::Created;
@@ -319,7 +393,10 @@ impl Fake {
                     self.shutdown_vm(&mut vm);
                     ok()
                 }
-                _ => error(500, &[API_ERROR, "The VM could not shutdown", "VM is not running"]),
+                _ => error(
+                    500,
+                    &[API_ERROR, "The VM could not shutdown", "VM is not running"],
+                ),
             },
             ("PUT", "vm.delete") => {
                 if vm.config.is_some() && vm.state != State::Created {
@@ -331,11 +408,26 @@ impl Fake {
                 }
                 ok()
             }
-            ("PUT", "vm.pause") => self.transition(&mut vm, State::Running, State::Paused, "paused", "pausing"),
-            ("PUT", "vm.resume") => self.transition(&mut vm, State::Paused, State::Running, "resumed", "resuming"),
+            ("PUT", "vm.pause") => {
+                self.transition(&mut vm, State::Running, State::Paused, "paused", "pausing")
+            }
+            ("PUT", "vm.resume") => self.transition(
+                &mut vm,
+                State::Paused,
+                State::Running,
+                "resumed",
+                "resuming",
+            ),
             ("GET", "vm.counters") => match (&vm.config, vm.state) {
                 (Some(_), State::Running | State::Paused) => json_response(200, json!({})),
-                _ => error(500, &[API_ERROR, "The VM info is not available", "VM is not running"]),
+                _ => error(
+                    500,
+                    &[
+                        API_ERROR,
+                        "The VM info is not available",
+                        "VM is not running",
+                    ],
+                ),
             },
             ("PUT", "vm.add-net") => self.add_device(&mut vm, "net", &req.body, fds),
             ("PUT", "vm.add-fs") => self.add_device(&mut vm, "fs", &req.body, fds),
@@ -346,7 +438,11 @@ impl Fake {
                     self.shutdown_vm(&mut vm);
                 }
                 self.event("vmm", "shutdown");
-                Response { status: 200, body: Some(String::new()), exit: true }
+                Response {
+                    status: 200,
+                    body: Some(String::new()),
+                    exit: true,
+                }
             }
             _ => error(404, &["Not Found"]),
         };
@@ -355,10 +451,21 @@ impl Fake {
     }
 
     fn transition(&self, vm: &mut Vm, from: State, to: State, done: &str, doing: &str) -> Response {
-        let verb = if to == State::Paused { "paused" } else { "resumed" };
+        let verb = if to == State::Paused {
+            "paused"
+        } else {
+            "resumed"
+        };
         if vm.config.is_none() || vm.state != from {
-            let why = if from == State::Running { "VM is not running" } else { "VM is not paused" };
-            return error(500, &[API_ERROR, &format!("The VM could not be {verb}"), why]);
+            let why = if from == State::Running {
+                "VM is not running"
+            } else {
+                "VM is not paused"
+            };
+            return error(
+                500,
+                &[API_ERROR, &format!("The VM could not be {verb}"), why],
+            );
         }
         self.event("vm", doing);
         vm.state = to;
@@ -388,7 +495,10 @@ impl Fake {
             return error(400, &all);
         }
         let payload = &config["payload"];
-        for (key, what) in [("kernel", "Cannot open kernel file"), ("initramfs", "Cannot open initramfs file")] {
+        for (key, what) in [
+            ("kernel", "Cannot open kernel file"),
+            ("initramfs", "Cannot open initramfs file"),
+        ] {
             if let Some(p) = payload[key].as_str() {
                 if let Err(e) = File::open(p) {
                     return error(500, &[API_ERROR, BOOT, what, &e.to_string()]);
@@ -402,8 +512,14 @@ impl Fake {
             match connect_retrying(Path::new(socket), self.args.fs_wait) {
                 Some(c) => fs_conns.push(c),
                 None => {
-                    let msg = format!("Timed out waiting for vhost-user connection on socket {socket}");
-                    self.log("vmm", "ERROR", "virtio-devices/src/vhost_user/vu_common_ctrl.rs:545", &msg);
+                    let msg =
+                        format!("Timed out waiting for vhost-user connection on socket {socket}");
+                    self.log(
+                        "vmm",
+                        "ERROR",
+                        "virtio-devices/src/vhost_user/vu_common_ctrl.rs:545",
+                        &msg,
+                    );
                     return error(
                         500,
                         &[
@@ -424,12 +540,21 @@ impl Fake {
                     // Approximation.
                     return error(
                         500,
-                        &[API_ERROR, BOOT, "Error from device manager", "Cannot create virtio-vsock device", &e.to_string()],
+                        &[
+                            API_ERROR,
+                            BOOT,
+                            "Error from device manager",
+                            "Cannot create virtio-vsock device",
+                            &e.to_string(),
+                        ],
                     );
                 }
             }
         }
-        if let Some(file) = config["serial"]["file"].as_str().filter(|_| config["serial"]["mode"] == "File") {
+        if let Some(file) = config["serial"]["file"]
+            .as_str()
+            .filter(|_| config["serial"]["mode"] == "File")
+        {
             let _ = File::create(file);
         }
         vm.fs_conns = fs_conns;
@@ -442,7 +567,8 @@ impl Fake {
                 let _vm = fake.vm.lock().unwrap();
                 let msg = "VCPU generated error: VcpuRun(Failed to run vcpu: Invalid argument (os error 22))";
                 fake.log("vcpu0", "ERROR", "vmm/src/cpu.rs:1180", msg);
-                for (source, event) in [("vm", "shutdown"), ("vm", "deleted"), ("vmm", "shutdown")] {
+                for (source, event) in [("vm", "shutdown"), ("vm", "deleted"), ("vmm", "shutdown")]
+                {
                     fake.event(source, event);
                 }
                 fake.exit(1, msg);
@@ -482,7 +608,10 @@ impl Fake {
             }
         }
         let mut candidate = config.clone();
-        let id = dev["id"].as_str().map(str::to_string).unwrap_or_else(|| format!("_{key}{}", fds.len()));
+        let id = dev["id"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("_{key}{}", fds.len()));
         dev["id"] = json!(id);
         if key == "vsock" {
             candidate["vsock"] = dev;
@@ -525,7 +654,15 @@ fn resize(vm: &mut Vm, body: &[u8]) -> Response {
         let max = full["cpus"]["max_vcpus"].as_u64().unwrap_or(1);
         if running && n > max {
             // Approximation.
-            return error(500, &[API_ERROR, RESIZE, "Error resizing vCPUs", &format!("Requested vCPUs ({n}) exceed the maximum ({max})")]);
+            return error(
+                500,
+                &[
+                    API_ERROR,
+                    RESIZE,
+                    "Error resizing vCPUs",
+                    &format!("Requested vCPUs ({n}) exceed the maximum ({max})"),
+                ],
+            );
         }
         config["cpus"] = full["cpus"].clone();
         config["cpus"]["boot_vcpus"] = json!(n);
@@ -536,7 +673,15 @@ fn resize(vm: &mut Vm, body: &[u8]) -> Response {
             let room = full["memory"]["hotplug_size"].as_i64().unwrap_or(0);
             if ram < size || ram > size + room {
                 // Approximation.
-                return error(500, &[API_ERROR, RESIZE, "Cannot hotplug memory", "Insufficient space for hotplug"]);
+                return error(
+                    500,
+                    &[
+                        API_ERROR,
+                        RESIZE,
+                        "Cannot hotplug memory",
+                        "Insufficient space for hotplug",
+                    ],
+                );
             }
             config["memory"] = full["memory"].clone();
             config["memory"]["hotplugged_size"] = json!(ram - size);
@@ -558,13 +703,20 @@ fn validate(c: &Value) -> Result<(), Vec<String>> {
         ]);
     }
     let full = with_defaults(c);
-    let (boot, max) = (full["cpus"]["boot_vcpus"].as_u64().unwrap_or(1), full["cpus"]["max_vcpus"].as_u64().unwrap_or(1));
+    let (boot, max) = (
+        full["cpus"]["boot_vcpus"].as_u64().unwrap_or(1),
+        full["cpus"]["max_vcpus"].as_u64().unwrap_or(1),
+    );
     if max < boot {
-        return Err(vec![format!("Max CPUs ({max}) lower than boot CPUs ({boot})")]);
+        return Err(vec![format!(
+            "Max CPUs ({max}) lower than boot CPUs ({boot})"
+        )]);
     }
     let vhost_user = c["fs"].as_array().is_some_and(|l| !l.is_empty());
     if vhost_user && full["memory"]["shared"] != true && full["memory"]["hugepages"] != true {
-        return Err(vec!["Using vhost-user requires using shared memory or huge pages".into()]);
+        return Err(vec![
+            "Using vhost-user requires using shared memory or huge pages".into(),
+        ]);
     }
     Ok(())
 }
@@ -616,13 +768,22 @@ fn tap_name(fd: RawFd) -> Option<String> {
     if unsafe { libc::ioctl(fd, libc::TUNGETIFF, &mut req) } < 0 {
         return None;
     }
-    let name: Vec<u8> = req.ifr_name.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
+    let name: Vec<u8> = req
+        .ifr_name
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8)
+        .collect();
     Some(String::from_utf8_lossy(&name).into_owned())
 }
 
 /// Reads one HTTP/1.1 request, collecting any fds that arrive with its bytes. `buf` keeps
 /// bytes of a following request. `Ok(None)` when the peer closed the connection.
-fn read_request(conn: &UnixStream, buf: &mut Vec<u8>, fds: &mut Vec<OwnedFd>) -> std::io::Result<Option<Request>> {
+fn read_request(
+    conn: &UnixStream,
+    buf: &mut Vec<u8>,
+    fds: &mut Vec<OwnedFd>,
+) -> std::io::Result<Option<Request>> {
     let head_end = loop {
         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             break i + 4;
@@ -651,16 +812,29 @@ fn read_request(conn: &UnixStream, buf: &mut Vec<u8>, fds: &mut Vec<OwnedFd>) ->
     Ok(Some(Request { method, path, body }))
 }
 
-fn recv_chunk(conn: &UnixStream, buf: &mut Vec<u8>, fds: &mut Vec<OwnedFd>) -> std::io::Result<usize> {
+fn recv_chunk(
+    conn: &UnixStream,
+    buf: &mut Vec<u8>,
+    fds: &mut Vec<OwnedFd>,
+) -> std::io::Result<usize> {
     let mut chunk = [0u8; 4096];
     let mut cmsg = nix::cmsg_space!([RawFd; 32]);
     let mut iov = [IoSliceMut::new(&mut chunk)];
-    let msg = recvmsg::<()>(conn.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
-        .map_err(std::io::Error::from)?;
+    let msg = recvmsg::<()>(
+        conn.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(std::io::Error::from)?;
     for c in msg.cmsgs().map_err(std::io::Error::from)? {
         if let ControlMessageOwned::ScmRights(received) = c {
             // SAFETY: the kernel just installed these fds in our table; we own them.
-            fds.extend(received.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+            fds.extend(
+                received
+                    .into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
         }
     }
     let n = msg.bytes;
@@ -677,11 +851,17 @@ fn encode(r: &Response) -> Vec<u8> {
         500 => "Internal Server Error",
         _ => "",
     };
-    let mut out = format!("HTTP/1.1 {} {reason}\r\nServer: Cloud Hypervisor API\r\nConnection: keep-alive\r\n", r.status);
+    let mut out = format!(
+        "HTTP/1.1 {} {reason}\r\nServer: Cloud Hypervisor API\r\nConnection: keep-alive\r\n",
+        r.status
+    );
     match &r.body {
         None => out.push_str("\r\n"),
         Some(b) if b.is_empty() => out.push_str("Content-Length: 0\r\n\r\n"),
-        Some(b) => out.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}", b.len())),
+        Some(b) => out.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
+            b.len()
+        )),
     }
     out.into_bytes()
 }
@@ -750,12 +930,20 @@ pub struct RawResponse {
 
 impl RawResponse {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 }
 
 /// Sends one request on `conn` and reads the response (Content-Length framed).
-pub fn raw_request(conn: &mut UnixStream, method: &str, call: &str, body: &str) -> std::io::Result<RawResponse> {
+pub fn raw_request(
+    conn: &mut UnixStream,
+    method: &str,
+    call: &str,
+    body: &str,
+) -> std::io::Result<RawResponse> {
     write!(
         conn,
         "{method} /api/v1/{call} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
@@ -775,7 +963,11 @@ pub fn raw_request(conn: &mut UnixStream, method: &str, call: &str, body: &str) 
     };
     let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
     let mut lines = head.split("\r\n");
-    let status = lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     let headers: Vec<(String, String)> = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
@@ -794,5 +986,9 @@ pub fn raw_request(conn: &mut UnixStream, method: &str, call: &str, body: &str) 
         }
         body.extend_from_slice(&chunk[..n]);
     }
-    Ok(RawResponse { status, headers, body: String::from_utf8_lossy(&body).into_owned() })
+    Ok(RawResponse {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
 }

@@ -115,6 +115,7 @@ impl Clh {
         let api_socket = spec.dir.join(API_SOCKET);
         let log_file = spec.dir.join(LOG_FILE);
         let events = spec.dir.join(EVENTS_FILE);
+        let stdio_log = spec.dir.join(STDIO_LOG);
         // CH refuses to bind over existing sockets; these are ours to replace.
         for stale in [&api_socket, &spec.vsock.socket] {
             remove_file(stale)?;
@@ -131,21 +132,26 @@ impl Clh {
         if let Some(ns) = netns {
             enter_netns_on_exec(&mut cmd, ns)?;
         }
-        let vmm = Arc::new(
-            Daemon::spawn("cloud-hypervisor", cmd, &spec.dir.join(STDIO_LOG)).map_err(
-                |source| HypervisorError::Spawn {
-                    what: "cloud-hypervisor",
-                    source,
-                },
-            )?,
-        );
+        let vmm = Arc::new(Daemon::spawn("cloud-hypervisor", cmd, &stdio_log).map_err(
+            |source| HypervisorError::Spawn {
+                what: "cloud-hypervisor",
+                source,
+            },
+        )?);
         info!(self.log, "cloud-hypervisor launched"; "pid" => vmm.pid(), "api_socket" => %api_socket.display());
         self.watch_exit(vmm.clone(), log_file.clone(), events);
         self.vmm = Some(vmm.clone());
 
         let api = api::Api::new(&api_socket, self.opts.api_timeout);
-        let ping =
-            wait_for_api(&api, &vmm, &api_socket, &log_file, self.opts.start_timeout).await?;
+        let ping = wait_for_api(
+            &api,
+            &vmm,
+            &api_socket,
+            &log_file,
+            &stdio_log,
+            self.opts.start_timeout,
+        )
+        .await?;
         info!(self.log, "cloud-hypervisor API ready"; "version" => ping.version, "build" => ping.build_version);
         let api = self.api.insert(api);
 
@@ -501,6 +507,7 @@ async fn wait_for_api(
     vmm: &Daemon,
     socket: &Path,
     log_file: &Path,
+    stdio_log: &Path,
     timeout: Duration,
 ) -> Result<cloud_hypervisor_client::models::VmmPingResponse> {
     let deadline = Instant::now() + timeout;
@@ -510,7 +517,8 @@ async fn wait_for_api(
             return Err(HypervisorError::Died {
                 what: "cloud-hypervisor",
                 status,
-                detail: last_error_line(log_file).unwrap_or_else(|| last_line(log_file)),
+                // Flag errors go to stderr, before CH opens its log.
+                detail: last_error_line(log_file).unwrap_or_else(|| last_line(stdio_log)),
             });
         }
         if socket.exists() {

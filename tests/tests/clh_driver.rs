@@ -1,0 +1,615 @@
+//! The Cloud Hypervisor driver against the fake Cloud Hypervisor (`fake-cloud-hypervisor`,
+//! see tests/src/fake_clh.rs), with a real virtiofsd and real tap devices in a network
+//! namespace created by the test.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use serde_json::Value;
+use shoji::hypervisor::{
+    clh::{net_config, vm_config, Clh, ClhOptions},
+    Hypervisor, HypervisorError, NetDevice, ShareDevice, VmSpec, VsockDevice,
+};
+use shoji_tests::fake_clh::{FakeClh, Record};
+
+const FAKE: &str = env!("CARGO_BIN_EXE_fake-cloud-hypervisor");
+
+/// One test's world: a temp dir holding the sandbox dir, the shared dir, a stand-in kernel
+/// and initramfs (the fake only opens them) and the fake's wrapper script.
+struct Env {
+    dir: tempfile::TempDir,
+    fake: FakeClh,
+    netns: Option<Netns>,
+}
+
+impl Env {
+    fn new(fake_flags: &[&str]) -> Env {
+        let dir = tempfile::Builder::new()
+            .prefix("shoji-clh-")
+            .tempdir()
+            .unwrap();
+        for d in ["sandbox", "shared"] {
+            std::fs::create_dir(dir.path().join(d)).unwrap();
+        }
+        for f in ["vmlinux", "initramfs.img"] {
+            std::fs::write(dir.path().join(f), b"stand-in").unwrap();
+        }
+        let fake = FakeClh::install(Path::new(FAKE), dir.path(), fake_flags).unwrap();
+        Env {
+            dir,
+            fake,
+            netns: None,
+        }
+    }
+
+    fn with_taps(mut self, taps: &[&str]) -> Env {
+        self.netns = Some(Netns::new(taps));
+        self
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn spec(&self) -> VmSpec {
+        let sb = self.path("sandbox");
+        let nets = match &self.netns {
+            Some(ns) => ns
+                .taps
+                .iter()
+                .enumerate()
+                .map(|(i, tap)| NetDevice {
+                    tap: tap.clone(),
+                    mac: format!("02:00:00:00:00:0{i}"),
+                    mtu: 1400,
+                    netns: Some(ns.path.clone()),
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        VmSpec {
+            id: "clh-test".into(),
+            dir: sb.clone(),
+            kernel: self.path("vmlinux"),
+            initrd: self.path("initramfs.img"),
+            kernel_args: vec!["shoji.share=shoji".into()],
+            vcpus: 1,
+            max_vcpus: 2,
+            memory_mib: 256,
+            share: Some(ShareDevice {
+                tag: "shoji".into(),
+                shared_dir: self.path("shared"),
+                socket: sb.join("virtiofsd.sock"),
+                virtiofsd: virtiofsd(),
+                cache: "never".into(),
+            }),
+            vsock: VsockDevice {
+                cid: 3,
+                socket: sb.join("vsock.sock"),
+            },
+            nets,
+            console_log: sb.join("console.log"),
+        }
+    }
+
+    fn options(&self) -> ClhOptions {
+        ClhOptions {
+            api_timeout: Duration::from_secs(2),
+            boot_timeout: Duration::from_secs(5),
+            start_timeout: Duration::from_secs(10),
+            ..ClhOptions::new(self.fake.binary.clone())
+        }
+    }
+
+    fn driver(&self) -> Clh {
+        Clh::new(
+            self.options(),
+            slog::Logger::root(slog::Discard, slog::o!()),
+        )
+    }
+
+    fn requests(&self) -> Vec<(String, String, usize, Vec<String>, Option<u16>)> {
+        self.fake
+            .records()
+            .into_iter()
+            .filter_map(|r| match r {
+                Record::Request {
+                    call,
+                    body,
+                    fds,
+                    taps,
+                    status,
+                    ..
+                } => Some((call, body, fds, taps, status)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Nothing the test started is left: no process mentions the test dir, no socket remains.
+    async fn assert_nothing_left(&self) {
+        let marker = self.dir.path().to_string_lossy().into_owned();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let left = processes_mentioning(&marker);
+            if left.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "processes left behind: {left:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let sb = self.path("sandbox");
+        for sock in ["clh-api.sock", "vsock.sock"] {
+            assert!(!sb.join(sock).exists(), "{sock} left behind");
+        }
+    }
+}
+
+fn virtiofsd() -> PathBuf {
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/root".into());
+    let p = home.join(".cargo/bin/virtiofsd");
+    assert!(
+        p.exists(),
+        "these tests need a real virtiofsd at {}",
+        p.display()
+    );
+    p
+}
+
+/// `pid: cmdline` of every process whose command line contains `marker`.
+fn processes_mentioning(marker: &str) -> Vec<String> {
+    let me = std::process::id().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .chars()
+                .all(|c| c.is_ascii_digit())
+                && e.file_name() != *me
+        })
+        .filter_map(|e| {
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            cmdline
+                .contains(marker)
+                .then(|| format!("{}: {cmdline}", e.file_name().to_string_lossy()))
+        })
+        .collect()
+}
+
+/// A network namespace with tap devices, removed on drop.
+struct Netns {
+    name: String,
+    path: PathBuf,
+    taps: Vec<String>,
+}
+
+impl Netns {
+    fn new(taps: &[&str]) -> Netns {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "shoji-clh-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        );
+        ip(&["netns", "add", &name]);
+        for tap in taps {
+            ip(&["-n", &name, "tuntap", "add", "dev", tap, "mode", "tap"]);
+        }
+        Netns {
+            path: PathBuf::from("/run/netns").join(&name),
+            name,
+            taps: taps.iter().map(|t| t.to_string()).collect(),
+        }
+    }
+
+    /// `net:[inode]`, as /proc/<pid>/ns/net reads.
+    fn id(&self) -> String {
+        use std::os::unix::fs::MetadataExt;
+        format!("net:[{}]", std::fs::metadata(&self.path).unwrap().ino())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boot_sequence_bodies_tap_fds_resize_and_stop() {
+    let env = Env::new(&[]).with_taps(&["ctap0", "ctap1"]);
+    let spec = env.spec();
+    let mut vm = env.driver();
+
+    vm.prepare(&spec).await.unwrap();
+    assert!(
+        spec.share.as_ref().unwrap().socket.exists(),
+        "virtiofsd socket missing after prepare"
+    );
+    assert_eq!(vm.pids().len(), 1, "only virtiofsd runs after prepare");
+    assert_eq!(vm.pid(), None);
+
+    vm.start().await.unwrap();
+    let pid = vm.pid().expect("VMM pid");
+    assert_eq!(vm.pids().len(), 2);
+    assert!(
+        spec.vsock.socket.exists(),
+        "the hybrid vsock socket appears at boot"
+    );
+
+    let records = env.fake.records();
+    let Record::Start {
+        pid: fake_pid,
+        argv,
+        netns,
+    } = &records[0]
+    else {
+        panic!("{records:?}")
+    };
+    assert_eq!(*fake_pid, pid, "the driver watches the VMM process itself");
+    let sb = spec.dir.display();
+    let flags: Vec<&str> = argv
+        .iter()
+        .map(String::as_str)
+        .skip_while(|a| !a.starts_with("--api-socket"))
+        .collect();
+    assert_eq!(
+        flags,
+        [
+            "--api-socket",
+            &format!("path={sb}/clh-api.sock"),
+            "--log-file",
+            &format!("{sb}/clh.log"),
+            "--event-monitor",
+            &format!("path={sb}/clh-events.json"),
+        ]
+    );
+    assert_eq!(
+        *netns,
+        env.netns.as_ref().unwrap().id(),
+        "the VMM runs in the pod's network namespace"
+    );
+
+    let reqs = env.requests();
+    let calls: Vec<(&str, Option<u16>)> = reqs.iter().map(|r| (r.0.as_str(), r.4)).collect();
+    let first = calls.iter().position(|c| c.0 != "vmm.ping").unwrap();
+    assert!(
+        first >= 1 && calls[..first].iter().all(|c| c == &("vmm.ping", Some(200))),
+        "{calls:?}"
+    );
+    assert_eq!(
+        calls[first..],
+        [
+            ("vm.create", Some(204)),
+            ("vm.add-net", Some(204)),
+            ("vm.add-net", Some(204)),
+            ("vm.boot", Some(204)),
+            ("vm.info", Some(200)),
+        ]
+    );
+    // vm.create carries the whole VM but the NICs.
+    let create: Value = serde_json::from_str(&reqs[first].1).unwrap();
+    assert_eq!(
+        create,
+        serde_json::to_value(vm_config(&spec, env.options().memory_hotplug_mib)).unwrap()
+    );
+    assert_eq!(create["memory"]["shared"], true);
+    assert_eq!(create["console"]["mode"], "Off");
+    assert_eq!(create["serial"]["file"], spec.console_log.to_str().unwrap());
+    // One tap fd per vm.add-net, the right tap, in order.
+    for (i, tap) in ["ctap0", "ctap1"].iter().enumerate() {
+        let (_, body, fds, taps, _) = &reqs[first + 1 + i];
+        assert_eq!(
+            (*fds, taps.clone()),
+            (1, vec![tap.to_string()]),
+            "add-net #{i}"
+        );
+        let body: Value = serde_json::from_str(body).unwrap();
+        assert_eq!(
+            body,
+            serde_json::to_value(net_config(&spec.nets[i], i)).unwrap()
+        );
+        assert_eq!(body["mac"], format!("02:00:00:00:00:0{i}"));
+    }
+
+    vm.resize(Some(2), Some(512)).await.unwrap();
+    let resize = env.requests().pop().unwrap();
+    assert_eq!((resize.0.as_str(), resize.4), ("vm.resize", Some(204)));
+    assert_eq!(
+        serde_json::from_str::<Value>(&resize.1).unwrap(),
+        serde_json::json!({"desired_vcpus": 2, "desired_ram": 512u64 << 20})
+    );
+    let before = env.requests().len();
+    let err = vm.resize(Some(3), None).await.unwrap_err().to_string();
+    assert!(err.contains("3 vCPUs is outside 1..=2"), "{err}");
+    let err = vm.resize(None, Some(300)).await.unwrap_err().to_string();
+    assert!(err.contains("300 MiB is outside 512..="), "{err}");
+    assert_eq!(
+        env.requests().len(),
+        before,
+        "invalid resizes never reach the VMM"
+    );
+
+    let t = Instant::now();
+    vm.stop(Duration::from_secs(5)).await.unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "graceful stop took {:?}",
+        t.elapsed()
+    );
+    let tail: Vec<(String, Option<u16>)> = env
+        .requests()
+        .into_iter()
+        .rev()
+        .take(2)
+        .map(|r| (r.0, r.4))
+        .collect();
+    assert_eq!(
+        tail,
+        [
+            ("vmm.shutdown".to_string(), Some(200)),
+            ("vm.shutdown".to_string(), Some(204))
+        ]
+    );
+    let exit = vm.wait_exit().await;
+    assert_eq!((exit.status, exit.reason.as_str()), (Some(0), "stopped"));
+    assert_eq!(vm.pid(), None);
+    assert!(vm.pids().is_empty());
+    env.assert_nothing_left().await;
+    // Idempotent.
+    vm.stop(Duration::from_secs(1)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_api_call_times_out_and_everything_is_torn_down() {
+    let env = Env::new(&["--fake-hang", "vm.create"]);
+    let mut vm = env.driver();
+    vm.prepare(&env.spec()).await.unwrap();
+    let t = Instant::now();
+    let err = vm.start().await.unwrap_err();
+    let took = t.elapsed();
+    match &err {
+        HypervisorError::Timeout { what, timeout, .. } => {
+            assert!(what.contains("vm.create"), "{err}");
+            assert_eq!(*timeout, Duration::from_secs(2));
+        }
+        other => panic!("expected a timeout, got {other}"),
+    }
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(6),
+        "took {took:?}"
+    );
+    let calls = env.fake.calls();
+    assert_eq!(
+        calls.last().unwrap(),
+        &("vm.create".to_string(), None),
+        "{calls:?}"
+    );
+    let exit = tokio::time::timeout(Duration::from_secs(2), vm.wait_exit())
+        .await
+        .expect("wait_exit after failed start");
+    assert!(
+        exit.reason
+            .starts_with("start failed: cloud-hypervisor API call vm.create did not"),
+        "{}",
+        exit.reason
+    );
+    assert!(vm.pids().is_empty());
+    env.assert_nothing_left().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_boot_tears_down_virtiofsd_and_the_vmm() {
+    let env = Env::new(&[]).with_taps(&["ctap0"]);
+    let spec = env.spec();
+    let mut vm = env.driver();
+    vm.prepare(&spec).await.unwrap();
+    // The kernel goes away between prepare and boot: CH reports it at vm.boot.
+    std::fs::remove_file(&spec.kernel).unwrap();
+    let err = vm.start().await.unwrap_err();
+    match &err {
+        HypervisorError::Api { call, status, body } => {
+            assert_eq!((call.as_str(), *status), ("vm.boot", 500));
+            assert_eq!(
+                body,
+                "Error from API: The VM could not boot: Cannot open kernel file: No such file or directory (os error 2)"
+            );
+        }
+        other => panic!("expected an API error, got {other}"),
+    }
+    assert!(vm.pids().is_empty());
+    env.assert_nothing_left().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_virtiofsd_is_caught_before_vm_boot() {
+    // The fake waits the real 60 s for a vhost-user back-end: the driver must not get there.
+    let env = Env::new(&[]);
+    let spec = env.spec();
+    let mut vm = env.driver();
+    vm.prepare(&spec).await.unwrap();
+    let virtiofsd = vm.pids()[0];
+    // SAFETY: kill(2) of the virtiofsd this test's driver started.
+    unsafe { libc::kill(virtiofsd as i32, libc::SIGKILL) };
+    let t = Instant::now();
+    let err = vm.start().await.unwrap_err();
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(
+        matches!(
+            &err,
+            HypervisorError::Died {
+                what: "virtiofsd",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(
+        !env.fake.calls().iter().any(|c| c.0 == "vm.boot"),
+        "vm.boot was sent"
+    );
+    env.assert_nothing_left().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vmm_death_after_boot_is_reported_within_a_second() {
+    let env = Env::new(&["--fake-die-after-boot-ms", "500"]);
+    let mut vm = env.driver();
+    vm.prepare(&env.spec()).await.unwrap();
+    vm.start().await.unwrap();
+    let exit = tokio::time::timeout(Duration::from_secs(10), vm.wait_exit())
+        .await
+        .expect("VMM death not reported");
+    let seen = unix_ms();
+    let died = env
+        .fake
+        .records()
+        .into_iter()
+        .find_map(|r| match r {
+            Record::Exit { unix_ms, .. } => Some(unix_ms),
+            _ => None,
+        })
+        .expect("the fake recorded its exit");
+    assert!(
+        seen - died < 1000,
+        "reported {} ms after the VMM died",
+        seen - died
+    );
+    assert_eq!(exit.status, Some(1));
+    assert!(
+        exit.reason
+            .contains("VCPU generated error: VcpuRun(Failed to run vcpu"),
+        "{}",
+        exit.reason
+    );
+    assert!(
+        exit.reason
+            .contains("last events: vm booted, vm shutdown, vm deleted, vmm shutdown"),
+        "{}",
+        exit.reason
+    );
+    // Many waiters, same answer.
+    assert_eq!(vm.wait_exit().await, exit);
+    assert_eq!(vm.pid(), None);
+    vm.stop(Duration::from_secs(2)).await.unwrap();
+    env.assert_nothing_left().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_kills_a_vmm_that_does_not_shut_down() {
+    let env = Env::new(&["--fake-hang", "vm.shutdown"]);
+    let mut vm = env.driver();
+    vm.prepare(&env.spec()).await.unwrap();
+    vm.start().await.unwrap();
+    let t = Instant::now();
+    vm.stop(Duration::from_secs(1)).await.unwrap();
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_secs(3),
+        "took {took:?}"
+    );
+    let exit = vm.wait_exit().await;
+    assert_eq!(
+        (exit.status, exit.reason.as_str()),
+        (Some(128 + libc::SIGKILL), "stopped")
+    );
+    env.assert_nothing_left().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vmm_failing_at_launch_is_reported_with_its_error() {
+    let env = Env::new(&["--fake-no-such-flag", "x"]);
+    let mut vm = env.driver();
+    vm.prepare(&env.spec()).await.unwrap();
+    let err = vm.start().await.unwrap_err();
+    match &err {
+        HypervisorError::Died {
+            what,
+            status,
+            detail,
+        } => {
+            assert_eq!((*what, *status), ("cloud-hypervisor", Some(1)));
+            assert_eq!(
+                detail,
+                "error: unexpected argument '--fake-no-such-flag' found"
+            );
+        }
+        other => panic!("expected Died, got {other}"),
+    }
+    env.assert_nothing_left().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_specs_are_rejected_with_what_is_wrong() {
+    let env = Env::new(&[]).with_taps(&["ctap0"]);
+    let mut vm = env.driver();
+
+    let mut s = env.spec();
+    s.initrd = env.path("missing.img");
+    let err = vm.prepare(&s).await.unwrap_err().to_string();
+    assert!(
+        err.starts_with("guest initramfs not found at") && err.contains("missing.img"),
+        "{err}"
+    );
+
+    let mut s = env.spec();
+    s.vcpus = 3;
+    let err = vm.prepare(&s).await.unwrap_err().to_string();
+    assert!(err.contains("vcpus 3 / max_vcpus 2"), "{err}");
+
+    let mut s = env.spec();
+    s.nets[0].netns = Some("/run/netns/shoji-clh-none".into());
+    let err = vm.prepare(&s).await.unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "network namespace not found at /run/netns/shoji-clh-none"
+    );
+
+    let err = vm.start().await.unwrap_err().to_string();
+    assert!(err.contains("prepare() was not called"), "{err}");
+
+    // A tap that is not in the namespace: named in the error, and nothing is left running.
+    let mut s = env.spec();
+    s.nets[0].tap = "nosuchtap".into();
+    vm.prepare(&s).await.unwrap();
+    let err = vm.start().await.unwrap_err().to_string();
+    assert!(
+        err.starts_with("opening tap nosuchtap in /run/netns/shoji-clh-"),
+        "{err}"
+    );
+    assert!(!env.fake.calls().iter().any(|c| c.0 == "vm.boot"));
+    env.assert_nothing_left().await;
+}
