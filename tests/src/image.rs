@@ -267,7 +267,8 @@ mod tests {
                 .count(),
             3
         );
-        let mut inner = tar::Archive::new(&layer.expect("layer blob")[..]);
+        let layer = layer.expect("layer blob");
+        let mut inner = tar::Archive::new(&layer[..]);
         let entries: Vec<String> = inner
             .entries()
             .unwrap()

@@ -163,6 +163,11 @@ impl Snapshot {
         }
     }
 
+    /// The runtime processes seen, as `pid <pid>: <command line>`.
+    pub fn processes(&self) -> impl Iterator<Item = &str> {
+        self.processes.iter().map(String::as_str)
+    }
+
     /// What `after` has that `self` had not.
     pub fn leaks_in(&self, after: &Snapshot) -> Leaks {
         let new = |a: &BTreeSet<String>, b: &BTreeSet<String>| {

@@ -248,6 +248,21 @@ async fn pod_steps(
         || format!("hostname/DNS config not applied: {out:?}"),
     )?;
 
+    // Streaming exec (kubectl exec): stdin in, stdout/stderr and the exit code back.
+    let url = cri
+        .exec_url(
+            &id,
+            &["sh", "-c", "read line; echo got-$line; echo e >&2; exit 5"],
+            true,
+            false,
+        )
+        .await?;
+    let out = cri::exec_stream(&url, Some(b"ping\n"), Duration::from_secs(20)).await?;
+    check(
+        (out.exit_code, out.stdout.as_str(), out.stderr.as_str()) == (5, "got-ping\n", "e\n"),
+        || format!("streaming exec: want (5, got-ping, e), got {out:?}"),
+    )?;
+
     // Some CPU time and memory for the stats to show.
     let burn =
         "i=0; while [ $i -lt 30000 ]; do i=$((i+1)); done; head -c 4000000 /dev/zero > /tmp/fill";

@@ -3,6 +3,7 @@
 //! host-wide lock.
 
 use shoji_tests::containerd::Version;
+use shoji_tests::leaks::{Scope, Snapshot};
 use shoji_tests::scenario::{self, Env, Runtime};
 use std::time::Duration;
 
@@ -48,4 +49,51 @@ async fn cri_pod_containerd_1_7() {
 #[tokio::test]
 async fn cri_pod_containerd_2() {
     bounded(cri_pod(Version::V2, 202)).await
+}
+
+/// The leak check is real: a task left running makes `finish` fail naming it (and the shim process), and
+/// teardown still removes it, the shim, the private dir and the namespace cgroup.
+#[tokio::test]
+async fn leak_check_reports_a_left_task_and_teardown_removes_it() {
+    bounded(async {
+        let env = Env::start(Version::V2, &Runtime::runc(), None).await?;
+        let dir = env.ctrd.dir().to_path_buf();
+        let args = [
+            "run",
+            "-d",
+            shoji_tests::image::BUSYBOX,
+            "left-behind",
+            "sleep",
+            "1000",
+        ];
+        env.ctrd
+            .ctr_ok(scenario::CTR_NAMESPACE, &args, Duration::from_secs(30))
+            .await?;
+        let err = env
+            .finish()
+            .await
+            .expect_err("a running task must fail the leak check")
+            .to_string();
+        assert!(
+            err.contains("task shoji-test/left-behind"),
+            "leak report does not name the task: {err}"
+        );
+        let scope = Scope {
+            cmdline_markers: vec![dir.display().to_string()],
+            ..Default::default()
+        };
+        let left: Vec<String> = Snapshot::take(&scope)
+            .processes()
+            .map(String::from)
+            .collect();
+        assert!(left.is_empty(), "teardown left processes: {left:?}");
+        assert!(!dir.exists(), "teardown left {}", dir.display());
+        let cgroups = std::fs::read_dir("/sys/fs/cgroup")?
+            .flatten()
+            .map(|h| h.path().join(scenario::CTR_NAMESPACE));
+        let left: Vec<_> = cgroups.filter(|c| c.exists()).collect();
+        assert!(left.is_empty(), "namespace cgroup left: {left:?}");
+        Ok(())
+    })
+    .await
 }
