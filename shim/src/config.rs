@@ -78,8 +78,19 @@ pub struct VirtiofsdConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct QemuConfig {
     pub path: PathBuf,
+    /// `auto` (KVM when [`crate::kvm::probe`] shows it runs an ordinary guest, else TCG),
+    /// `kvm` or `tcg`.
+    pub accel: AccelChoice,
     /// TCG translation cache size (MiB) when QEMU has to emulate (bounds QEMU's RSS).
     pub tcg_tb_size_mib: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccelChoice {
+    Auto,
+    Kvm,
+    Tcg,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -173,6 +184,7 @@ impl Default for QemuConfig {
     fn default() -> Self {
         QemuConfig {
             path: find_binary("qemu-system-x86_64"),
+            accel: AccelChoice::Auto,
             tcg_tb_size_mib: 32,
         }
     }
@@ -355,6 +367,7 @@ mod tests {
             cache = "never"
             [qemu]
             path = "/q"
+            accel = "tcg"
             tcg_tb_size_mib = 64
             [clh]
             path = "/c"
@@ -373,6 +386,7 @@ mod tests {
         assert_eq!(cfg.default_memory_mib, 512);
         assert_eq!(cfg.virtiofsd.cache, "never");
         assert_eq!(cfg.qemu.tcg_tb_size_mib, 64);
+        assert_eq!(cfg.qemu.accel, AccelChoice::Tcg);
         assert_eq!(cfg.vhost_device_vsock.path, PathBuf::from("/h"));
         assert_eq!(cfg.timeouts.agent_ready, Duration::from_secs(2));
         assert_eq!(cfg.timeouts.shutdown, Duration::from_secs(4));

@@ -2,10 +2,11 @@
 //!
 //! `/dev/kvm` existing is not enough: a nested host may offer KVM through PVM, which only
 //! runs PVM-enabled guest kernels (an ordinary guest makes no progress, REFERENCE §1). So
-//! the probe runs a real guest: a few real-mode instructions (`mov al, 0x42; out 0x10, al;
-//! hlt`) in a fresh VM through the raw ioctls, and expects the port write to come back as
-//! a `KVM_EXIT_IO`. It runs in a forked child, so a vCPU that never returns can be killed;
-//! the result is cached for the life of the process.
+//! the probe runs what every guest kernel does early: 64-bit mode with paging, and an
+//! exception taken through an IDT (`int3` → a handler that writes a port). Plain real- or
+//! long-mode code runs under PVM too; exception delivery is where it fails (measured:
+//! `KVM_EXIT_INTERNAL_ERROR`). The probe runs in a forked child through the raw ioctls, so a
+//! vCPU that never returns can be killed; the result is cached for the life of the process.
 use std::{
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     sync::OnceLock,
@@ -46,12 +47,25 @@ const KVM_SET_REGS: u64 = 0x4090_AE82;
 const KVM_GET_SREGS: u64 = 0x8138_AE83;
 const KVM_SET_SREGS: u64 = 0x4138_AE84;
 const KVM_EXIT_IO: u32 = 2;
+const KVM_EXIT_INTERNAL_ERROR: u32 = 17;
 const PROBE_PORT: u16 = 0x10;
-const PROBE_VALUE: u8 = 0x42;
-/// mov al, 0x42; out 0x10, al; hlt
-const PROBE_CODE: [u8; 5] = [0xB0, PROBE_VALUE, 0xE6, PROBE_PORT as u8, 0xF4];
-const CODE_ADDR: u64 = 0x1000;
-const MEM_SIZE: usize = 0x10000;
+/// Written by the exception handler: the guest ran in long mode and took an exception.
+const HANDLED: u8 = 0x42;
+/// Written when `int3` fell through without reaching the handler.
+const NOT_DELIVERED: u8 = 0x44;
+/// Guest memory: code, handler, page tables, IDT and GDT in the first 32 KiB; one 2 MiB page.
+const MEM_SIZE: usize = 0x20_0000;
+const CODE: (usize, &[u8]) = (
+    0x1000,
+    &[0xCC, 0xB0, NOT_DELIVERED, 0xE6, PROBE_PORT as u8, 0xF4],
+); // int3; mov al; out; hlt
+const HANDLER: (usize, &[u8]) = (0x1100, &[0xB0, HANDLED, 0xE6, PROBE_PORT as u8, 0xF4]); // mov al; out; hlt
+const PML4: usize = 0x2000;
+const PDPT: usize = 0x3000;
+const PD: usize = 0x4000;
+const IDT: usize = 0x5000;
+const GDT: usize = 0x6000;
+const STACK_TOP: u64 = 0x8000;
 
 fn run_probe() -> KvmProbe {
     // SAFETY: open(2) with a static C string.
@@ -135,7 +149,9 @@ fn verdict(status: i32, took: Duration) -> KvmProbe {
         6 => "KVM_GET_SREGS/KVM_SET_SREGS failed",
         7 => "KVM_SET_REGS failed",
         8 => "KVM_RUN failed (this KVM cannot run ordinary guests, e.g. PVM)",
-        9 => "the test guest's port write did not come back (this KVM cannot run ordinary guests)",
+        9 => "the test guest did not exit on its port write (this KVM cannot run ordinary guests)",
+        10 => "KVM could not deliver an exception to a 64-bit test guest (internal error: this KVM cannot run ordinary guests, e.g. PVM)",
+        11 => "an exception in the test guest was not delivered to its handler (this KVM cannot run ordinary guests)",
         _ => "the KVM probe failed",
     };
     unusable(format!("{step} (probe exit {code})"))
@@ -159,15 +175,11 @@ fn probe_guest() -> i32 {
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
             -1,
             0,
-        );
-        if mem == libc::MAP_FAILED {
+        ) as *mut u8;
+        if mem as *mut libc::c_void == libc::MAP_FAILED {
             return 2;
         }
-        std::ptr::copy_nonoverlapping(
-            PROBE_CODE.as_ptr(),
-            (mem as *mut u8).add(CODE_ADDR as usize),
-            PROBE_CODE.len(),
-        );
+        write_guest(mem);
         // struct kvm_userspace_memory_region { u32 slot, flags; u64 guest_phys_addr, memory_size, userspace_addr }
         let region: [u64; 4] = [0, 0, MEM_SIZE as u64, mem as u64];
         if libc::ioctl(vm, KVM_SET_USER_MEMORY_REGION as _, region.as_ptr()) < 0 {
@@ -192,19 +204,18 @@ fn probe_guest() -> i32 {
         if run as *mut libc::c_void == libc::MAP_FAILED {
             return 5;
         }
-        // struct kvm_sregs is 312 bytes; cs (a struct kvm_segment) comes first: base at 0, selector at 12.
         let mut sregs = [0u8; 312];
         if libc::ioctl(vcpu, KVM_GET_SREGS as _, sregs.as_mut_ptr()) < 0 {
             return 6;
         }
-        sregs[0..8].fill(0);
-        sregs[12..14].fill(0);
+        long_mode_sregs(&mut sregs);
         if libc::ioctl(vcpu, KVM_SET_SREGS as _, sregs.as_ptr()) < 0 {
             return 6;
         }
-        // struct kvm_regs: 18 u64, rip at index 16, rflags at 17 (bit 1 is always set).
+        // struct kvm_regs: 18 u64; rsp at index 6, rip at 16, rflags at 17 (bit 1 is always set).
         let mut regs = [0u64; 18];
-        regs[16] = CODE_ADDR;
+        regs[6] = STACK_TOP;
+        regs[16] = CODE.0 as u64;
         regs[17] = 2;
         if libc::ioctl(vcpu, KVM_SET_REGS as _, regs.as_ptr()) < 0 {
             return 7;
@@ -214,15 +225,80 @@ fn probe_guest() -> i32 {
         }
         // struct kvm_run: exit_reason (u32) at 8; io { u8 direction, size; u16 port; u32 count; u64 data_offset } at 32.
         let exit_reason = *(run.add(8) as *const u32);
+        if exit_reason == KVM_EXIT_INTERNAL_ERROR {
+            return 10;
+        }
         let port = *(run.add(34) as *const u16);
         let data_offset = *(run.add(40) as *const u64) as usize;
         if exit_reason != KVM_EXIT_IO || port != PROBE_PORT || data_offset >= run_size as usize {
             return 9;
         }
-        if *run.add(data_offset) == PROBE_VALUE {
-            0
-        } else {
-            9
+        match *run.add(data_offset) {
+            HANDLED => 0,
+            _ => 11,
         }
     }
+}
+
+/// Lays out the probe guest: code, exception handler, identity-mapped page tables (one
+/// 2 MiB page), an IDT whose 32 exception vectors all point at the handler, and a GDT with
+/// a 64-bit code and a data segment.
+///
+/// # Safety
+/// `mem` must point to [`MEM_SIZE`] writable bytes.
+unsafe fn write_guest(mem: *mut u8) {
+    let put = |at: usize, bytes: &[u8]| {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), mem.add(at), bytes.len())
+    };
+    let put64 = |at: usize, v: u64| put(at, &v.to_le_bytes());
+    put(CODE.0, CODE.1);
+    put(HANDLER.0, HANDLER.1);
+    put64(PML4, PDPT as u64 | 3);
+    put64(PDPT, PD as u64 | 3);
+    put64(PD, 0x83); // present, writable, 2 MiB page at 0
+    for vector in 0..32 {
+        // 64-bit interrupt gate: offset 0..16, selector 8, type 0x8E, offset 16..32, offset 32..64.
+        let off = HANDLER.0 as u64;
+        let mut gate = [0u8; 16];
+        gate[0..2].copy_from_slice(&(off as u16).to_le_bytes());
+        gate[2..4].copy_from_slice(&8u16.to_le_bytes());
+        gate[5] = 0x8E;
+        gate[6..8].copy_from_slice(&((off >> 16) as u16).to_le_bytes());
+        gate[8..12].copy_from_slice(&((off >> 32) as u32).to_le_bytes());
+        put(IDT + vector * 16, &gate);
+    }
+    put64(GDT + 8, 0x00AF_9A00_0000_FFFF); // 64-bit code, ring 0
+    put64(GDT + 16, 0x00CF_9200_0000_FFFF); // data, ring 0
+}
+
+/// Fills a struct kvm_sregs (312 bytes) for 64-bit mode with paging on.
+fn long_mode_sregs(s: &mut [u8; 312]) {
+    // struct kvm_segment (24 bytes): base u64, limit u32, selector u16, type, present, dpl, db, s, l, g, avl, ...
+    let segment = |s: &mut [u8; 312], at: usize, selector: u16, kind: u8, long: bool| {
+        s[at..at + 24].fill(0);
+        s[at + 8..at + 12].copy_from_slice(&0xFFFF_FFFFu32.to_le_bytes());
+        s[at + 12..at + 14].copy_from_slice(&selector.to_le_bytes());
+        s[at + 14] = kind;
+        s[at + 15] = 1; // present
+        s[at + 17] = u8::from(!long); // db
+        s[at + 18] = 1; // code/data
+        s[at + 19] = u8::from(long);
+        s[at + 20] = 1; // granularity
+    };
+    segment(s, 0, 8, 11, true); // cs
+    for at in [24, 48, 72, 96, 120] {
+        segment(s, at, 16, 3, false); // ds es fs gs ss
+    }
+    let put64 =
+        |s: &mut [u8; 312], at: usize, v: u64| s[at..at + 8].copy_from_slice(&v.to_le_bytes());
+    let put16 =
+        |s: &mut [u8; 312], at: usize, v: u16| s[at..at + 2].copy_from_slice(&v.to_le_bytes());
+    put64(s, 192, GDT as u64);
+    put16(s, 200, 23);
+    put64(s, 208, IDT as u64);
+    put16(s, 216, 32 * 16 - 1);
+    put64(s, 224, 0x8000_0011); // cr0: PG | ET | PE
+    put64(s, 240, PML4 as u64); // cr3
+    put64(s, 248, 0x20); // cr4: PAE
+    put64(s, 264, 0x500); // efer: LME | LMA
 }

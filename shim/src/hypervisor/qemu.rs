@@ -26,7 +26,7 @@ use super::{
     VmSpec,
 };
 use crate::{
-    config::Config,
+    config::{AccelChoice, Config},
     process::Daemon,
     sharefs::{last_line, Virtiofsd},
 };
@@ -41,6 +41,8 @@ pub struct Qemu {
     tb_size_mib: u32,
     start_timeout: Duration,
     accel: Accel,
+    /// Why `accel` was chosen (logged at start).
+    accel_reason: String,
     spec: Option<VmSpec>,
     vsock: Option<Daemon>,
     virtiofsd: Option<Virtiofsd>,
@@ -52,9 +54,19 @@ pub struct Qemu {
 
 impl Qemu {
     pub fn new(config: &Config, log: Logger) -> Qemu {
-        let probe = crate::kvm::probe();
-        let accel = if probe.usable { Accel::Kvm } else { Accel::Tcg };
+        let (accel, accel_reason) = match config.qemu.accel {
+            AccelChoice::Kvm => (Accel::Kvm, "configured (qemu.accel = \"kvm\")".to_string()),
+            AccelChoice::Tcg => (Accel::Tcg, "configured (qemu.accel = \"tcg\")".to_string()),
+            AccelChoice::Auto => {
+                let probe = crate::kvm::probe();
+                (
+                    if probe.usable { Accel::Kvm } else { Accel::Tcg },
+                    probe.reason.clone(),
+                )
+            }
+        };
         Qemu {
+            accel_reason,
             log,
             qemu: config.qemu.path.clone(),
             vhost_vsock: config.vhost_device_vsock.path.clone(),
@@ -291,8 +303,7 @@ impl Hypervisor for Qemu {
             }
         }
         self.spec = Some(spec.clone());
-        let probe = crate::kvm::probe();
-        info!(self.log, "QEMU accelerator chosen"; "accel" => ?self.accel, "why" => &probe.reason);
+        info!(self.log, "QEMU accelerator chosen"; "accel" => ?self.accel, "why" => &self.accel_reason);
         let prepared = async {
             for net in &spec.nets {
                 self.taps.push(open_tap(net)?);

@@ -1,0 +1,197 @@
+//! `shoji`: the operator CLI. `shoji check` tells whether this host can run sandboxes;
+//! `shoji vm run -- CMD` boots a throwaway microVM and runs CMD in it; `shoji vm bench`
+//! measures boots; `shoji cleanup ID` removes what a dead sandbox left behind.
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use shoji::{
+    check,
+    cli::{self, RunOptions},
+    config::Config,
+    sandbox,
+};
+use slog::{o, Drain, Logger};
+
+/// Exit status for errors of shoji itself (as docker and podman use it), so they are not
+/// mistaken for the container's own status.
+const EXIT_RUNTIME_ERROR: u8 = 125;
+
+#[derive(Parser)]
+#[command(
+    name = "shoji",
+    version,
+    about = "shoji: VM-isolated containers (operator CLI)"
+)]
+struct Args {
+    /// Log (slog JSON) to stderr at debug level.
+    #[arg(long, global = true)]
+    debug: bool,
+    /// Log (slog JSON) to this file.
+    #[arg(long, global = true, value_name = "FILE")]
+    log_file: Option<PathBuf>,
+    /// Configuration file (default: $SHOJI_CONFIG or /etc/shoji/config.toml).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check accelerator, VMM, daemons, guest kernel and initramfs; print the fix for each gap.
+    Check,
+    /// Throwaway microVMs.
+    Vm {
+        #[command(subcommand)]
+        command: VmCommand,
+    },
+    /// Remove what sandbox ID left behind (processes, mounts, its run directory).
+    Cleanup { id: String },
+}
+
+#[derive(Subcommand)]
+enum VmCommand {
+    /// Boot a VM, run CMD in a container, stream its stdio, exit with its status.
+    Run {
+        /// Root filesystem directory of the container (not modified; default: a busybox rootfs).
+        #[arg(long, value_name = "DIR")]
+        rootfs: Option<PathBuf>,
+        /// Give the command a terminal.
+        #[arg(long, short = 't')]
+        tty: bool,
+        #[arg(long, value_name = "N")]
+        cpus: Option<u32>,
+        #[arg(long, value_name = "MiB")]
+        memory: Option<u64>,
+        #[arg(last = true, required = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
+    /// Boot RUNS VMs one after another and report boot time and memory figures.
+    Bench {
+        #[arg(long, default_value_t = 10)]
+        runs: u32,
+        /// One JSON object per run instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn logger(args: &Args) -> Result<Logger, String> {
+    let level = if args.debug {
+        slog::Level::Debug
+    } else {
+        slog::Level::Info
+    };
+    let writer: Box<dyn std::io::Write + Send> = match (&args.log_file, args.debug) {
+        (Some(path), _) => Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| format!("cannot open log file {}: {e}", path.display()))?,
+        ),
+        (None, true) => Box::new(std::io::stderr()),
+        (None, false) => return Ok(Logger::root(slog::Discard, o!())),
+    };
+    let drain = slog_json::Json::default(writer).fuse();
+    let drain = slog::LevelFilter::new(std::sync::Mutex::new(drain).fuse(), level).fuse();
+    Ok(Logger::root(drain, o!("component" => "shoji")))
+}
+
+fn load_config(args: &Args) -> Result<Config, String> {
+    let cfg = match &args.config {
+        Some(path) => Config::from_file(path),
+        None => Config::load(),
+    };
+    cfg.map_err(|e| e.to_string())
+}
+
+fn fail(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("shoji: {message}");
+    ExitCode::from(EXIT_RUNTIME_ERROR)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    let (log, config) = match (logger(&args), load_config(&args)) {
+        (Ok(l), Ok(c)) => (l, c),
+        (Err(e), _) | (_, Err(e)) => return fail(e),
+    };
+    match args.command {
+        Command::Check => {
+            let checks = check::run(&config).await;
+            for c in &checks {
+                println!("{c}");
+            }
+            if check::all_ok(&checks) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Command::Cleanup { id } => match sandbox::cleanup(&config.run_dir, &id).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(e),
+        },
+        Command::Vm {
+            command:
+                VmCommand::Run {
+                    rootfs,
+                    tty,
+                    cpus,
+                    memory,
+                    command,
+                },
+        } => {
+            let opts = RunOptions {
+                rootfs,
+                tty,
+                vcpus: cpus,
+                memory_mib: memory,
+                args: command,
+            };
+            match cli::run_vm(config, opts, log).await {
+                // A status beyond a byte cannot come from a process; clamp rather than wrap.
+                Ok(status) => ExitCode::from(status.clamp(0, 255) as u8),
+                Err(e) => fail(e),
+            }
+        }
+        Command::Vm {
+            command: VmCommand::Bench { runs, json },
+        } => bench(config, log, runs, json).await,
+    }
+}
+
+async fn bench(config: Config, log: Logger, runs: u32, json: bool) -> ExitCode {
+    let mut samples = Vec::new();
+    for i in 0..runs {
+        match cli::bench_once(config.clone(), log.clone()).await {
+            Ok(s) => {
+                if json {
+                    println!("{}", serde_json::to_string(&s).expect("sample serializes"));
+                } else {
+                    let host: Vec<String> = s
+                        .host_rss_kib
+                        .iter()
+                        .map(|(n, k)| format!("{n}={:.1}MiB", *k as f64 / 1024.0))
+                        .collect();
+                    eprintln!(
+                        "run {:>2}: ready {:>6.0} ms, agent RSS {:.1} MiB, guest used {:.1} MiB, host {}",
+                        i + 1,
+                        s.ready_ms,
+                        s.agent_rss_kib as f64 / 1024.0,
+                        s.guest_used_kib as f64 / 1024.0,
+                        host.join(" ")
+                    );
+                }
+                samples.push(s);
+            }
+            Err(e) => return fail(format!("run {}: {e}", i + 1)),
+        }
+    }
+    if !json {
+        print!("{}", cli::bench_table(&samples));
+    }
+    ExitCode::SUCCESS
+}
