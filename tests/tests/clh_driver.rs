@@ -613,3 +613,24 @@ async fn bad_specs_are_rejected_with_what_is_wrong() {
     assert!(!env.fake.calls().iter().any(|c| c.0 == "vm.boot"));
     env.assert_nothing_left().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_driver_without_stop_leaves_nothing_running() {
+    let env = Env::new(&[]);
+    let mut vm = env.driver();
+    vm.prepare(&env.spec()).await.unwrap();
+    vm.start().await.unwrap();
+    let pids = vm.pids();
+    assert_eq!(pids.len(), 2);
+    drop(vm);
+    let marker = env.dir.path().to_string_lossy().into_owned();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !processes_mentioning(&marker).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "left running: {:#?}",
+            processes_mentioning(&marker)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -259,6 +259,17 @@ impl Clh {
     }
 }
 
+impl Drop for Clh {
+    /// A driver dropped without [`Hypervisor::stop`] must not leave its VMM running. The exit
+    /// watcher holds the [`Daemon`], so the daemon's own kill-on-drop cannot fire.
+    fn drop(&mut self) {
+        if let Some(vmm) = self.running_vmm() {
+            // SAFETY: kill(2) of our child; running_vmm() saw it unreaped just now.
+            unsafe { libc::kill(vmm.pid() as i32, libc::SIGKILL) };
+        }
+    }
+}
+
 #[async_trait]
 impl Hypervisor for Clh {
     fn kind(&self) -> HypervisorKind {
