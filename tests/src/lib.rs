@@ -1,5 +1,6 @@
 //! Test harness: real containerd, real VMs.
 
+pub mod bins;
 pub mod cni;
 pub mod containerd;
 pub mod cri;
@@ -7,3 +8,4 @@ pub mod fake_clh;
 pub mod image;
 pub mod leaks;
 pub mod scenario;
+pub mod vm;

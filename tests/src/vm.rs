@@ -1,0 +1,337 @@
+//! VM test harness: a per-test run directory, TCG-sized configuration, a machine-wide bound
+//! on concurrent VMs, the busybox rootfs fixture, a container runner and leak checks.
+//!
+//! Under TCG every booting VM keeps a host core busy, so tests take one of [`VM_SLOTS`]
+//! slots (a `flock`ed file: works across nextest's test processes and cargo's test threads)
+//! before booting.
+use std::{
+    fs::File,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use shoji::{
+    agent_client::{AgentClient, AgentError},
+    config::Config,
+    sandbox::{Mount, Sandbox, SandboxConfig},
+};
+use shoji_agent_api::{
+    stream::{self, StreamKind},
+    types::{CreateContainerRequest, Rootfs},
+};
+use slog::{o, Drain, Logger};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::leaks::{Scope, Snapshot};
+
+/// VMs that may boot at once on this machine (2 cores).
+pub const VM_SLOTS: usize = 2;
+/// How long teardown may take to show (processes exit asynchronously).
+pub const LEAK_WAIT: Duration = Duration::from_secs(10);
+
+/// Holds one VM slot until dropped.
+pub struct VmSlot(#[allow(dead_code)] File);
+
+/// Takes a VM slot, waiting for one to free up.
+pub async fn vm_slot() -> VmSlot {
+    let dir = std::env::temp_dir();
+    loop {
+        for i in 0..VM_SLOTS {
+            let f = File::create(dir.join(format!("shoji-test-vm-slot-{i}"))).expect("slot file");
+            // SAFETY: flock(2) on a file we own.
+            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                return VmSlot(f);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One test's world: its own run directory (so leak checks see only its VMs), the runtime
+/// configuration pointing there, a logger, a VM slot and a leak snapshot taken at creation.
+pub struct TestEnv {
+    pub name: String,
+    pub run_dir: PathBuf,
+    pub config: Config,
+    pub log: Logger,
+    before: Snapshot,
+    _slot: VmSlot,
+}
+
+impl TestEnv {
+    pub async fn new(name: &str) -> TestEnv {
+        let slot = vm_slot().await;
+        let run_dir = PathBuf::from(format!("/run/shoji-test/{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&run_dir);
+        std::fs::create_dir_all(&run_dir).expect("create the test run dir");
+        let mut config = Config::load().expect("shoji configuration");
+        config.run_dir = run_dir.clone();
+        // TCG under load: generous but bounded.
+        config.timeouts.agent_ready = Duration::from_secs(60);
+        config.timeouts.agent_call = Duration::from_secs(30);
+        let before = Snapshot::take(&scope(&run_dir));
+        TestEnv {
+            name: name.into(),
+            run_dir,
+            config,
+            log: test_logger(name),
+            before,
+            _slot: slot,
+        }
+    }
+
+    pub fn sandbox_config(&self, id: &str) -> SandboxConfig {
+        SandboxConfig::new(id, self.config.clone())
+    }
+
+    /// Boots a sandbox with the default configuration.
+    pub async fn start(&self, id: &str) -> Sandbox {
+        Sandbox::start(self.sandbox_config(id), self.log.clone())
+            .await
+            .expect("sandbox start")
+    }
+
+    /// Asserts that nothing of this test's VMs is left: no process whose command line names
+    /// the run dir, no mount below it, no entry in it. Then removes the run dir.
+    pub async fn assert_no_leak(&self) {
+        let scope = scope(&self.run_dir);
+        if let Err(leaks) = self.before.assert_clean(&scope, LEAK_WAIT).await {
+            panic!("{}: {leaks}", self.name);
+        }
+        std::fs::remove_dir(&self.run_dir).expect("run dir empty and removable");
+    }
+}
+
+fn scope(run_dir: &Path) -> Scope {
+    Scope {
+        cmdline_markers: vec![run_dir.display().to_string()],
+        mount_dirs: vec![run_dir.to_path_buf()],
+        run_dirs: vec![run_dir.to_path_buf()],
+    }
+}
+
+/// JSON logs to stderr (captured by the test runner, shown on failure).
+pub fn test_logger(name: &str) -> Logger {
+    let drain = slog_json::Json::default(std::io::stderr()).fuse();
+    Logger::root(
+        std::sync::Mutex::new(drain).fuse(),
+        o!("test" => name.to_string()),
+    )
+}
+
+/// The busybox rootfs fixture (built once, cached; mounted read-only with a guest overlay).
+pub fn busybox_rootfs() -> PathBuf {
+    shoji::cli::rootfs::default_rootfs().expect("busybox rootfs (needs busybox-static)")
+}
+
+/// An initramfs whose /init is busybox sleeping forever: a guest that boots but never
+/// announces an agent. Built once into the system temp dir.
+pub fn silent_initrd() -> PathBuf {
+    let out = std::env::temp_dir().join("shoji-test-silent-initrd.img");
+    if out.exists() {
+        return out;
+    }
+    let dir = std::env::temp_dir().join(format!("shoji-test-silent-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("bin")).unwrap();
+    std::fs::copy(shoji::cli::rootfs::BUSYBOX, dir.join("bin/busybox")).unwrap();
+    std::fs::write(
+        dir.join("init"),
+        "#!/bin/busybox sh\n/bin/busybox echo 'not an agent'\nexec /bin/busybox sleep 100000\n",
+    )
+    .unwrap();
+    std::process::Command::new("chmod")
+        .args(["755"])
+        .arg(dir.join("init"))
+        .status()
+        .unwrap();
+    let tmp = out.with_extension(format!("tmp-{}", std::process::id()));
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cd {} && find . | cpio -o -H newc --quiet | gzip > {}",
+            dir.display(),
+            tmp.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "building the silent initramfs (needs cpio and gzip)"
+    );
+    std::fs::rename(&tmp, &out).unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+    out
+}
+
+/// What a container process produced.
+#[derive(Debug, Default)]
+pub struct Output {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub status: i32,
+}
+
+impl Output {
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).into_owned()
+    }
+}
+
+/// Mounts the busybox rootfs for `container_id` and creates the container running `args`
+/// (not started).
+pub async fn create_container(
+    sandbox: &Sandbox,
+    container_id: &str,
+    args: &[&str],
+    tty: bool,
+) -> Result<(), AgentError> {
+    let root = sandbox
+        .mount_rootfs(container_id, &[Mount::host_dir(&busybox_rootfs(), true)])
+        .expect("mount rootfs");
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let spec = shoji::cli::spec::container_spec(&args, tty, container_id);
+    let created = sandbox
+        .agent()
+        .create_container(CreateContainerRequest {
+            container_id: container_id.into(),
+            spec_json: serde_json::to_vec(&spec).unwrap(),
+            rootfs: Some(Rootfs {
+                source: root,
+                guest_overlay: true,
+                ..Default::default()
+            })
+            .into(),
+            terminal: tty,
+            stdin: true,
+            ..Default::default()
+        })
+        .await;
+    if created.is_err() {
+        sandbox
+            .unmount_container(container_id)
+            .expect("unmount after failed create");
+    }
+    created
+}
+
+/// Attaches stdio to a created process, feeds `stdin` (then EOF), starts it, and collects
+/// its output and exit status.
+pub async fn run_process(
+    agent: &AgentClient,
+    container_id: &str,
+    exec_id: &str,
+    stdin: &[u8],
+    tty: bool,
+) -> Output {
+    async fn read_all(mut s: tokio::net::UnixStream) -> Vec<u8> {
+        let mut v = Vec::new();
+        s.read_to_end(&mut v).await.expect("read output stream");
+        v
+    }
+    let (out, err, inp) = if tty {
+        let t = agent
+            .open_stream(StreamKind::Tty, container_id, exec_id)
+            .await
+            .expect("tty stream");
+        let (r, w) = t.into_split();
+        let out = tokio::spawn(async move {
+            let mut r = r;
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v).await;
+            v
+        });
+        (
+            out,
+            None,
+            Box::new(w) as Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
+        )
+    } else {
+        let out = agent
+            .open_stream(StreamKind::Stdout, container_id, exec_id)
+            .await
+            .expect("stdout stream");
+        let err = agent
+            .open_stream(StreamKind::Stderr, container_id, exec_id)
+            .await
+            .expect("stderr stream");
+        let inp = agent
+            .open_stream(StreamKind::Stdin, container_id, exec_id)
+            .await
+            .expect("stdin stream");
+        (
+            tokio::spawn(read_all(out)),
+            Some(tokio::spawn(read_all(err))),
+            Box::new(inp) as Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
+        )
+    };
+    let input = stdin.to_vec();
+    let feeder = tokio::spawn(async move {
+        let mut w = inp;
+        if !input.is_empty() {
+            stream::write_frame(&mut w, &input)
+                .await
+                .expect("stdin frame");
+        }
+        stream::write_frame(&mut w, b"").await.expect("stdin EOF");
+        w.flush().await.unwrap();
+        // Keep the connection open until the process is done.
+        std::future::pending::<()>().await;
+    });
+    agent
+        .start_process(container_id, exec_id)
+        .await
+        .expect("start process");
+    let exit = agent
+        .wait_process(container_id, exec_id)
+        .await
+        .expect("wait process");
+    let stdout = tokio::time::timeout(Duration::from_secs(10), out)
+        .await
+        .expect("stdout drained")
+        .unwrap();
+    let stderr = match err {
+        Some(e) => tokio::time::timeout(Duration::from_secs(10), e)
+            .await
+            .expect("stderr drained")
+            .unwrap(),
+        None => Vec::new(),
+    };
+    feeder.abort();
+    Output {
+        stdout,
+        stderr,
+        status: exit.exit_status,
+    }
+}
+
+/// Creates, runs and removes one container in `sandbox`.
+pub async fn run_container(
+    sandbox: &Sandbox,
+    container_id: &str,
+    args: &[&str],
+    stdin: &[u8],
+    tty: bool,
+) -> Output {
+    create_container(sandbox, container_id, args, tty)
+        .await
+        .expect("create container");
+    let out = run_process(sandbox.agent(), container_id, "", stdin, tty).await;
+    remove_container(sandbox, container_id).await;
+    out
+}
+
+/// Removes a container in the guest, then its mounts on the host.
+pub async fn remove_container(sandbox: &Sandbox, container_id: &str) {
+    sandbox
+        .agent()
+        .remove_container(container_id)
+        .await
+        .expect("remove container");
+    sandbox
+        .unmount_container(container_id)
+        .expect("unmount container");
+}

@@ -1,0 +1,113 @@
+//! `shoji vm run` acceptance: a real VM through the CLI binary, stdio kept apart, the exit
+//! code passed through, nothing left behind.
+use std::process::{Command, Stdio};
+
+use shoji_tests::{bins, vm::TestEnv};
+
+fn shoji(env: &TestEnv) -> Command {
+    let mut cmd = Command::new(bins::binary("shoji"));
+    cmd.env("SHOJI_RUN_DIR", &env.run_dir);
+    cmd
+}
+
+#[tokio::test]
+async fn vm_run_passes_stdout_stderr_and_exit_code() {
+    let env = TestEnv::new("cli-run").await;
+    let out = shoji(&env)
+        .args([
+            "vm",
+            "run",
+            "--",
+            "sh",
+            "-c",
+            "echo hello; echo oops >&2; exit 7",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "oops\n");
+    assert_eq!(out.status.code(), Some(7));
+    env.assert_no_leak().await;
+}
+
+#[tokio::test]
+async fn vm_run_forwards_stdin_with_eof() {
+    let env = TestEnv::new("cli-stdin").await;
+    let mut child = shoji(&env)
+        .args(["vm", "run", "--", "sh", "-c", "wc -c"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&[b'z'; 12345])
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "12345");
+    assert_eq!(out.status.code(), Some(0));
+    env.assert_no_leak().await;
+}
+
+#[tokio::test]
+async fn vm_run_reports_a_missing_kernel_in_one_line() {
+    let env = TestEnv::new("cli-nokernel").await;
+    let config = env.run_dir.join("config.toml");
+    std::fs::write(&config, "kernel = \"/nonexistent/vmlinux\"\n").unwrap();
+    let out = shoji(&env)
+        .arg("--config")
+        .arg(&config)
+        .args(["vm", "run", "--", "true"])
+        .output()
+        .unwrap();
+    std::fs::remove_file(&config).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125));
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("/nonexistent/vmlinux"), "{stderr}");
+    env.assert_no_leak().await;
+}
+
+#[tokio::test]
+async fn vm_run_is_torn_down_on_sigterm() {
+    let env = TestEnv::new("cli-sigterm").await;
+    let child = shoji(&env)
+        .args(["vm", "run", "--", "sleep", "1000"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the VM is up (its sandbox directory has a console log with content).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let booted = std::fs::read_dir(&env.run_dir).unwrap().flatten().any(|e| {
+            e.path()
+                .join("console.log")
+                .metadata()
+                .map(|m| m.len() > 0)
+                .unwrap_or(false)
+        });
+        if booted {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "VM never booted");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    // SAFETY: kill(2) on our child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(125),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("SIGTERM"));
+    env.assert_no_leak().await;
+}

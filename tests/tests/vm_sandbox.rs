@@ -1,0 +1,291 @@
+//! Real VMs (QEMU, TCG here): the sandbox, the agent and container processes, end to end.
+//! Each test boots its own VM in its own run directory and checks that nothing is left.
+use std::time::{Duration, Instant};
+
+use shoji::sandbox::Sandbox;
+use shoji_agent_api::types::ExecProcessRequest;
+use shoji_tests::vm::{create_container, remove_container, run_container, run_process, TestEnv};
+
+fn exec_request(container_id: &str, exec_id: &str, args: &[&str]) -> ExecProcessRequest {
+    let process = serde_json::json!({
+        "terminal": false,
+        "user": { "uid": 0, "gid": 0 },
+        "args": args,
+        "env": ["PATH=/bin"],
+        "cwd": "/",
+    });
+    ExecProcessRequest {
+        container_id: container_id.into(),
+        exec_id: exec_id.into(),
+        process_json: serde_json::to_vec(&process).unwrap(),
+        stdin: true,
+        ..Default::default()
+    }
+}
+
+async fn finish(env: TestEnv, sandbox: Sandbox) {
+    sandbox.stop().await.expect("sandbox stop");
+    // Stop is idempotent.
+    sandbox.stop().await.expect("second stop");
+    env.assert_no_leak().await;
+}
+
+#[tokio::test]
+async fn agent_health_and_guest_details() {
+    let env = TestEnv::new("health").await;
+    let sandbox = env.start("health").await;
+    let health = sandbox.agent().health().await.unwrap();
+    assert!(!health.version.is_empty());
+    let d = sandbox.agent().guest_details().await.unwrap();
+    assert!(d.kernel_release.starts_with("6."), "{}", d.kernel_release);
+    assert_eq!(d.cpus, 1);
+    assert!(
+        d.mem_total_bytes > 200 << 20 && d.mem_total_bytes <= 256 << 20,
+        "{}",
+        d.mem_total_bytes
+    );
+    assert!(d.mem_used_bytes > 0 && d.mem_used_bytes < d.mem_total_bytes);
+    assert!(d.agent_rss_bytes > 0);
+    assert_eq!(d.hostname, "health");
+    assert!(
+        sandbox.pids().len() >= 3,
+        "VMM + virtiofsd + vhost-device-vsock: {:?}",
+        sandbox.pids()
+    );
+    finish(env, sandbox).await;
+}
+
+#[tokio::test]
+async fn stdout_stderr_apart_and_exit_code() {
+    let env = TestEnv::new("stdio").await;
+    let sandbox = env.start("stdio").await;
+    let out = run_container(
+        &sandbox,
+        "c1",
+        &["sh", "-c", "echo hello; echo oops >&2; exit 7"],
+        b"",
+        false,
+    )
+    .await;
+    assert_eq!(out.stdout(), "hello\n");
+    assert_eq!(out.stderr(), "oops\n");
+    assert_eq!(out.status, 7);
+    finish(env, sandbox).await;
+}
+
+#[tokio::test]
+async fn stdin_is_piped_and_eof_ends_cat() {
+    let env = TestEnv::new("stdin").await;
+    let sandbox = env.start("stdin").await;
+    let input: Vec<u8> = (0..200_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+    let out = run_container(&sandbox, "c1", &["cat"], &input, false).await;
+    assert_eq!(out.status, 0);
+    assert_eq!(out.stdout.len(), input.len());
+    assert!(out.stdout == input, "cat returned different bytes");
+    finish(env, sandbox).await;
+}
+
+#[tokio::test]
+async fn tty_process_sees_a_terminal() {
+    let env = TestEnv::new("tty").await;
+    let sandbox = env.start("tty").await;
+    let out = run_container(
+        &sandbox,
+        "c1",
+        &["sh", "-c", "test -t 0 && test -t 1 && echo is-a-tty"],
+        b"",
+        true,
+    )
+    .await;
+    assert_eq!(out.status, 0, "{}", out.stdout());
+    assert!(out.stdout().contains("is-a-tty"), "{:?}", out.stdout());
+    finish(env, sandbox).await;
+}
+
+#[tokio::test]
+async fn signals_terminate_with_128_plus_signal() {
+    let env = TestEnv::new("signals").await;
+    let sandbox = env.start("signals").await;
+    let agent = sandbox.agent();
+    // A container's PID 1 ignores signals it has no handler for, so SIGTERM goes to an exec'd
+    // `sleep` (not PID 1), and SIGKILL (which PID 1 cannot ignore from outside) to the init.
+    create_container(&sandbox, "c1", &["sleep", "1000"], false)
+        .await
+        .unwrap();
+    agent.start_process("c1", "").await.unwrap();
+    agent
+        .exec_process(exec_request("c1", "e1", &["sleep", "100"]))
+        .await
+        .unwrap();
+    agent.start_process("c1", "e1").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    agent
+        .signal_process("c1", "e1", libc::SIGTERM as u32, false)
+        .await
+        .unwrap();
+    let exit = tokio::time::timeout(Duration::from_secs(30), agent.wait_process("c1", "e1"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(exit.exit_status, 143);
+    agent
+        .signal_process("c1", "", libc::SIGKILL as u32, false)
+        .await
+        .unwrap();
+    let exit = tokio::time::timeout(Duration::from_secs(30), agent.wait_process("c1", ""))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(exit.exit_status, 137);
+    remove_container(&sandbox, "c1").await;
+    finish(env, sandbox).await;
+}
+
+#[tokio::test]
+async fn exec_of_a_missing_binary_fails_fast_and_clearly() {
+    let env = TestEnv::new("missingbin").await;
+    let sandbox = env.start("missingbin").await;
+    let started = Instant::now();
+    let err = create_container(&sandbox, "c1", &["/no/such/binary"], false)
+        .await
+        .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(err.to_string().contains("/no/such/binary"), "{err}");
+    // The failed container is gone: the same id can be used again.
+    sandbox.agent().remove_container("c1").await.unwrap();
+    let out = run_container(&sandbox, "c1", &["true"], b"", false).await;
+    assert_eq!(out.status, 0);
+    finish(env, sandbox).await;
+}
+
+#[tokio::test]
+async fn two_containers_in_one_vm() {
+    let env = TestEnv::new("two").await;
+    let sandbox = env.start("two").await;
+    create_container(
+        &sandbox,
+        "c1",
+        &["sh", "-c", "echo one; touch /only-in-c1"],
+        false,
+    )
+    .await
+    .unwrap();
+    create_container(
+        &sandbox,
+        "c2",
+        &["sh", "-c", "echo two; test ! -e /only-in-c1"],
+        false,
+    )
+    .await
+    .unwrap();
+    let (a, b) = tokio::join!(
+        run_process(sandbox.agent(), "c1", "", b"", false),
+        run_process(sandbox.agent(), "c2", "", b"", false)
+    );
+    assert_eq!((a.stdout().as_str(), a.status), ("one\n", 0));
+    // Each container writes into its own overlay: c2 does not see c1's file.
+    assert_eq!((b.stdout().as_str(), b.status), ("two\n", 0));
+    remove_container(&sandbox, "c1").await;
+    remove_container(&sandbox, "c2").await;
+    finish(env, sandbox).await;
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_and_the_agent_survives() {
+    let env = TestEnv::new("badinput").await;
+    let sandbox = env.start("badinput").await;
+    let agent = sandbox.agent();
+
+    // Garbage on the agent's ttrpc port.
+    use tokio::io::AsyncWriteExt;
+    let vsock = sandbox.dir().join("vsock.sock");
+    let mut raw =
+        shoji::agent_client::dial(&vsock, shoji_agent_api::AGENT_PORT, Duration::from_secs(10))
+            .await
+            .unwrap();
+    raw.write_all(&[0xff; 4096]).await.unwrap();
+    drop(raw);
+    // Garbage on the stdio port.
+    let mut raw =
+        shoji::agent_client::dial(&vsock, shoji_agent_api::IO_PORT, Duration::from_secs(10))
+            .await
+            .unwrap();
+    raw.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    drop(raw);
+    agent.health().await.expect("agent alive after garbage");
+
+    // Unknown container id.
+    let err = agent.start_process("nope", "").await.unwrap_err();
+    assert!(err.is_not_found(), "{err}");
+    let err = agent
+        .signal_process("nope", "", 9, false)
+        .await
+        .unwrap_err();
+    assert!(err.is_not_found(), "{err}");
+
+    // A rootfs that does not exist in the guest.
+    let spec = shoji::cli::spec::container_spec(&["true".to_string()], false, "x");
+    let err = agent
+        .create_container(shoji_agent_api::types::CreateContainerRequest {
+            container_id: "norootfs".into(),
+            spec_json: serde_json::to_vec(&spec).unwrap(),
+            rootfs: Some(shoji_agent_api::types::Rootfs {
+                source: "/run/shoji/shared/does-not-exist".into(),
+                guest_overlay: true,
+                ..Default::default()
+            })
+            .into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("does-not-exist"), "{err}");
+
+    // Not JSON at all.
+    let err = agent
+        .create_container(shoji_agent_api::types::CreateContainerRequest {
+            container_id: "badjson".into(),
+            spec_json: b"{not json".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, shoji::agent_client::AgentError::Rpc { .. }),
+        "{err}"
+    );
+
+    // A 1 MiB argument list (64 arguments of 16 KiB; one string may not exceed 128 KiB in
+    // exec): either runs or is refused with a clear error, never hangs.
+    let chunk = "x".repeat(16 << 10);
+    let mut args = vec!["sh", "-c", "echo $#", "sh"];
+    args.extend(std::iter::repeat_n(chunk.as_str(), 64));
+    let created = tokio::time::timeout(
+        Duration::from_secs(60),
+        create_container(&sandbox, "big", &args, false),
+    )
+    .await
+    .expect("1 MiB args: no hang");
+    match created {
+        Ok(()) => {
+            let out = run_process(agent, "big", "", b"", false).await;
+            assert_eq!(
+                (out.stdout().trim(), out.status),
+                ("64", 0),
+                "{}",
+                out.stderr()
+            );
+            remove_container(&sandbox, "big").await;
+        }
+        Err(e) => assert!(
+            matches!(e, shoji::agent_client::AgentError::Rpc { .. }),
+            "{e}"
+        ),
+    }
+    agent.health().await.expect("agent alive after bad input");
+    finish(env, sandbox).await;
+}
