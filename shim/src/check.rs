@@ -88,16 +88,7 @@ pub async fn run(cfg: &Config) -> Vec<Check> {
         )
         .await,
     );
-    checks.push(
-        binary(
-            "cloud-hypervisor",
-            &cfg.clh.path,
-            &["--version"],
-            needs_clh,
-            "install cloud-hypervisor (needed only with hypervisor = \"clh\")",
-        )
-        .await,
-    );
+    checks.push(cloud_hypervisor(&cfg.clh.path, needs_clh).await);
     checks.push(
         binary(
             "virtiofsd",
@@ -210,5 +201,84 @@ pub async fn binary(
             "{} --version did not answer within {VERSION_TIMEOUT:?}",
             path.display()
         )),
+    }
+}
+
+/// Cloud Hypervisor releases whose REST API the driver was written against.
+const CLH_TESTED_MAJORS: &[u32] = &[53, 54];
+
+/// The Cloud Hypervisor line: present and running, and a release the driver knows.
+async fn cloud_hypervisor(path: &Path, needed: bool) -> Check {
+    let install = "install the static release binary, see docs/cloud-hypervisor.md; needed only with hypervisor = \"clh\"";
+    let mut check = binary("cloud-hypervisor", path, &["--version"], needed, install).await;
+    if check.verdict == Verdict::Ok {
+        match clh_major_version(&check.detail) {
+            Some(major) if CLH_TESTED_MAJORS.contains(&major) => {}
+            found => {
+                check.verdict = Verdict::Warn;
+                let found = found
+                    .map(|m| format!("v{m}"))
+                    .unwrap_or_else(|| "an unrecognised version".into());
+                check.fix = Some(format!(
+                    "the driver was written against v53/v54, this is {found}; use v53.0 or v54.0"
+                ));
+            }
+        }
+    }
+    check
+}
+
+/// The major version in `cloud-hypervisor --version` output (`cloud-hypervisor v53.0-246-g…`).
+fn clh_major_version(text: &str) -> Option<u32> {
+    text.split_whitespace()
+        .find_map(|w| w.strip_prefix('v'))
+        .and_then(|v| v.split('.').next())
+        .and_then(|m| m.parse().ok())
+}
+
+#[cfg(test)]
+mod clh_tests {
+    use super::*;
+
+    #[test]
+    fn clh_version_is_read_from_version_output() {
+        assert_eq!(
+            clh_major_version(
+                "cloud-hypervisor v53.0-246-g1234abcd (/usr/local/bin/cloud-hypervisor)"
+            ),
+            Some(53)
+        );
+        assert_eq!(clh_major_version("cloud-hypervisor v54.0"), Some(54));
+        assert_eq!(clh_major_version("something else"), None);
+    }
+
+    #[tokio::test]
+    async fn clh_line_warns_about_an_untested_release_and_names_a_missing_binary() {
+        let dir = std::env::temp_dir().join(format!("shoji-check-clh-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fake = dir.join("cloud-hypervisor");
+        std::fs::write(&fake, "#!/bin/sh\necho cloud-hypervisor v38.0\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let c = cloud_hypervisor(&fake, true).await;
+        assert_eq!(c.verdict, Verdict::Warn, "{c}");
+        assert!(c.fix.as_deref().unwrap().contains("this is v38"), "{c}");
+        std::fs::write(&fake, "#!/bin/sh\necho cloud-hypervisor v53.0-246-gabc\n").unwrap();
+        assert_eq!(cloud_hypervisor(&fake, true).await.verdict, Verdict::Ok);
+        let missing = cloud_hypervisor(&dir.join("nope"), true).await;
+        assert_eq!(missing.verdict, Verdict::Missing);
+        assert!(
+            missing
+                .fix
+                .as_deref()
+                .unwrap()
+                .contains("docs/cloud-hypervisor.md"),
+            "{missing}"
+        );
+        assert_eq!(
+            cloud_hypervisor(&dir.join("nope"), false).await.verdict,
+            Verdict::Optional
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
