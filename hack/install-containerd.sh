@@ -40,7 +40,7 @@ fetch_suite() {
         >"$tmp/sources.list"
     apt_private apt-get "$tmp" update >/dev/null
     local version
-    version=$(apt_private apt-cache "$tmp" show "containerd" 2>/dev/null | awk '/^Version:/ {print $2; exit}')
+    version=$(apt_private apt-cache "$tmp" show "containerd" 2>/dev/null | awk '/^Version:/ && !v {v = $2} END {print v}')
     [ -n "$version" ] || { echo "install-containerd: no containerd package in Debian $suite" >&2; return 1; }
     local dest="$CACHE/$version"
     if [ -x "$dest/usr/bin/containerd" ]; then
