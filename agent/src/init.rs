@@ -1,13 +1,12 @@
 //! Guest bring-up as PID 1: tmpfs root, mounts, cgroups, hostname, share; clean power-off.
 //!
 //! The kernel starts `/init` on the initramfs (rootfs), where pivot_root(2) fails with EINVAL,
-//! and libcontainer needs it for each container. So the first run copies the binary onto a
-//! fresh tmpfs, moves that tmpfs over `/`, chroots into it and re-executes itself (the
-//! classic switch_root); [`ROOT_SWITCHED_ENV`] tells the second run it already happened.
+//! and libcontainer needs it for each container. So the first run mounts a fresh tmpfs,
+//! moves it over `/`, chroots into it and re-executes itself (the classic switch_root);
+//! [`ROOT_SWITCHED_ENV`] tells the second run it already happened.
 use std::{
     ffi::CString,
     fs,
-    os::unix::fs::PermissionsExt,
     path::Path,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -15,7 +14,7 @@ use std::{
 use nix::{
     mount::{mount, MsFlags},
     sys::reboot::{reboot, RebootMode},
-    unistd::{chdir, chroot, execve, sethostname, sync},
+    unistd::{chdir, chroot, fexecve, sethostname, sync},
 };
 use shoji_agent_api::{CMDLINE_HOSTNAME, CMDLINE_LOG_LEVEL, CMDLINE_SHARE_TAG, GUEST_SHARE_DIR};
 use slog::{error, info, warn};
@@ -65,6 +64,7 @@ pub fn run() -> ! {
             unreachable!("switch_root returns only on error");
         }
     };
+    tune_malloc();
     if let Err(e) = mount_basics() {
         panic!("shoji-agent: mounting the basic filesystems failed: {e}");
     }
@@ -113,10 +113,15 @@ fn now_us() -> u64 {
         .unwrap_or(0)
 }
 
-/// Copies `/init` onto a tmpfs, makes that tmpfs `/` and re-executes it there.
+/// Makes a fresh tmpfs `/` and re-executes the agent there.
+///
+/// The binary is not copied: it is re-executed through an fd opened before the switch
+/// (the initramfs stays allocated underneath, as a copy would be; helpers later run it
+/// through /proc/self/exe).
 fn switch_root() -> Result<(), nix::Error> {
     let start = now_us();
     let io = |e: std::io::Error| nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO));
+    let exe = fs::File::open("/init").map_err(io)?;
     fs::create_dir_all(NEW_ROOT).map_err(io)?;
     mount(
         Some("rootfs"),
@@ -128,19 +133,26 @@ fn switch_root() -> Result<(), nix::Error> {
     for dir in ["dev", "proc", "sys", "run", "tmp"] {
         fs::create_dir_all(Path::new(NEW_ROOT).join(dir)).map_err(io)?;
     }
-    let init = Path::new(NEW_ROOT).join("init");
-    fs::copy("/init", &init).map_err(io)?;
-    fs::set_permissions(&init, fs::Permissions::from_mode(0o755)).map_err(io)?;
-    // Free the initramfs copy: nothing else lives there.
-    let _ = fs::remove_file("/init");
     chdir(NEW_ROOT)?;
     mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)?;
     chroot(".")?;
     chdir("/")?;
     let argv = [CString::new("/init").unwrap()];
     let env = [CString::new(format!("{ROOT_SWITCHED_ENV}={start}")).unwrap()];
-    execve(&argv[0], &argv, &env)?;
+    fexecve(&exe, &argv, &env)?;
     Ok(())
+}
+
+/// Keeps the agent's heap small: one arena (the agent is mostly idle and the tokio
+/// workers are few) and a fixed mmap threshold, so that large request buffers go back
+/// to the kernel when freed instead of raising glibc's dynamic thresholds.
+fn tune_malloc() {
+    // SAFETY: mallopt only sets allocator parameters.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 * 1024);
+    }
 }
 
 /// One mount, tolerating "already mounted" (a re-run or a kernel that automounted it).

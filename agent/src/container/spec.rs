@@ -29,6 +29,8 @@ pub enum SpecError {
     BadJson { what: &'static str, reason: String },
     #[error("the spec has no {0}")]
     Missing(&'static str),
+    #[error("{0}")]
+    Conflict(String),
     #[error("process args are empty")]
     NoArgs,
     #[error("{0}")]
@@ -92,6 +94,16 @@ pub fn container_spec(
             })
             .collect();
         linux.set_namespaces(Some(kept));
+    }
+    let has_uts = linux
+        .namespaces()
+        .iter()
+        .flatten()
+        .any(|ns| ns.typ() == LinuxNamespaceType::Uts);
+    if spec.hostname().as_ref().is_some_and(|h| !h.is_empty()) && !has_uts {
+        return Err(SpecError::Conflict(
+            "the spec sets a hostname but has no uts namespace".into(),
+        ));
     }
     linux.set_cgroups_path(Some(PathBuf::from(cgroup::spec_path(id))));
     spec.set_linux(Some(linux));
