@@ -371,55 +371,33 @@ impl Containerd {
         args: &[&str],
         timeout: Duration,
     ) -> Result<CtrOutput, Error> {
-        self.ctr_with_input(namespace, args, None, timeout).await
+        let mut cmd = self.ctr_command(namespace, args);
+        cmd.stdin(Stdio::null());
+        let out = tokio::time::timeout(timeout, cmd.output())
+            .await
+            .map_err(|_| Error::CtrTimeout {
+                args: args.iter().map(|s| s.to_string()).collect(),
+                timeout,
+            })?
+            .map_err(io_err("run ctr"))?;
+        Ok(CtrOutput {
+            status: out.status,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
     }
 
-    /// Like `ctr`, feeding `input` on ctr's stdin and then closing it (None: stdin is /dev/null). `ctr run`
-    /// forwards its stdin to the container, so this checks stdin data and EOF reach the workload.
-    pub async fn ctr_with_input(
-        &self,
-        namespace: &str,
-        args: &[&str],
-        input: Option<&[u8]>,
-        timeout: Duration,
-    ) -> Result<CtrOutput, Error> {
-        use tokio::io::AsyncWriteExt;
+    /// This version's `ctr --address <sock> -n <namespace> <args>` for interactive use (e.g. stdin): the caller
+    /// sets stdio and bounds it with a timeout; it is killed when dropped.
+    pub fn ctr_command(&self, namespace: &str, args: &[&str]) -> Command {
         let mut cmd = Command::new(self.version.bin_dir().join("ctr"));
         cmd.arg("--address")
             .arg(&self.address)
             .arg("--namespace")
             .arg(namespace)
             .args(args);
-        cmd.stdin(if input.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-        let run = async {
-            let mut child = cmd.spawn().map_err(io_err("spawn ctr"))?;
-            if let (Some(data), Some(mut stdin)) = (input, child.stdin.take()) {
-                stdin
-                    .write_all(data)
-                    .await
-                    .map_err(io_err("write ctr stdin"))?;
-                // Dropping stdin closes it: EOF for the workload.
-            }
-            child.wait_with_output().await.map_err(io_err("wait ctr"))
-        };
-        let out = tokio::time::timeout(timeout, run)
-            .await
-            .map_err(|_| Error::CtrTimeout {
-                args: args.iter().map(|s| s.to_string()).collect(),
-                timeout,
-            })??;
-        Ok(CtrOutput {
-            status: out.status,
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        })
+        cmd.kill_on_drop(true);
+        cmd
     }
 
     /// Like `ctr`, but a non-zero exit is an error.

@@ -139,32 +139,102 @@ fn check(cond: bool, what: impl FnOnce() -> String) -> Result<()> {
     }
 }
 
-/// `ctr run --rm`: output and exit code come back, nothing remains.
-pub async fn ctr_run_exit_code(env: &Env) -> Result<()> {
+/// Arguments of `ctr run --rm <image> <id> <command>` with this runtime (`config`: `config_arg(env)`).
+fn ctr_run_args<'a>(
+    env: &'a Env,
+    config: &'a Option<String>,
+    id: &'a str,
+    command: &[&'a str],
+) -> Vec<&'a str> {
     let mut args = vec!["run", "--rm", "--runtime", &env.runtime.runtime_type];
-    let config = env
-        .runtime
-        .config_path
-        .as_ref()
-        .map(|p| p.display().to_string());
-    if let Some(c) = &config {
+    if let Some(c) = config {
         args.extend(["--runtime-config-path", c]);
     }
-    args.extend([
-        image::BUSYBOX,
-        "ctr-run-1",
-        "sh",
-        "-c",
-        "echo hi; echo oops >&2; exit 3",
-    ]);
-    let out = env
+    args.extend([image::BUSYBOX, id]);
+    args.extend(command);
+    args
+}
+
+fn config_arg(env: &Env) -> Option<String> {
+    env.runtime
+        .config_path
+        .as_ref()
+        .map(|p| p.display().to_string())
+}
+
+/// `ctr run --rm <image> <id> <command>` with this runtime, stdin closed.
+pub async fn ctr_run(
+    env: &Env,
+    id: &str,
+    command: &[&str],
+) -> Result<crate::containerd::CtrOutput> {
+    let config = config_arg(env);
+    let args = ctr_run_args(env, &config, id, command);
+    Ok(env
         .ctrd
         .ctr(CTR_NAMESPACE, &args, env.runtime.call_timeout)
-        .await?;
+        .await?)
+}
+
+/// `ctr run --rm`: stdout, stderr and the exit code come back; nothing remains.
+pub async fn ctr_run_exit_code(env: &Env) -> Result<()> {
+    let out = ctr_run(
+        env,
+        "ctr-run-1",
+        &["sh", "-c", "echo hi; echo oops >&2; exit 3"],
+    )
+    .await?;
     check(
         out.code() == 3 && out.stdout == "hi\n" && out.stderr.contains("oops"),
         || format!("ctr run: want exit 3, stdout \"hi\\n\", stderr with oops; got {out:?}"),
     )
+}
+
+/// `ctr run --rm ... cat`: stdin data reaches the workload and closing stdin ends it with 0 (EOF propagated).
+/// Stdin is closed only after the first echo: ctr arms its CloseIO-on-EOF only once the task exists, so an
+/// earlier EOF would be lost by ctr itself.
+pub async fn ctr_run_stdin_eof(env: &Env) -> Result<()> {
+    use std::process::Stdio;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let config = config_arg(env);
+    let args = ctr_run_args(env, &config, "ctr-run-stdin", &["cat"]);
+    let mut cmd = env.ctrd.ctr_command(CTR_NAMESPACE, &args);
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn()?;
+    let mut stdin = child.stdin.take().ok_or("ctr stdin")?;
+    let mut stdout = child.stdout.take().ok_or("ctr stdout")?;
+    let session = async {
+        stdin.write_all(b"line one\n").await?;
+        let mut seen = Vec::new();
+        while !seen.ends_with(b"line one\n") {
+            let mut buf = [0u8; 256];
+            let n = stdout.read(&mut buf).await?;
+            check(n > 0, || {
+                format!(
+                    "stdout ended before the echo: {:?}",
+                    String::from_utf8_lossy(&seen)
+                )
+            })?;
+            seen.extend_from_slice(&buf[..n]);
+        }
+        stdin.write_all(b"line two\n").await?;
+        drop(stdin);
+        stdout.read_to_end(&mut seen).await?;
+        let out = child.wait_with_output().await?;
+        check(
+            out.status.success() && seen == b"line one\nline two\n",
+            || {
+                let stdout = String::from_utf8_lossy(&seen);
+                format!("ctr run cat: want both lines and exit 0 after EOF; got {out:?}, stdout {stdout:?}")
+            },
+        )
+    };
+    let limit = env.runtime.call_timeout;
+    tokio::time::timeout(limit, session)
+        .await
+        .map_err(|_| format!("ctr run cat: no exit within {limit:?} (stdin EOF not propagated?)"))?
 }
 
 /// The pod scenario: RunPodSandbox on the test network, an httpd container answering the host at the pod IP,

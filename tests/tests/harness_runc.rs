@@ -19,7 +19,11 @@ async fn bounded(f: impl std::future::Future<Output = scenario::Result<()>>) {
 
 async fn ctr_run(version: Version) -> scenario::Result<()> {
     let env = Env::start(version, &Runtime::runc(), None).await?;
-    let r = scenario::ctr_run_exit_code(&env).await;
+    let r = async {
+        scenario::ctr_run_exit_code(&env).await?;
+        scenario::ctr_run_stdin_eof(&env).await
+    }
+    .await;
     let finished = env.finish().await;
     r.and(finished)
 }

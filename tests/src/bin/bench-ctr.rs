@@ -1,0 +1,202 @@
+//! Side-by-side start-up benchmark of container runtimes through a private containerd (`hack/bench-ctr.sh`):
+//! `ctr run --rm <busybox> true`, and CRI RunPodSandbox + CreateContainer + StartContainer (then
+//! StopPodSandbox + RemovePodSandbox), each `--runs` times; prints min/median/max and the median's ratio to
+//! the first runtime.
+//!
+//! Usage: bench-ctr [--containerd 1.7|2] [--runs N] [--shim-dir DIR] [--shoji-config FILE] RUNTIME...
+//! where RUNTIME is `runc` or `shoji` (shoji needs --shim-dir).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use shoji_tests::containerd::Version;
+use shoji_tests::cri;
+use shoji_tests::image;
+use shoji_tests::scenario::{self, Env, Runtime};
+
+struct Args {
+    version: Version,
+    runs: usize,
+    runtimes: Vec<(String, Runtime)>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut version = Version::V2;
+    let mut runs = 10;
+    let mut shim_dir = None;
+    let mut shoji_config = None;
+    let mut names = Vec::new();
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        let mut value = || it.next().ok_or(format!("{a} needs a value"));
+        match a.as_str() {
+            "--containerd" => {
+                version = match value()?.as_str() {
+                    "1.6" => Version::V1_6,
+                    "1.7" => Version::V1_7,
+                    "2" | "2.x" => Version::V2,
+                    v => return Err(format!("unknown containerd version {v:?} (1.6, 1.7 or 2)")),
+                }
+            }
+            "--runs" => runs = value()?.parse().map_err(|e| format!("--runs: {e}"))?,
+            "--shim-dir" => shim_dir = Some(PathBuf::from(value()?)),
+            "--shoji-config" => shoji_config = Some(PathBuf::from(value()?)),
+            name if !name.starts_with('-') => names.push(name.to_string()),
+            other => return Err(format!("unknown option {other}")),
+        }
+    }
+    if runs == 0 {
+        return Err("--runs must be at least 1".into());
+    }
+    let runtimes = names
+        .into_iter()
+        .map(|n| {
+            let rt = match n.as_str() {
+                "runc" => Runtime::runc(),
+                "shoji" => {
+                    let dir = shim_dir.clone().ok_or("runtime shoji needs --shim-dir")?;
+                    let run_dir =
+                        std::env::temp_dir().join(format!("shoji-bench-{}", std::process::id()));
+                    Runtime::shoji(dir, shoji_config.clone(), run_dir)
+                }
+                other => return Err(format!("unknown runtime {other:?} (runc or shoji)")),
+            };
+            Ok((n, rt))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    if runtimes.is_empty() {
+        return Err("name at least one runtime (runc, shoji)".into());
+    }
+    Ok(Args {
+        version,
+        runs,
+        runtimes,
+    })
+}
+
+/// min, median, max.
+fn summary(mut v: Vec<Duration>) -> (Duration, Duration, Duration) {
+    v.sort();
+    (v[0], v[v.len() / 2], v[v.len() - 1])
+}
+
+struct Row {
+    runtime: String,
+    op: &'static str,
+    stats: (Duration, Duration, Duration),
+}
+
+async fn bench_runtime(
+    version: Version,
+    name: &str,
+    rt: &Runtime,
+    runs: usize,
+) -> scenario::Result<Vec<Row>> {
+    let env = Env::start(version, rt, Some(231)).await?;
+    let result = measure(&env, rt, runs).await;
+    let finished = env.finish().await;
+    let (ctr, start, stop) = result?;
+    finished?;
+    Ok(vec![
+        Row {
+            runtime: name.into(),
+            op: "ctr run --rm true",
+            stats: summary(ctr),
+        },
+        Row {
+            runtime: name.into(),
+            op: "CRI run pod+create+start",
+            stats: summary(start),
+        },
+        Row {
+            runtime: name.into(),
+            op: "CRI stop+remove pod",
+            stats: summary(stop),
+        },
+    ])
+}
+
+type Samples = (Vec<Duration>, Vec<Duration>, Vec<Duration>);
+
+async fn measure(env: &Env, rt: &Runtime, runs: usize) -> scenario::Result<Samples> {
+    let mut ctr = Vec::new();
+    for i in 0..runs {
+        let t = Instant::now();
+        let out = scenario::ctr_run(env, &format!("bench-{i}"), &["true"]).await?;
+        if !out.status.success() {
+            return Err(format!("ctr run failed: {out:?}").into());
+        }
+        ctr.push(t.elapsed());
+    }
+    let cri = env.cri().await?;
+    let logs = tempfile::Builder::new()
+        .prefix("shoji-bench-logs-")
+        .tempdir()?;
+    let (mut start, mut stop) = (Vec::new(), Vec::new());
+    for i in 0..runs {
+        let pod_config = cri::pod_config(&format!("bench-{i}"), "bench", logs.path());
+        let t = Instant::now();
+        let pod = cri.run_pod(&pod_config, &rt.cri_handler).await?;
+        let c = cri::container_config("c", image::BUSYBOX, &["sleep", "1000"]);
+        let started = async {
+            let id = cri.create_container(&pod, &c, &pod_config).await?;
+            cri.start_container(&id).await
+        }
+        .await;
+        start.push(t.elapsed());
+        let t = Instant::now();
+        let stopped = cri.stop_pod(&pod).await;
+        let removed = cri.remove_pod(&pod).await;
+        stop.push(t.elapsed());
+        started?;
+        stopped?;
+        removed?;
+    }
+    Ok((ctr, start, stop))
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.0}", d.as_secs_f64() * 1000.0)
+}
+
+#[tokio::main]
+async fn main() {
+    let args = parse_args().unwrap_or_else(|e| {
+        eprintln!("bench-ctr: {e}");
+        std::process::exit(2);
+    });
+    let mut rows = Vec::new();
+    for (name, rt) in &args.runtimes {
+        match bench_runtime(args.version, name, rt, args.runs).await {
+            Ok(r) => rows.extend(r),
+            Err(e) => {
+                eprintln!("bench-ctr: runtime {name}: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
+    println!(
+        "containerd {}, {} runs each, times in ms (ratio: median / first runtime's median)",
+        args.version, args.runs
+    );
+    println!(
+        "{:<8} {:<26} {:>7} {:>7} {:>7} {:>6}",
+        "runtime", "operation", "min", "median", "max", "ratio"
+    );
+    for r in &rows {
+        let base = rows
+            .iter()
+            .find(|b| b.op == r.op)
+            .expect("first runtime measured every op");
+        let ratio = r.stats.1.as_secs_f64() / base.stats.1.as_secs_f64();
+        println!(
+            "{:<8} {:<26} {:>7} {:>7} {:>7} {:>6.2}",
+            r.runtime,
+            r.op,
+            ms(r.stats.0),
+            ms(r.stats.1),
+            ms(r.stats.2),
+            ratio
+        );
+    }
+}
