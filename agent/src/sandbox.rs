@@ -6,7 +6,10 @@ use std::{
     collections::{HashMap, HashSet},
     fs,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, SystemTime},
 };
 
@@ -32,6 +35,8 @@ const CONTAINERS_DIR: &str = "/run/shoji/containers";
 const PTY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long RemoveContainer waits for the init to die after SIGKILL.
 const KILL_WAIT: Duration = Duration::from_secs(5);
+/// How long an exec is remembered after WaitProcess reported its exit.
+const EXEC_RETENTION: Duration = Duration::from_secs(60);
 
 /// What went wrong, by the ttrpc status code it maps to.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +79,8 @@ pub struct Process {
     pid: Mutex<Option<i32>>,
     started: Mutex<bool>,
     exit: watch::Sender<Option<Exit>>,
+    /// Set once a WaitProcess call returned the exit.
+    reported: AtomicBool,
 }
 
 impl Process {
@@ -91,6 +98,7 @@ impl Process {
             pid: Mutex::new(None),
             started: Mutex::new(false),
             exit: watch::channel(None).0,
+            reported: AtomicBool::new(false),
         }
     }
 
@@ -124,6 +132,22 @@ impl Process {
         self.exit
             .send_if_modified(|e| e.is_none() && e.replace(gone).is_none());
     }
+}
+
+/// Forgets execs whose exit was reported long enough ago: there is no RPC to delete an
+/// exec, and exec probes would otherwise pile up for the container's whole life.
+fn prune_reported_execs(execs: &mut HashMap<String, Arc<Process>>) {
+    let now = SystemTime::now();
+    execs.retain(|_, p| {
+        let old = p
+            .exited()
+            .is_some_and(|e| now.duration_since(e.at).unwrap_or_default() > EXEC_RETENTION);
+        let gone = old && p.reported.load(Ordering::Relaxed);
+        if gone {
+            let _ = fs::remove_dir_all(&p.dir);
+        }
+        !gone
+    });
 }
 
 pub struct Container {
@@ -348,6 +372,7 @@ impl Sandbox {
         spec::check_executable(&c.rootfs, &process)?;
         let dir = c.dir.join("execs").join(&req.exec_id);
         let mut execs = c.execs.lock().unwrap();
+        prune_reported_execs(&mut execs);
         if execs.contains_key(&req.exec_id) {
             return Err(AgentError::AlreadyExists(format!(
                 "container {:?} already has an exec {:?}",
@@ -442,6 +467,8 @@ impl Sandbox {
             p.exec_id, c.id
         )))?;
         drop(child);
+        // libcontainer has read it; it can be large (the argument list).
+        let _ = fs::remove_file(p.dir.join("process.json"));
         p.set_pid(&self.reaper, pid);
         if let Some(console) = console {
             let master = console
@@ -465,6 +492,7 @@ impl Sandbox {
             .expect("waited for Some");
         let deadline = tokio::time::Instant::now() + DRAIN_AFTER_EXIT;
         p.io.drained(deadline).await;
+        p.reported.store(true, Ordering::Relaxed);
         Ok(exit)
     }
 
