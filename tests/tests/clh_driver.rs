@@ -634,3 +634,28 @@ async fn dropping_the_driver_without_stop_leaves_nothing_running() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_vm_after_stop_starts_fresh() {
+    let env = Env::new(&[]);
+    let mut vm = env.driver();
+    vm.prepare(&env.spec()).await.unwrap();
+    vm.start().await.unwrap();
+    vm.stop(Duration::from_secs(2)).await.unwrap();
+    assert_eq!(vm.wait_exit().await.reason, "stopped");
+    // virtiofsd's sandbox child can outlive its parent by a moment, holding the pid-file
+    // lock of the socket path reused below.
+    env.assert_nothing_left().await;
+
+    vm.prepare(&env.spec()).await.unwrap();
+    vm.start().await.unwrap();
+    // The first VM's exit is not reported for the second one.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), vm.wait_exit())
+            .await
+            .is_err()
+    );
+    assert_eq!(vm.pids().len(), 2);
+    vm.stop(Duration::from_secs(2)).await.unwrap();
+    env.assert_nothing_left().await;
+}

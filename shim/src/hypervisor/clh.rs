@@ -91,10 +91,14 @@ pub struct Clh {
 
 impl Clh {
     pub fn new(opts: ClhOptions, log: Logger) -> Clh {
+        Clh::with_logger(opts, log.new(o!("hypervisor" => "clh")))
+    }
+
+    fn with_logger(opts: ClhOptions, log: Logger) -> Clh {
         let (exit_tx, exit_rx) = watch::channel(None);
         Clh {
             opts,
-            log: log.new(o!("hypervisor" => "clh")),
+            log,
             spec: None,
             virtiofsd: None,
             vmm: None,
@@ -293,6 +297,8 @@ impl Hypervisor for Clh {
         if let Some(old) = self.virtiofsd.take() {
             old.stop(Duration::from_secs(1)).await;
         }
+        // A new VM after a stopped or failed one: forget the old VMM and its exit.
+        *self = Clh::with_logger(self.opts.clone(), self.log.clone());
         if let Some(share) = &spec.share {
             let virtiofsd = Virtiofsd::start(
                 share,
@@ -363,6 +369,9 @@ impl Hypervisor for Clh {
     }
 
     async fn resize(&mut self, vcpus: Option<u32>, memory_mib: Option<u64>) -> Result<()> {
+        if vcpus.is_none() && memory_mib.is_none() {
+            return Ok(());
+        }
         let spec = self
             .spec
             .as_ref()
