@@ -111,7 +111,8 @@ impl Env {
         )
     }
 
-    fn requests(&self) -> Vec<(String, String, usize, Vec<String>, Option<u16>)> {
+    /// Every request so far as `(call, body, fd count, tap names, status)`.
+    fn requests(&self) -> Vec<Req> {
         self.fake
             .records()
             .into_iter()
@@ -150,6 +151,8 @@ impl Env {
         }
     }
 }
+
+type Req = (String, String, usize, Vec<String>, Option<u16>);
 
 fn virtiofsd() -> PathBuf {
     let home = std::env::var_os("HOME")
@@ -658,4 +661,69 @@ async fn a_second_vm_after_stop_starts_fresh() {
     assert_eq!(vm.pids().len(), 2);
     vm.stop(Duration::from_secs(2)).await.unwrap();
     env.assert_nothing_left().await;
+}
+
+/// The sandbox on the CH driver: a VMM that dies while the guest boots is reported at once
+/// with CH's error (not after the agent timeout), and the sandbox leaves nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandbox_reports_a_vmm_death_during_boot_with_its_error() {
+    use shoji::{
+        config::Config,
+        hypervisor::HypervisorKind,
+        sandbox::{Sandbox, SandboxConfig, SandboxError},
+    };
+    let env = Env::new(&["--fake-die-after-boot-ms", "300"]);
+    let mut config = Config {
+        hypervisor: HypervisorKind::Clh,
+        kernel: env.path("vmlinux"),
+        initrd: env.path("initramfs.img"),
+        run_dir: env.path("run"),
+        ..Config::default()
+    };
+    config.clh.path = env.fake.binary.clone();
+    config.virtiofsd.path = virtiofsd();
+    config.timeouts.agent_ready = Duration::from_secs(30);
+    let log = slog::Logger::root(slog::Discard, slog::o!());
+    let t = Instant::now();
+    let err = Sandbox::start(SandboxConfig::new("clhsb", config), log)
+        .await
+        .err()
+        .expect("start must fail");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "reported after {:?}",
+        t.elapsed()
+    );
+    match &err {
+        SandboxError::VmExited { exit, .. } => {
+            assert_eq!(exit.status, Some(1));
+            assert!(
+                exit.reason.contains("VCPU generated error"),
+                "{}",
+                exit.reason
+            );
+        }
+        other => panic!("expected VmExited, got {other}"),
+    }
+    let calls: Vec<String> = env.fake.calls().into_iter().map(|c| c.0).collect();
+    assert!(
+        calls.ends_with(&["vm.create".into(), "vm.boot".into(), "vm.info".into()]),
+        "{calls:?}"
+    );
+    let marker = env.dir.path().to_string_lossy().into_owned();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !processes_mentioning(&marker).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "left running: {:#?}",
+            processes_mentioning(&marker)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left: Vec<_> = std::fs::read_dir(env.path("run"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "run dir entries left: {left:?}");
 }
