@@ -511,6 +511,10 @@ async fn vmm_death_after_boot_is_reported_within_a_second() {
         "reported {} ms after the VMM died",
         seen - died
     );
+    eprintln!(
+        "VMM death reported {} ms after the VMM recorded its exit",
+        seen - died
+    );
     assert_eq!(exit.status, Some(1));
     assert!(
         exit.reason
