@@ -24,7 +24,8 @@
 //! Test flags: `--fake-record FILE` (JSON lines: start, every request with its body, fd
 //! count and tap names, exit), `--fake-fs-wait-ms N`, `--fake-hang CALL` (never answer that
 //! call, holding the API like a stuck VMM; repeatable), `--fake-die-after-boot-ms N` (the
-//! vCPU fails N ms after boot: ERROR line, events, exit status 1).
+//! vCPU fails N ms after boot: ERROR line, events, exit status 1), `--fake-crash CALL` (the
+//! VMM panics on that call without answering: panic message on stderr, abort).
 use std::{
     collections::HashSet,
     fs::{File, OpenOptions},
@@ -80,6 +81,7 @@ struct Args {
     fs_wait: Duration,
     hang: HashSet<String>,
     die_after_boot: Option<Duration>,
+    crash: HashSet<String>,
 }
 
 fn parse_args(argv: &[String]) -> Result<Args, String> {
@@ -120,6 +122,9 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
                 args.hang.insert(value);
             }
             "--fake-die-after-boot-ms" => args.die_after_boot = Some(millis(&value)?),
+            "--fake-crash" => {
+                args.crash.insert(value);
+            }
             _ => return Err(format!("unexpected argument '{flag}' found")),
         }
     }
@@ -288,14 +293,10 @@ impl Fake {
     }
 
     fn exit(&self, code: i32, reason: &str) -> ! {
-        let unix_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as u64;
         self.record(Record::Exit {
             code,
             reason: reason.into(),
-            unix_ms,
+            unix_ms: unix_ms(),
         });
         std::process::exit(code)
     }
@@ -344,6 +345,20 @@ impl Fake {
             loop {
                 std::thread::sleep(Duration::from_secs(3600));
             }
+        }
+        if self.args.crash.contains(&call) {
+            self.record(record(None));
+            let msg = format!("fake crash while handling {call}");
+            eprintln!(
+                "thread 'vmm' panicked at vmm/src/lib.rs:1234:9:\n{msg}\n\
+                 note: run with `RUST_BACKTRACE=1` environment variable to display a backtrace"
+            );
+            self.record(Record::Exit {
+                code: 128 + libc::SIGABRT,
+                reason: msg,
+                unix_ms: unix_ms(),
+            });
+            std::process::abort();
         }
         let resp = match (req.method.as_str(), call.as_str()) {
             ("GET", "vmm.ping") => json_response(
@@ -746,6 +761,13 @@ fn with_defaults(c: &Value) -> Value {
         }
     }
     full
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
 }
 
 fn connect_retrying(socket: &Path, wait: Duration) -> Option<UnixStream> {

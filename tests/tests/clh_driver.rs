@@ -731,3 +731,32 @@ async fn sandbox_reports_a_vmm_death_during_boot_with_its_error() {
         .collect();
     assert!(left.is_empty(), "run dir entries left: {left:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vmm_crash_during_boot_is_reported_with_its_panic() {
+    let env = Env::new(&["--fake-crash", "vm.boot"]);
+    let mut vm = env.driver();
+    vm.prepare(&env.spec()).await.unwrap();
+    let err = vm.start().await.unwrap_err();
+    match &err {
+        HypervisorError::Died {
+            what,
+            status,
+            detail,
+        } => {
+            assert_eq!(
+                (*what, *status),
+                ("cloud-hypervisor", Some(128 + libc::SIGABRT))
+            );
+            assert!(
+                detail.starts_with(
+                    "thread 'vmm' panicked at vmm/src/lib.rs:1234:9: fake crash while handling vm.boot \
+                     (the step that failed: cloud-hypervisor API vm.boot"
+                ),
+                "{detail}"
+            );
+        }
+        other => panic!("expected Died, got {other}"),
+    }
+    env.assert_nothing_left().await;
+}

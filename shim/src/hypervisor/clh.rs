@@ -43,6 +43,73 @@ const EVENTS_FILE: &str = "clh-events.json";
 const STDIO_LOG: &str = "clh-stdio.log";
 const VIRTIOFSD_LOG: &str = "virtiofsd.log";
 
+/// Where one VMM's API socket and logs live (in the sandbox directory).
+struct Files {
+    api_socket: PathBuf,
+    log: PathBuf,
+    events: PathBuf,
+    stdio: PathBuf,
+}
+
+impl Files {
+    fn new(dir: &Path) -> Files {
+        Files {
+            api_socket: dir.join(API_SOCKET),
+            log: dir.join(LOG_FILE),
+            events: dir.join(EVENTS_FILE),
+            stdio: dir.join(STDIO_LOG),
+        }
+    }
+
+    /// The VMM's own account of what went wrong: the message of the last `ERROR` line of its
+    /// log, else the last line it printed (flag errors and panics go to stderr).
+    fn vmm_error(&self) -> Option<String> {
+        last_error_line(&self.log).or_else(|| {
+            let text = std::fs::read_to_string(&self.stdio).ok()?;
+            let lines: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            // A Rust panic: "thread 'vmm' panicked at file:line:col:", the message, a note.
+            if let Some(i) = lines.iter().rposition(|l| l.contains(" panicked at ")) {
+                return Some(
+                    lines[i..]
+                        .iter()
+                        .take(2)
+                        .copied()
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                );
+            }
+            lines
+                .iter()
+                .rev()
+                .find(|l| !l.starts_with("note:"))
+                .map(|l| l.to_string())
+        })
+    }
+
+    /// Why the VMM ended: its error and the event monitor's last events.
+    fn exit_reason(&self, status: Option<i32>) -> String {
+        let status = match status {
+            Some(s) if s > 128 => format!("killed by signal {}", s - 128),
+            Some(s) => format!("exit status {s}"),
+            None => "exit status unknown".into(),
+        };
+        let events = last_events(&self.events, 4);
+        let events = if events.is_empty() {
+            String::new()
+        } else {
+            format!("; last events: {}", events.join(", "))
+        };
+        match self.vmm_error() {
+            Some(error) => format!("cloud-hypervisor exited ({status}): {error}{events}"),
+            None => format!("cloud-hypervisor exited ({status}){events}"),
+        }
+    }
+}
+
 /// How the driver runs Cloud Hypervisor.
 #[derive(Debug, Clone)]
 pub struct ClhOptions {
@@ -115,13 +182,36 @@ impl Clh {
         self.vmm.as_ref().filter(|d| d.exited().is_none())
     }
 
+    /// An API call that failed because the VMM died (connection reset, no answer) is
+    /// reported as the VMM's death, with the VMM's own error.
+    async fn blame_dead_vmm(&self, e: HypervisorError, spec: &VmSpec) -> HypervisorError {
+        let Some(vmm) = &self.vmm else { return e };
+        if !matches!(
+            e,
+            HypervisorError::Io { .. } | HypervisorError::Timeout { .. }
+        ) {
+            return e;
+        }
+        // The pidfd may fire a moment after the connection broke.
+        let Ok(status) = tokio::time::timeout(Duration::from_millis(200), vmm.wait()).await else {
+            return e;
+        };
+        let files = Files::new(&spec.dir);
+        let error = files
+            .vmm_error()
+            .unwrap_or_else(|| "no error output".into());
+        HypervisorError::Died {
+            what: "cloud-hypervisor",
+            status,
+            detail: format!("{error} (the step that failed: {e})"),
+        }
+    }
+
     async fn launch_and_boot(&mut self, spec: &VmSpec) -> Result<()> {
-        let api_socket = spec.dir.join(API_SOCKET);
-        let log_file = spec.dir.join(LOG_FILE);
-        let events = spec.dir.join(EVENTS_FILE);
-        let stdio_log = spec.dir.join(STDIO_LOG);
+        let files = Files::new(&spec.dir);
+        let api_socket = &files.api_socket;
         // CH refuses to bind over existing sockets; these are ours to replace.
-        for stale in [&api_socket, &spec.vsock.socket] {
+        for stale in [api_socket, &spec.vsock.socket] {
             remove_file(stale)?;
         }
         let netns = pod_netns(spec)?;
@@ -130,32 +220,26 @@ impl Clh {
         cmd.arg("--api-socket")
             .arg(format!("path={}", api_socket.display()))
             .arg("--log-file")
-            .arg(&log_file)
+            .arg(&files.log)
             .arg("--event-monitor")
-            .arg(format!("path={}", events.display()));
+            .arg(format!("path={}", files.events.display()));
         if let Some(ns) = netns {
             enter_netns_on_exec(&mut cmd, ns)?;
         }
-        let vmm = Arc::new(Daemon::spawn("cloud-hypervisor", cmd, &stdio_log).map_err(
-            |source| HypervisorError::Spawn {
-                what: "cloud-hypervisor",
-                source,
-            },
-        )?);
+        let vmm = Arc::new(
+            Daemon::spawn("cloud-hypervisor", cmd, &files.stdio).map_err(|source| {
+                HypervisorError::Spawn {
+                    what: "cloud-hypervisor",
+                    source,
+                }
+            })?,
+        );
         info!(self.log, "cloud-hypervisor launched"; "pid" => vmm.pid(), "api_socket" => %api_socket.display());
-        self.watch_exit(vmm.clone(), log_file.clone(), events);
+        self.watch_exit(vmm.clone(), Files::new(&spec.dir));
         self.vmm = Some(vmm.clone());
 
-        let api = api::Api::new(&api_socket, self.opts.api_timeout);
-        let ping = wait_for_api(
-            &api,
-            &vmm,
-            &api_socket,
-            &log_file,
-            &stdio_log,
-            self.opts.start_timeout,
-        )
-        .await?;
+        let api = api::Api::new(api_socket, self.opts.api_timeout);
+        let ping = wait_for_api(&api, &vmm, &files, self.opts.start_timeout).await?;
         info!(self.log, "cloud-hypervisor API ready"; "version" => ping.version, "build" => ping.build_version);
         let api = self.api.insert(api);
 
@@ -200,14 +284,14 @@ impl Clh {
     }
 
     /// Publishes the VMM's exit on `exit_tx` as soon as the pidfd fires.
-    fn watch_exit(&self, vmm: Arc<Daemon>, log_file: PathBuf, events: PathBuf) {
+    fn watch_exit(&self, vmm: Arc<Daemon>, files: Files) {
         let tx = self.exit_tx.clone();
         let stop_reason = self.stop_reason.clone();
         let log = self.log.clone();
         tokio::spawn(async move {
             let status = vmm.wait().await;
             let planned = stop_reason.lock().unwrap().clone();
-            let reason = planned.unwrap_or_else(|| exit_reason(&log_file, &events, status));
+            let reason = planned.unwrap_or_else(|| files.exit_reason(status));
             info!(log, "cloud-hypervisor exited"; "status" => ?status, "reason" => &reason);
             tx.send_replace(Some(VmExit { status, reason }));
         });
@@ -329,6 +413,7 @@ impl Hypervisor for Clh {
         match self.launch_and_boot(&spec).await {
             Ok(()) => Ok(()),
             Err(e) => {
+                let e = self.blame_dead_vmm(e, &spec).await;
                 warn!(self.log, "start failed, tearing down"; "error" => %e);
                 self.teardown(format!("start failed: {e}"), Duration::ZERO)
                     .await;
@@ -525,9 +610,7 @@ fn enter_netns_on_exec(cmd: &mut Command, netns: &Path) -> Result<()> {
 async fn wait_for_api(
     api: &api::Api,
     vmm: &Daemon,
-    socket: &Path,
-    log_file: &Path,
-    stdio_log: &Path,
+    files: &Files,
     timeout: Duration,
 ) -> Result<cloud_hypervisor_client::models::VmmPingResponse> {
     let deadline = Instant::now() + timeout;
@@ -537,11 +620,12 @@ async fn wait_for_api(
             return Err(HypervisorError::Died {
                 what: "cloud-hypervisor",
                 status,
-                // Flag errors go to stderr, before CH opens its log.
-                detail: last_error_line(log_file).unwrap_or_else(|| last_line(stdio_log)),
+                detail: files
+                    .vmm_error()
+                    .unwrap_or_else(|| format!("no output (see {})", files.stdio.display())),
             });
         }
-        if socket.exists() {
+        if files.api_socket.exists() {
             match api.ping(Duration::from_secs(1)).await {
                 Ok(ping) => return Ok(ping),
                 Err(e) => last_error = Some(e.to_string()),
@@ -551,29 +635,11 @@ async fn wait_for_api(
             return Err(HypervisorError::Timeout {
                 what: "cloud-hypervisor API (vmm.ping)".into(),
                 timeout,
-                detail: last_error.or_else(|| Some(format!("{} never appeared", socket.display()))),
+                detail: last_error
+                    .or_else(|| Some(format!("{} never appeared", files.api_socket.display()))),
             });
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// Why the VMM ended, from its log (last ERROR line) and the event monitor (last events).
-pub fn exit_reason(log_file: &Path, events: &Path, status: Option<i32>) -> String {
-    let status = match status {
-        Some(s) if s > 128 => format!("killed by signal {}", s - 128),
-        Some(s) => format!("exit status {s}"),
-        None => "exit status unknown".into(),
-    };
-    let events = last_events(events, 4);
-    let events = if events.is_empty() {
-        String::new()
-    } else {
-        format!("; last events: {}", events.join(", "))
-    };
-    match last_error_line(log_file) {
-        Some(error) => format!("cloud-hypervisor exited ({status}): {error}{events}"),
-        None => format!("cloud-hypervisor exited ({status}){events}"),
     }
 }
 
@@ -643,13 +709,23 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            exit_reason(&log, &events, Some(1)),
+            Files::new(&dir).exit_reason(Some(1)),
             "cloud-hypervisor exited (exit status 1): VCPU generated error: VcpuRun(Failed to run vcpu); \
              last events: vm booted, vm shutdown, vmm shutdown"
         );
         assert_eq!(
-            exit_reason(&dir.join("none.log"), &dir.join("none.json"), Some(137)),
+            Files::new(&dir.join("none")).exit_reason(Some(137)),
             "cloud-hypervisor exited (killed by signal 9)"
+        );
+        std::fs::remove_file(&log).unwrap();
+        std::fs::write(
+            dir.join("clh-stdio.log"),
+            "thread 'vmm' panicked at vmm/src/lib.rs:12:5:\nboom\nnote: run with `RUST_BACKTRACE=1` environment variable to display a backtrace\n",
+        )
+        .unwrap();
+        assert_eq!(
+            Files::new(&dir).vmm_error().as_deref(),
+            Some("thread 'vmm' panicked at vmm/src/lib.rs:12:5: boom")
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }
