@@ -261,7 +261,12 @@ async fn boot_sequence_bodies_tap_fds_resize_and_stop() {
     assert_eq!(vm.pids().len(), 1, "only virtiofsd runs after prepare");
     assert_eq!(vm.pid(), None);
 
+    let t = Instant::now();
     vm.start().await.unwrap();
+    eprintln!(
+        "start (launch → vmm.ping → create → 2× add-net → boot → info) took {:?}",
+        t.elapsed()
+    );
     let pid = vm.pid().expect("VMM pid");
     assert_eq!(vm.pids().len(), 2);
     assert!(
