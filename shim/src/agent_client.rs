@@ -123,6 +123,8 @@ impl ReadyListener {
         let announce = async {
             loop {
                 let Ok((mut conn, _)) = self.listener.accept().await else {
+                    // e.g. EMFILE: do not spin.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 };
                 let line =

@@ -185,7 +185,7 @@ impl Default for QemuConfig {
         QemuConfig {
             path: find_binary("qemu-system-x86_64"),
             accel: AccelChoice::Auto,
-            tcg_tb_size_mib: 32,
+            tcg_tb_size_mib: 16,
         }
     }
 }

@@ -354,8 +354,16 @@ impl Sandbox {
             return Ok(());
         };
         if !*self.vm_exited.borrow() {
-            if let Err(e) = self.agent.shutdown(SHUTDOWN_CALL).await {
-                info!(self.log, "agent shutdown call failed, stopping the VMM anyway"; "error" => %e);
+            match self.agent.shutdown(SHUTDOWN_CALL).await {
+                // Let the guest finish its power-off before the VMM is told to quit.
+                Ok(()) => {
+                    let mut exited = self.vm_exited.clone();
+                    let _ =
+                        tokio::time::timeout(self.shutdown_grace, exited.wait_for(|e| *e)).await;
+                }
+                Err(e) => {
+                    info!(self.log, "agent shutdown call failed, stopping the VMM anyway"; "error" => %e)
+                }
             }
         }
         let stopped = driver.stop(self.shutdown_grace).await;
@@ -367,6 +375,23 @@ impl Sandbox {
         remove_dir(&self.dir)?;
         info!(self.log, "sandbox stopped");
         Ok(())
+    }
+}
+
+/// A sandbox dropped without [`Sandbox::stop`] (a panic, an early return) still releases
+/// what it holds: its daemons are killed as their handles drop, its mounts are detached and
+/// its directory removed. Best effort and synchronous; `stop` is the orderly way.
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        let Ok(mut vm) = self.vm.try_lock() else {
+            return;
+        };
+        if vm.take().is_some() {
+            warn!(self.log, "sandbox dropped without stop(), cleaning up");
+            let _ = self.shared.destroy();
+            let _ = sharefs::unmount_tree(&self.dir);
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
@@ -414,10 +439,12 @@ impl Boot {
         let prepared = vm.prepare(&spec).await;
         self.record_pids();
         prepared?;
+        let prepared_after = started.elapsed();
         let vm = self.vm.as_mut().expect("driver");
         let launched = vm.start().await;
         self.record_pids();
         launched?;
+        let launched_after = started.elapsed();
         let vm = self.vm.as_ref().expect("driver");
         let vmm_pid = vm.pid().ok_or_else(|| HypervisorError::Died {
             what: "VMM",
@@ -440,6 +467,8 @@ impl Boot {
         let ready_after = started.elapsed();
         let agent = AgentClient::connect(&vsock, c.timeouts.agent_call).await?;
         info!(self.log, "sandbox ready"; "agent_ready_ms" => ready_after.as_millis() as u64,
+            "daemons_ready_ms" => prepared_after.as_millis() as u64,
+            "vmm_running_ms" => launched_after.as_millis() as u64,
             "hypervisor" => ?vm.kind(), "accel" => ?vm.capabilities().accel);
 
         let (tx, rx) = watch::channel(false);
