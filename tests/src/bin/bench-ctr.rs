@@ -55,8 +55,8 @@ fn parse_args() -> Result<Args, String> {
                 "runc" => Runtime::runc(),
                 "shoji" => {
                     let dir = shim_dir.clone().ok_or("runtime shoji needs --shim-dir")?;
-                    let run_dir =
-                        std::env::temp_dir().join(format!("shoji-bench-{}", std::process::id()));
+                    // Short: sandbox socket paths live under it (Unix socket paths are limited to 108 bytes).
+                    let run_dir = PathBuf::from(format!("/tmp/shjb{}", std::process::id()));
                     Runtime::shoji(dir, shoji_config.clone(), run_dir)
                 }
                 other => return Err(format!("unknown runtime {other:?} (runc or shoji)")),
@@ -167,7 +167,12 @@ async fn main() {
     });
     let mut rows = Vec::new();
     for (name, rt) in &args.runtimes {
-        match bench_runtime(args.version, name, rt, args.runs).await {
+        let result = bench_runtime(args.version, name, rt, args.runs).await;
+        for dir in &rt.run_dirs {
+            // Empty after the runtime cleaned up; anything left was reported by Env::finish.
+            let _ = std::fs::remove_dir(dir);
+        }
+        match result {
             Ok(r) => rows.extend(r),
             Err(e) => {
                 eprintln!("bench-ctr: runtime {name}: {e}");
