@@ -179,7 +179,7 @@ async fn bench(config: Config, log: Logger, runs: u32, json: bool) -> ExitCode {
                     eprintln!(
                         "run {:>2}: ready {:>6.0} ms, agent RSS {:.1} MiB, guest used {:.1} MiB, host {}",
                         i + 1,
-                        s.ready_ms,
+                        s.vmm_to_ready_ms,
                         s.agent_rss_kib as f64 / 1024.0,
                         s.guest_used_kib as f64 / 1024.0,
                         host.join(" ")

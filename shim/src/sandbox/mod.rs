@@ -155,6 +155,18 @@ pub struct Sandbox {
     vm_exited: watch::Receiver<bool>,
     shared: SharedDir,
     state: Mutex<State>,
+    boot_times: BootTimes,
+}
+
+/// How long each start-up phase took, measured from the start of [`Sandbox::start`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BootTimes {
+    /// Device daemons (vhost-user back-ends) up.
+    pub daemons_ready: Duration,
+    /// The VMM reports the guest running.
+    pub vmm_running: Duration,
+    /// The agent announced itself (the ttrpc connection follows).
+    pub agent_ready: Duration,
 }
 
 impl Sandbox {
@@ -194,7 +206,7 @@ impl Sandbox {
             shared: None,
         };
         match boot.run(&cfg).await {
-            Ok((agent, vm_exited)) => {
+            Ok((agent, vm_exited, boot_times)) => {
                 let shared = boot.shared.take().expect("shared dir created");
                 Ok(Sandbox {
                     id: cfg.id.clone(),
@@ -204,6 +216,7 @@ impl Sandbox {
                     agent,
                     vm: tokio::sync::Mutex::new(boot.vm.take()),
                     vm_exited,
+                    boot_times,
                     shared,
                     state: Mutex::new(std::mem::take(&mut boot.state)),
                 })
@@ -227,6 +240,10 @@ impl Sandbox {
 
     pub fn console_log(&self) -> PathBuf {
         self.dir.join("console.log")
+    }
+
+    pub fn boot_times(&self) -> BootTimes {
+        self.boot_times
     }
 
     pub fn agent(&self) -> &AgentClient {
@@ -405,7 +422,10 @@ struct Boot {
 }
 
 impl Boot {
-    async fn run(&mut self, cfg: &SandboxConfig) -> Result<(AgentClient, watch::Receiver<bool>)> {
+    async fn run(
+        &mut self,
+        cfg: &SandboxConfig,
+    ) -> Result<(AgentClient, watch::Receiver<bool>, BootTimes)> {
         let c = &cfg.config;
         self.persist();
         self.shared = Some(SharedDir::create(&self.dir.join("shared"))?);
@@ -464,11 +484,15 @@ impl Boot {
             }
         }
         drop(ready);
-        let ready_after = started.elapsed();
+        let times = BootTimes {
+            daemons_ready: prepared_after,
+            vmm_running: launched_after,
+            agent_ready: started.elapsed(),
+        };
         let agent = AgentClient::connect(&vsock, c.timeouts.agent_call).await?;
-        info!(self.log, "sandbox ready"; "agent_ready_ms" => ready_after.as_millis() as u64,
-            "daemons_ready_ms" => prepared_after.as_millis() as u64,
-            "vmm_running_ms" => launched_after.as_millis() as u64,
+        info!(self.log, "sandbox ready"; "agent_ready_ms" => times.agent_ready.as_millis() as u64,
+            "daemons_ready_ms" => times.daemons_ready.as_millis() as u64,
+            "vmm_running_ms" => times.vmm_running.as_millis() as u64,
             "hypervisor" => ?vm.kind(), "accel" => ?vm.capabilities().accel);
 
         let (tx, rx) = watch::channel(false);
@@ -476,7 +500,7 @@ impl Boot {
             crate::process::wait_pid_exit(vmm_pid).await;
             let _ = tx.send(true);
         });
-        Ok((agent, rx))
+        Ok((agent, rx, times))
     }
 
     fn record_pids(&mut self) {
