@@ -32,7 +32,7 @@ use slog::{debug, warn};
 use tokio::{
     io::{unix::AsyncFd, AsyncRead, AsyncWrite, AsyncWriteExt},
     net::UnixListener,
-    sync::watch,
+    sync::{oneshot, watch},
 };
 
 use crate::{logger::log, sandbox::Sandbox};
@@ -86,7 +86,16 @@ impl AsyncFile {
 /// A process's output or input end held by the agent until a stream takes it.
 enum Slot {
     Waiting(OwnedFd),
+    /// A tty stream attached before the master exists (an exec's pty is made at start).
+    Claimed(oneshot::Sender<OwnedFd>),
     Taken,
+}
+
+/// What attaching yields: the fd now, or (a tty attached early) the fd once it exists.
+#[derive(Debug)]
+enum Attached {
+    Now(OwnedFd),
+    Later(oneshot::Receiver<OwnedFd>),
 }
 
 /// The container's ends of a process's stdio, handed to the helper that creates it.
@@ -167,23 +176,47 @@ impl ProcessIo {
 
     pub fn set_master(&self, master: OwnedFd) -> io::Result<()> {
         *self.master.lock().unwrap() = Some(master.try_clone()?);
-        self.slots
-            .lock()
-            .unwrap()
-            .insert(StreamKind::Tty, Slot::Waiting(master));
+        let mut slots = self.slots.lock().unwrap();
+        let master = match slots.remove(&StreamKind::Tty) {
+            Some(Slot::Claimed(tx)) => match tx.send(master) {
+                Ok(()) => {
+                    slots.insert(StreamKind::Tty, Slot::Taken);
+                    return Ok(());
+                }
+                // The early stream went away: the master waits for the next one.
+                Err(master) => master,
+            },
+            _ => master,
+        };
+        slots.insert(StreamKind::Tty, Slot::Waiting(master));
         Ok(())
     }
 
+    /// Ends early tty streams when no master will come (the process never ran).
+    pub fn abandon(&self) {
+        let mut slots = self.slots.lock().unwrap();
+        if matches!(slots.get(&StreamKind::Tty), Some(Slot::Claimed(_))) {
+            slots.insert(StreamKind::Tty, Slot::Taken);
+        }
+    }
+
     /// Takes the fd a new stream of `kind` serves.
-    fn attach(&self, kind: StreamKind) -> Result<OwnedFd, String> {
+    fn attach(&self, kind: StreamKind) -> Result<Attached, String> {
         let mut slots = self.slots.lock().unwrap();
         match slots.get_mut(&kind) {
             Some(slot @ Slot::Waiting(_)) => match std::mem::replace(slot, Slot::Taken) {
-                Slot::Waiting(fd) => Ok(fd),
-                Slot::Taken => unreachable!(),
+                Slot::Waiting(fd) => Ok(Attached::Now(fd)),
+                _ => unreachable!(),
             },
-            Some(Slot::Taken) => Err(format!("{kind} is already attached (or was discarded)")),
-            None if self.terminal && kind != StreamKind::Tty => {
+            Some(Slot::Taken | Slot::Claimed(_)) => {
+                Err(format!("{kind} is already attached (or was discarded)"))
+            }
+            None if self.terminal && kind == StreamKind::Tty => {
+                let (tx, rx) = oneshot::channel();
+                slots.insert(kind, Slot::Claimed(tx));
+                Ok(Attached::Later(rx))
+            }
+            None if self.terminal => {
                 Err(format!("the process has a tty: attach `tty`, not {kind}"))
             }
             None if kind == StreamKind::Tty => Err("the process has no tty".into()),
@@ -203,7 +236,7 @@ impl ProcessIo {
         tokio::spawn(async move {
             tokio::time::sleep(ATTACH_GRACE).await;
             for kind in output_kinds(pio.terminal) {
-                if let Ok(fd) = pio.attach(*kind) {
+                if let Ok(Attached::Now(fd)) = pio.attach(*kind) {
                     debug!(log(), "discarding unattached output"; "stream" => %kind);
                     pump_output(&pio, *kind, fd, None::<tokio::io::Sink>).await;
                 }
@@ -314,7 +347,7 @@ where
         let fd = pio.attach(h.kind)?;
         Ok((h, pio, fd))
     });
-    let (h, pio, fd) = match attached {
+    let (h, pio, attached) = match attached {
         Ok(a) => a,
         Err(reason) => {
             debug!(log(), "refused a stream"; "reason" => &reason);
@@ -324,7 +357,16 @@ where
             return;
         }
     };
-    if conn.write_all(b"OK\n").await.is_err() {
+    let answered = conn.write_all(b"OK\n").await.is_ok();
+    let fd = match attached {
+        Attached::Now(fd) => fd,
+        Attached::Later(rx) => match rx.await {
+            Ok(fd) => fd,
+            // The process never ran.
+            Err(_) => return,
+        },
+    };
+    if !answered {
         // The host went away before the verdict: keep draining so the process cannot block.
         if h.kind != StreamKind::Stdin {
             pump_output(&pio, h.kind, fd, None::<S>).await;
@@ -445,7 +487,9 @@ mod tests {
             std::io::Write::write_all(&mut f, &writer_data).unwrap();
         });
         let (host, agent) = tokio::io::duplex(4096);
-        let fd = pio.attach(StreamKind::Stdout).unwrap();
+        let Ok(Attached::Now(fd)) = pio.attach(StreamKind::Stdout) else {
+            panic!("stdout not attachable")
+        };
         let p = pio.clone();
         let pump =
             tokio::spawn(async move { pump_output(&p, StreamKind::Stdout, fd, Some(agent)).await });
@@ -469,9 +513,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_early_tty_stream_gets_the_master_later() {
+        let pio = ProcessIo::tty();
+        let Ok(Attached::Later(rx)) = pio.attach(StreamKind::Tty) else {
+            panic!("tty not attachable early")
+        };
+        assert!(
+            pio.attach(StreamKind::Tty).is_err(),
+            "a stream attaches once"
+        );
+        let (master, _other) = std::os::unix::net::UnixStream::pair().unwrap();
+        pio.set_master(master.into()).unwrap();
+        assert!(rx.await.is_ok());
+        // A process that never runs releases its early stream.
+        let pio = ProcessIo::tty();
+        let Ok(Attached::Later(rx)) = pio.attach(StreamKind::Tty) else {
+            panic!("tty not attachable early")
+        };
+        pio.abandon();
+        assert!(rx.await.is_err());
+    }
+
+    #[tokio::test]
     async fn stdin_frames_then_eof_close_the_pipe() {
         let (pio, child) = ProcessIo::pipes(true).unwrap();
-        let fd = pio.attach(StreamKind::Stdin).unwrap();
+        let Ok(Attached::Now(fd)) = pio.attach(StreamKind::Stdin) else {
+            panic!("stdin not attachable")
+        };
         let (mut host, mut agent) = tokio::io::duplex(4096);
         let pump = tokio::spawn(async move { pump_input(StreamKind::Stdin, fd, &mut agent).await });
         shoji_agent_api::stream::write_frame(&mut host, b"hello ")

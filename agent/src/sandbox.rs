@@ -125,6 +125,7 @@ impl Process {
 
     /// A process that never ran gets an exit too, so that nobody waits for it forever.
     fn mark_gone(&self) {
+        self.io.abandon();
         let gone = Exit {
             status: 128 + Signal::SIGKILL as i32,
             at: SystemTime::now(),
