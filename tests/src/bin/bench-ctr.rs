@@ -86,39 +86,33 @@ struct Row {
     stats: (Duration, Duration, Duration),
 }
 
+/// Measures runtime `name` in its own containerd; rows are appended as each operation completes, so a
+/// failure later still leaves the earlier measurements.
 async fn bench_runtime(
     version: Version,
     name: &str,
     rt: &Runtime,
     runs: usize,
-) -> scenario::Result<Vec<Row>> {
+    rows: &mut Vec<Row>,
+) -> scenario::Result<()> {
     let env = Env::start(version, rt, Some(231)).await?;
-    let result = measure(&env, rt, runs).await;
+    let result = measure(&env, name, rt, runs, rows).await;
     let finished = env.finish().await;
-    let (ctr, start, stop) = result?;
-    finished?;
-    Ok(vec![
-        Row {
-            runtime: name.into(),
-            op: "ctr run --rm true",
-            stats: summary(ctr),
-        },
-        Row {
-            runtime: name.into(),
-            op: "CRI run pod+create+start",
-            stats: summary(start),
-        },
-        Row {
-            runtime: name.into(),
-            op: "CRI stop+remove pod",
-            stats: summary(stop),
-        },
-    ])
+    result.and(finished)
 }
 
-type Samples = (Vec<Duration>, Vec<Duration>, Vec<Duration>);
-
-async fn measure(env: &Env, rt: &Runtime, runs: usize) -> scenario::Result<Samples> {
+async fn measure(
+    env: &Env,
+    name: &str,
+    rt: &Runtime,
+    runs: usize,
+    rows: &mut Vec<Row>,
+) -> scenario::Result<()> {
+    let row = |op, samples| Row {
+        runtime: name.into(),
+        op,
+        stats: summary(samples),
+    };
     let mut ctr = Vec::new();
     for i in 0..runs {
         let t = Instant::now();
@@ -128,6 +122,7 @@ async fn measure(env: &Env, rt: &Runtime, runs: usize) -> scenario::Result<Sampl
         }
         ctr.push(t.elapsed());
     }
+    rows.push(row("ctr run --rm true", ctr));
     let cri = env.cri().await?;
     let logs = tempfile::Builder::new()
         .prefix("shoji-bench-logs-")
@@ -152,7 +147,9 @@ async fn measure(env: &Env, rt: &Runtime, runs: usize) -> scenario::Result<Sampl
         stopped?;
         removed?;
     }
-    Ok((ctr, start, stop))
+    rows.push(row("CRI run pod+create+start", start));
+    rows.push(row("CRI stop+remove pod", stop));
+    Ok(())
 }
 
 fn ms(d: Duration) -> String {
@@ -166,18 +163,16 @@ async fn main() {
         std::process::exit(2);
     });
     let mut rows = Vec::new();
+    let mut failed = false;
     for (name, rt) in &args.runtimes {
-        let result = bench_runtime(args.version, name, rt, args.runs).await;
+        let result = bench_runtime(args.version, name, rt, args.runs, &mut rows).await;
         for dir in &rt.run_dirs {
             // Empty after the runtime cleaned up; anything left was reported by Env::finish.
             let _ = std::fs::remove_dir(dir);
         }
-        match result {
-            Ok(r) => rows.extend(r),
-            Err(e) => {
-                eprintln!("bench-ctr: runtime {name}: {e}");
-                std::process::exit(1);
-            }
+        if let Err(e) = result {
+            eprintln!("bench-ctr: runtime {name}: {e}");
+            failed = true;
         }
     }
     println!(
@@ -192,7 +187,7 @@ async fn main() {
         let base = rows
             .iter()
             .find(|b| b.op == r.op)
-            .expect("first runtime measured every op");
+            .expect("r itself has this op");
         let ratio = r.stats.1.as_secs_f64() / base.stats.1.as_secs_f64();
         println!(
             "{:<8} {:<26} {:>7} {:>7} {:>7} {:>6.2}",
@@ -203,5 +198,8 @@ async fn main() {
             ms(r.stats.2),
             ratio
         );
+    }
+    if failed {
+        std::process::exit(1);
     }
 }
