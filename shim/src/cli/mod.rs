@@ -269,6 +269,9 @@ pub struct BootSample {
     pub vmm_to_ready_ms: f64,
     /// `Sandbox::start` called → the agent answered its first call (the host's whole cost).
     pub start_to_answer_ms: f64,
+    /// CPU time the VMM had used when the agent answered: under TCG the boot's cost
+    /// independent of how busy the host is (wall-clock times grow with the host's load).
+    pub vmm_cpu_ms: f64,
     pub agent_rss_kib: u64,
     pub guest_used_kib: u64,
     pub guest_total_kib: u64,
@@ -284,6 +287,12 @@ pub async fn bench_once(config: Config, log: Logger) -> Result<BootSample, CliEr
     let measured = async {
         sandbox.agent().health().await?;
         let start_to_answer_ms = ms(started.elapsed());
+        let vmm_cpu_ms = sandbox
+            .vmm_pid()
+            .await
+            .and_then(cpu_time)
+            .map(ms)
+            .unwrap_or(0.0);
         let t = sandbox.boot_times();
         // Let the guest settle (lazy work after boot) before reading memory figures.
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -295,6 +304,7 @@ pub async fn bench_once(config: Config, log: Logger) -> Result<BootSample, CliEr
         Ok::<_, CliError>(BootSample {
             vmm_to_ready_ms: ms(t.agent_ready - t.daemons_ready),
             start_to_answer_ms,
+            vmm_cpu_ms,
             agent_rss_kib: details.agent_rss_bytes / 1024,
             guest_used_kib: details.mem_used_bytes / 1024,
             guest_total_kib: details.mem_total_bytes / 1024,
@@ -330,6 +340,17 @@ fn with_children(pids: &[u32]) -> Vec<u32> {
         }
     }
     all
+}
+
+/// User + system CPU time of a host process.
+fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 (11 and 12 after the command name), in clock ticks.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some(Duration::from_millis(ticks * 1000 / hz))
 }
 
 /// (name, VmRSS in KiB) of a host process.
@@ -370,6 +391,11 @@ pub fn bench_table(samples: &[BootSample]) -> String {
             "sandbox start → agent answers".into(),
             "ms",
             samples.iter().map(|s| s.start_to_answer_ms).collect(),
+        ),
+        (
+            "VMM CPU time until ready".into(),
+            "ms",
+            samples.iter().map(|s| s.vmm_cpu_ms).collect(),
         ),
         (
             "agent RSS (guest)".into(),
