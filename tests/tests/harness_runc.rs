@@ -1,6 +1,6 @@
-//! Proves the containerd/CRI harness with runc on containerd 1.7 and 2.x. The scenarios are runtime-agnostic
-//! (`shoji_tests::scenario`). Tests share /run/containerd/{s,fifo}: `Containerd::start` serialises them with a
-//! host-wide lock.
+//! Proves the containerd/CRI harness with runc on containerd 1.7 and 2.x (and the system's 1.6). The
+//! scenarios are runtime-agnostic (`shoji_tests::scenario`). Tests share /run/containerd/{s,fifo}:
+//! `Containerd::start` serialises them with a host-wide lock (and the nextest group `containerd`).
 
 use shoji_tests::containerd::Version;
 use shoji_tests::leaks::{Scope, Snapshot};
@@ -100,4 +100,15 @@ async fn leak_check_reports_a_left_task_and_teardown_removes_it() {
         Ok(())
     })
     .await
+}
+
+/// Debian bookworm's system containerd (1.6) passes the same scenarios.
+#[tokio::test]
+async fn ctr_run_containerd_1_6() {
+    bounded(ctr_run(Version::V1_6)).await
+}
+
+#[tokio::test]
+async fn cri_pod_containerd_1_6() {
+    bounded(cri_pod(Version::V1_6, 200)).await
 }
