@@ -593,7 +593,12 @@ fn teardown(
             }
         }
     }
-    // 3. Shims that outlived it (they carry `-address <our socket>` on their command line).
+    // 3. Shims that outlived it (they carry `-address <our socket>` on their command line). A shim whose
+    //    last task was just deleted exits by itself shortly: give it a few seconds before SIGKILL.
+    let start = Instant::now();
+    while !processes_with_arg(address).is_empty() && start.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     for shim in processes_with_arg(address) {
         problems.push(format!("killed leftover shim pid {shim}"));
         let _ = kill(Pid::from_raw(shim), Signal::SIGKILL);

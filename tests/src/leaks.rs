@@ -125,15 +125,16 @@ fn processes(scope: &Scope) -> BTreeSet<String> {
     out
 }
 
-/// tap (tun driver) and veth devices, from `ip -d -j link`.
+/// tap (tun driver) and veth devices, from `ip -d -j link`. Panics when `ip` fails.
 fn links() -> BTreeSet<String> {
-    let Ok(out) = std::process::Command::new("ip")
+    // A leak check that silently sees nothing would pass vacuously: fail loudly instead.
+    let out = std::process::Command::new("ip")
         .args(["-d", "-j", "link", "show"])
         .output()
-    else {
-        return BTreeSet::new();
-    };
-    let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        .expect("leak snapshot: cannot run `ip -d -j link show`");
+    let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("leak snapshot: `ip -d -j link show` printed no JSON list: {e}")
+    });
     list.iter()
         .filter_map(|l| {
             let kind = l.pointer("/linkinfo/info_kind").and_then(|k| k.as_str())?;
