@@ -4,7 +4,7 @@
 #
 # Result: ${SHOJI_CACHE:-/var/cache/shoji}/containerd/<version>/usr/bin/{containerd,ctr,...} plus symlinks
 # ${SHOJI_CACHE}/containerd/{1.7,2} -> <version>. Debian bookworm's 1.6 stays at /usr/bin/containerd.
-# Idempotent: a version already unpacked is not downloaded again.
+# Idempotent: a version already unpacked is not downloaded again (no network at all unless `--update`).
 set -euo pipefail
 
 CACHE="${SHOJI_CACHE:-/var/cache/shoji}/containerd"
@@ -57,7 +57,12 @@ fetch_suite() {
 }
 
 for entry in "${SUITES[@]}"; do
-    fetch_suite "${entry%%:*}" "${entry##*:}"
+    alias=${entry##*:}
+    # Offline fast path: already unpacked. `--update` looks for a newer package in the suite.
+    if [ "${1:-}" != --update ] && [ -x "$CACHE/$alias/usr/bin/containerd" ]; then
+        continue
+    fi
+    fetch_suite "${entry%%:*}" "$alias"
 done
 
 # The k8s-cri crate (CRI client in the tests) compiles the CRI proto with protoc.
