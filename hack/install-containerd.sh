@@ -11,6 +11,8 @@ CACHE="${SHOJI_CACHE:-/var/cache/shoji}/containerd"
 SUITES=(trixie:1.7 sid:2)
 
 mkdir -p "$CACHE"
+WORK=$(mktemp -d /tmp/shoji-containerd.XXXXXX)
+trap 'rm -rf "$WORK"' EXIT
 
 # A private apt configuration: its own sources list, lists, caches and status, so `apt-get update` here never
 # changes what the system's apt sees. Only `update`, `show` and `download` run with it (never install).
@@ -30,10 +32,7 @@ apt_private() {
 
 fetch_suite() {
     local suite=$1 alias=$2
-    local tmp
-    tmp=$(mktemp -d "/tmp/shoji-containerd-$suite.XXXXXX")
-    # shellcheck disable=SC2064
-    trap "rm -rf '$tmp'" RETURN
+    local tmp=$WORK/$suite
     mkdir -p "$tmp/state/lists/partial" "$tmp/cache/archives/partial" "$tmp/dl"
     : >"$tmp/state/status"
     echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian $suite main" \
