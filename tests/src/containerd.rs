@@ -387,6 +387,66 @@ impl Containerd {
         })
     }
 
+    /// Like `ctr`, feeding `input` (None: nothing, only the EOF) on ctr's stdin and closing it once the task runs. `ctr run`/`ctr task exec`
+    /// forward stdin and turn its EOF into CloseIO, but only once the task exists: an EOF before that is lost by
+    /// ctr itself. So stdin is closed when `ctr tasks ls` shows a RUNNING task whose id is one of `args` (or
+    /// when ctr exits first); the workload then sees the data and EOF.
+    pub async fn ctr_with_input(
+        &self,
+        namespace: &str,
+        args: &[&str],
+        input: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Result<CtrOutput, Error> {
+        use tokio::io::AsyncWriteExt;
+        let mut cmd = self.ctr_command(namespace, args);
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let run = async {
+            let mut child = cmd.spawn().map_err(io_err("spawn ctr"))?;
+            let mut stdin = child.stdin.take().expect("piped stdin");
+            // Output is drained concurrently so a chatty workload cannot block on a full pipe.
+            let output = tokio::spawn(child.wait_with_output());
+            if let Some(data) = input {
+                stdin
+                    .write_all(data)
+                    .await
+                    .map_err(io_err("write ctr stdin"))?;
+            }
+            while !output.is_finished() && !self.task_running(namespace, args).await? {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            drop(stdin);
+            output
+                .await
+                .expect("ctr output task")
+                .map_err(io_err("wait ctr"))
+        };
+        let out = tokio::time::timeout(timeout, run)
+            .await
+            .map_err(|_| Error::CtrTimeout {
+                args: args.iter().map(|s| s.to_string()).collect(),
+                timeout,
+            })??;
+        Ok(CtrOutput {
+            status: out.status,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    /// Whether `ctr tasks ls` shows a RUNNING task whose id is one of `candidates`.
+    async fn task_running(&self, namespace: &str, candidates: &[&str]) -> Result<bool, Error> {
+        let out = self
+            .ctr_ok(namespace, &["tasks", "ls"], Duration::from_secs(10))
+            .await?;
+        Ok(out.stdout.lines().skip(1).any(|row| {
+            let cols: Vec<&str> = row.split_whitespace().collect();
+            cols.len() >= 3 && cols[2] == "RUNNING" && candidates.contains(&cols[0])
+        }))
+    }
+
     /// This version's `ctr --address <sock> -n <namespace> <args>` for interactive use (e.g. stdin): the caller
     /// sets stdio and bounds it with a timeout; it is killed when dropped.
     pub fn ctr_command(&self, namespace: &str, args: &[&str]) -> Command {

@@ -190,10 +190,24 @@ pub async fn ctr_run_exit_code(env: &Env) -> Result<()> {
     )
 }
 
-/// `ctr run --rm ... cat`: stdin data reaches the workload and closing stdin ends it with 0 (EOF propagated).
-/// Stdin is closed only after the first echo: ctr arms its CloseIO-on-EOF only once the task exists, so an
-/// earlier EOF would be lost by ctr itself.
+/// Stdin through `ctr run --rm`: (1) `cat` echoes a line while stdin is still open (live forwarding), then
+/// ends with 0 once stdin closes (EOF propagated); (2) `wc -c` gets all input and its EOF before it writes
+/// anything. ctr arms its CloseIO-on-EOF only once the task exists, so stdin is closed after the task runs.
 pub async fn ctr_run_stdin_eof(env: &Env) -> Result<()> {
+    let config = config_arg(env);
+    let args = ctr_run_args(env, &config, "ctr-run-wc", &["wc", "-c"]);
+    let input = b"0123456789\n".repeat(1000);
+    let out = env
+        .ctrd
+        .ctr_with_input(CTR_NAMESPACE, &args, Some(&input), env.runtime.call_timeout)
+        .await?;
+    check(out.code() == 0 && out.stdout.trim() == "11000", || {
+        format!("ctr run wc -c: want 11000 bytes counted after EOF; got {out:?}")
+    })?;
+    ctr_run_cat_live(env).await
+}
+
+async fn ctr_run_cat_live(env: &Env) -> Result<()> {
     use std::process::Stdio;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let config = config_arg(env);
