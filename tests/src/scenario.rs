@@ -129,6 +129,15 @@ impl Env {
         net_down?;
         Ok(())
     }
+
+    /// Ends a test: `scenario`'s error (if any) with containerd's log tail attached, else `finish`'s; the leak
+    /// check and teardown run either way.
+    pub async fn conclude(self, scenario: Result<()>) -> Result<()> {
+        let log = self.ctrd.log_tail();
+        let finished = self.finish().await;
+        scenario.map_err(|e| format!("{e}\n--- containerd log tail ---\n{log}"))?;
+        finished
+    }
 }
 
 fn check(cond: bool, what: impl FnOnce() -> String) -> Result<()> {

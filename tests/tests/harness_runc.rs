@@ -24,15 +24,13 @@ async fn ctr_run(version: Version) -> scenario::Result<()> {
         scenario::ctr_run_stdin_eof(&env).await
     }
     .await;
-    let finished = env.finish().await;
-    r.and(finished)
+    env.conclude(r).await
 }
 
 async fn cri_pod(version: Version, network: u8) -> scenario::Result<()> {
     let env = Env::start(version, &Runtime::runc(), Some(network)).await?;
     let r = scenario::cri_pod_lifecycle(&env).await;
-    let finished = env.finish().await;
-    r.and(finished)
+    env.conclude(r).await
 }
 
 #[tokio::test]

@@ -97,8 +97,7 @@ async fn bench_runtime(
 ) -> scenario::Result<()> {
     let env = Env::start(version, rt, Some(231)).await?;
     let result = measure(&env, name, rt, runs, rows).await;
-    let finished = env.finish().await;
-    result.and(finished)
+    env.conclude(result).await
 }
 
 async fn measure(
