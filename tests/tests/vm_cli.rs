@@ -72,17 +72,16 @@ async fn vm_run_reports_a_missing_kernel_in_one_line() {
     env.assert_no_leak().await;
 }
 
-#[tokio::test]
-async fn vm_run_is_torn_down_on_sigterm() {
-    let env = TestEnv::new("cli-sigterm").await;
-    let child = shoji(&env)
+/// Starts `shoji vm run -- sleep 1000` and returns once its guest is up.
+fn start_sleeping_vm(env: &TestEnv) -> std::process::Child {
+    let child = shoji(env)
         .args(["vm", "run", "--", "sleep", "1000"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait until the VM is up (its sandbox directory has a console log with content).
+    // The VM is up once its console log has content; give the agent time to start the container.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
         let booted = std::fs::read_dir(&env.run_dir).unwrap().flatten().any(|e| {
@@ -99,6 +98,13 @@ async fn vm_run_is_torn_down_on_sigterm() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     std::thread::sleep(std::time::Duration::from_secs(2));
+    child
+}
+
+#[tokio::test]
+async fn vm_run_is_torn_down_on_sigterm() {
+    let env = TestEnv::new("cli-sigterm").await;
+    let child = start_sleeping_vm(&env);
     // SAFETY: kill(2) on our child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let out = child.wait_with_output().unwrap();
@@ -109,5 +115,47 @@ async fn vm_run_is_torn_down_on_sigterm() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("SIGTERM"));
+    env.assert_no_leak().await;
+}
+
+#[tokio::test]
+async fn cleanup_removes_what_a_killed_runtime_left() {
+    let env = TestEnv::new("cli-cleanup").await;
+    let mut child = start_sleeping_vm(&env);
+    // SIGKILL: no teardown at all. The VMM and daemons live on in their own process groups.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let ids: Vec<String> = std::fs::read_dir(&env.run_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    let pids = std::fs::read_to_string(env.run_dir.join(&ids[0]).join("state.json")).unwrap();
+    assert!(pids.contains("qemu"), "state.json records the VMM: {pids}");
+    let state: serde_json::Value = serde_json::from_str(&pids).unwrap();
+    let alive = state["pids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| std::path::Path::new(&format!("/proc/{}", p["pid"])).exists())
+        .count();
+    assert!(
+        alive >= 3,
+        "the killed runtime left its VMM and daemons running: {pids}"
+    );
+    let out = shoji(&env).args(["cleanup", &ids[0]]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Cleaning up again is fine: already gone is success.
+    let again = shoji(&env).args(["cleanup", &ids[0]]).output().unwrap();
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
     env.assert_no_leak().await;
 }

@@ -289,3 +289,75 @@ async fn bad_input_is_refused_and_the_agent_survives() {
     agent.health().await.expect("agent alive after bad input");
     finish(env, sandbox).await;
 }
+
+#[tokio::test]
+async fn volumes_mounted_after_boot_reach_the_guest_and_read_only_holds() {
+    let env = TestEnv::new("volumes").await;
+    let sandbox = env.start("volumes").await;
+    let host = env.run_dir.join("volume-src");
+    std::fs::create_dir_all(host.join("ro")).unwrap();
+    std::fs::create_dir_all(host.join("rw")).unwrap();
+    std::fs::write(host.join("ro/hello"), "from the host\n").unwrap();
+    // Mounted under the shared directory after virtiofsd started: must still propagate.
+    let ro = sandbox
+        .mount_volume("c1", "ro", &host.join("ro"), true)
+        .unwrap();
+    let rw = sandbox
+        .mount_volume("c1", "rw", &host.join("rw"), false)
+        .unwrap();
+    let root = sandbox
+        .mount_rootfs(
+            "c1",
+            &[shoji::sandbox::Mount::host_dir(
+                &shoji_tests::vm::busybox_rootfs(),
+                true,
+            )],
+        )
+        .unwrap();
+    let mut spec = shoji::cli::spec::container_spec(
+        &[
+            "sh".to_string(),
+            "-c".into(),
+            "cat /ro/hello; touch /ro/x 2>/dev/null && echo ro-writable; echo written > /rw/out"
+                .into(),
+        ],
+        false,
+        "c1",
+    );
+    for (src, dst, opts) in [
+        (&ro, "/ro", vec!["rbind", "ro"]),
+        (&rw, "/rw", vec!["rbind", "rw"]),
+    ] {
+        spec["mounts"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({ "destination": dst, "type": "bind", "source": src, "options": opts }));
+    }
+    sandbox
+        .agent()
+        .create_container(shoji_agent_api::types::CreateContainerRequest {
+            container_id: "c1".into(),
+            spec_json: serde_json::to_vec(&spec).unwrap(),
+            rootfs: Some(shoji_agent_api::types::Rootfs {
+                source: root,
+                guest_overlay: true,
+                ..Default::default()
+            })
+            .into(),
+            stdin: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let out = run_process(sandbox.agent(), "c1", "", b"", false).await;
+    assert_eq!(out.stdout(), "from the host\n", "stderr: {}", out.stderr());
+    assert_eq!(out.status, 0);
+    assert_eq!(
+        std::fs::read_to_string(host.join("rw/out")).unwrap(),
+        "written\n"
+    );
+    assert!(!host.join("ro/x").exists());
+    remove_container(&sandbox, "c1").await;
+    std::fs::remove_dir_all(&host).unwrap();
+    finish(env, sandbox).await;
+}
