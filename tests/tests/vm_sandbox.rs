@@ -361,3 +361,23 @@ async fn volumes_mounted_after_boot_reach_the_guest_and_read_only_holds() {
     std::fs::remove_dir_all(&host).unwrap();
     finish(env, sandbox).await;
 }
+
+#[tokio::test]
+async fn vmm_death_is_reported_and_stop_still_cleans_up() {
+    let env = TestEnv::new("vmmdeath").await;
+    let sandbox = env.start("vmmdeath").await;
+    let pid = sandbox.vmm_pid().await.expect("VMM pid");
+    // SAFETY: kill(2) on the VMM this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let exit = tokio::time::timeout(Duration::from_secs(10), sandbox.wait_exit())
+        .await
+        .expect("exit noticed");
+    assert_eq!(exit.status, Some(137), "{exit:?}");
+    assert!(!exit.reason.is_empty());
+    // The agent is gone with it: calls fail instead of hanging.
+    let err = tokio::time::timeout(Duration::from_secs(40), sandbox.agent().health())
+        .await
+        .expect("no hang");
+    assert!(err.is_err());
+    finish(env, sandbox).await;
+}
