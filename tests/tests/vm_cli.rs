@@ -159,3 +159,23 @@ async fn cleanup_removes_what_a_killed_runtime_left() {
     );
     env.assert_no_leak().await;
 }
+
+#[tokio::test]
+async fn vm_run_tty_on_a_terminal() {
+    let env = TestEnv::new("cli-tty").await;
+    // script(1) gives `shoji` a real terminal as stdin/stdout (raw mode, window size).
+    let cmd = format!(
+        "{} vm run --tty -- sh -c 'test -t 0 && test -t 1 && echo tty-ok; exit 3'",
+        shoji_tests::bins::binary("shoji").display()
+    );
+    let out = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .env("SHOJI_RUN_DIR", &env.run_dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("tty-ok\r\n"), "{stdout:?}");
+    assert_eq!(out.status.code(), Some(3), "{stdout:?}");
+    env.assert_no_leak().await;
+}

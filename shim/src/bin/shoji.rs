@@ -111,9 +111,17 @@ fn fail(message: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(EXIT_RUNTIME_ERROR)
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let args = Args::parse();
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let code = runtime.block_on(run(args));
+    // A blocking read of a terminal stdin (forwarded to the container) never ends by
+    // itself: do not wait for it.
+    runtime.shutdown_background();
+    code
+}
+
+async fn run(args: Args) -> ExitCode {
     let (log, config) = match (logger(&args), load_config(&args)) {
         (Ok(l), Ok(c)) => (l, c),
         (Err(e), _) | (_, Err(e)) => return fail(e),
