@@ -61,7 +61,10 @@ else
   (cd "$root" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0) | "${compress[@]}" >"$stage/initramfs.img"
   mkdir -p "$out"
   mv "$stage/initramfs.img" "$img.tmp" && mv "$img.tmp" "$img"
-  log "built: $img ($(stat -c %s "$img") bytes, $compression; agent $(stat -c %s "$bin") bytes)"
+  log "built: $img ($(stat -c %s "$img") bytes, $compression; /init $(stat -c %s "$root/init") bytes)"
 fi
 ln -sfn "$img" "$cache/initramfs.img"
+# Keep the three most recent builds (a VM may still be booting from the previous one).
+touch "$out"
+ls -1dt "$cache"/initramfs/*/ 2>/dev/null | tail -n +4 | xargs -r rm -rf
 echo "$img"
