@@ -122,43 +122,54 @@ fn mount_err(op: impl Into<String>, target: &Path) -> impl FnOnce(nix::Error) ->
     }
 }
 
-/// The directory exported to the guest: its own shared mount point (bind D D, make it
+/// The directory shared with the guest: its own shared mount point (bind D D, make it
 /// private, then shared), so rootfs and volume mounts added under it later propagate into
 /// virtiofsd's mount namespace (REFERENCE §2). Mount everything under it before telling
 /// the agent, so the guest never caches an empty directory.
+///
+/// virtiofsd exports a second view of it ([`SharedDir::export`]): a read-only slave bind
+/// made before any container mount. Mounts added to D propagate into the view with their
+/// own flags (a read-write volume stays writable), but the guest cannot create, change or
+/// remove anything in D itself.
 #[derive(Debug)]
 pub struct SharedDir {
     path: PathBuf,
+    export: PathBuf,
 }
 
 impl SharedDir {
-    /// Creates `path` and makes it a shared mount point. Call before virtiofsd starts.
-    pub fn create(path: &Path) -> Result<SharedDir, MountError> {
-        std::fs::create_dir_all(path).map_err(|source| MountError {
-            op: "mkdir".into(),
-            target: path.into(),
-            source,
-        })?;
-        mount(
-            Some(path),
-            path,
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .map_err(mount_err("bind", path))?;
-        let dir = SharedDir {
-            path: path.to_path_buf(),
-        };
-        for (op, flag) in [
-            ("make-private", MsFlags::MS_PRIVATE),
-            ("make-shared", MsFlags::MS_SHARED),
-        ] {
-            // On error `dir` is dropped unmounted by the caller's teardown (unmount_tree).
-            mount(None::<&str>, path, None::<&str>, flag, None::<&str>)
-                .map_err(mount_err(op, path))?;
+    /// Creates `path` as a shared mount point and `export` as its read-only view. Call
+    /// before virtiofsd starts. On error, what was mounted stays for the caller's teardown
+    /// ([`unmount_tree`] of a parent directory).
+    pub fn create(path: &Path, export: &Path) -> Result<SharedDir, MountError> {
+        for dir in [path, export] {
+            std::fs::create_dir_all(dir).map_err(|source| MountError {
+                op: "mkdir".into(),
+                target: dir.into(),
+                source,
+            })?;
         }
-        Ok(dir)
+        let none = None::<&str>;
+        mount(Some(path), path, none, MsFlags::MS_BIND, none).map_err(mount_err("bind", path))?;
+        mount(none, path, none, MsFlags::MS_PRIVATE, none)
+            .map_err(mount_err("make-private", path))?;
+        mount(none, path, none, MsFlags::MS_SHARED, none)
+            .map_err(mount_err("make-shared", path))?;
+        mount(Some(path), export, none, MsFlags::MS_BIND, none)
+            .map_err(mount_err("bind", export))?;
+        mount(none, export, none, MsFlags::MS_SLAVE, none)
+            .map_err(mount_err("make-slave", export))?;
+        let ro = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+        mount(none, export, none, ro, none).map_err(mount_err("remount read-only", export))?;
+        Ok(SharedDir {
+            path: path.to_path_buf(),
+            export: export.to_path_buf(),
+        })
+    }
+
+    /// The read-only view to hand to virtiofsd.
+    pub fn export(&self) -> &Path {
+        &self.export
     }
 
     pub fn path(&self) -> &Path {
@@ -214,17 +225,23 @@ impl SharedDir {
         Ok(target)
     }
 
-    /// Unmounts everything under the shared directory and the directory itself, then removes it.
+    /// Unmounts the view, everything under the shared directory and the directory itself,
+    /// then removes both.
     pub fn destroy(&self) -> Result<(), MountError> {
-        unmount_tree(&self.path)?;
-        match std::fs::remove_dir_all(&self.path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(MountError {
-                op: "remove".into(),
-                target: self.path.clone(),
-                source: e,
-            }),
-            _ => Ok(()),
+        for dir in [&self.export, &self.path] {
+            unmount_tree(dir)?;
+            match std::fs::remove_dir_all(dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(MountError {
+                        op: "remove".into(),
+                        target: dir.clone(),
+                        source: e,
+                    })
+                }
+                _ => {}
+            }
         }
+        Ok(())
     }
 }
 

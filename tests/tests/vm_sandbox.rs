@@ -298,6 +298,21 @@ async fn volumes_mounted_after_boot_reach_the_guest_and_read_only_holds() {
     std::fs::create_dir_all(host.join("ro")).unwrap();
     std::fs::create_dir_all(host.join("rw")).unwrap();
     std::fs::write(host.join("ro/hello"), "from the host\n").unwrap();
+    // virtiofsd exports a read-only view of the shared directory.
+    let export = sandbox.dir().join("export").display().to_string();
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let view = mountinfo
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(export.as_str()))
+        .expect("export view mounted");
+    assert!(
+        view.split(' ')
+            .nth(5)
+            .unwrap()
+            .split(',')
+            .any(|o| o == "ro"),
+        "{view}"
+    );
     // Mounted under the shared directory after virtiofsd started: must still propagate.
     let ro = sandbox
         .mount_volume("c1", "ro", &host.join("ro"), true)

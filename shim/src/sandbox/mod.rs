@@ -1,7 +1,8 @@
 //! One sandbox (pod) = one microVM, from boot to teardown. Used by the containerd Task
 //! service and by `shoji vm run`.
 //!
-//! Start: `<run dir>/<id>/` → `shared/` as its own shared mount → ready listener → driver
+//! Start: `<run dir>/<id>/` → `shared/` as its own shared mount, exported read-only as
+//! `export/` (see [`SharedDir`]) → ready listener → driver
 //! prepare (device daemons) + start (VMM) → the agent announces itself → dial the agent.
 //! Any failure tears down whatever was created. Stop reverses it: agent Shutdown → VMM →
 //! daemons → mounts → the directory. Everything created is recorded in `state.json` so
@@ -428,7 +429,11 @@ impl Boot {
     ) -> Result<(AgentClient, watch::Receiver<bool>, BootTimes)> {
         let c = &cfg.config;
         self.persist();
-        self.shared = Some(SharedDir::create(&self.dir.join("shared"))?);
+        let shared = self.shared.insert(SharedDir::create(
+            &self.dir.join("shared"),
+            &self.dir.join("export"),
+        )?);
+        let export = shared.export().to_path_buf();
         let vsock = self.dir.join("vsock.sock");
         let ready = ReadyListener::bind(&vsock)?;
         let spec = VmSpec {
@@ -442,7 +447,7 @@ impl Boot {
             memory_mib: cfg.memory_mib,
             share: Some(ShareDevice {
                 tag: SHARE_TAG.into(),
-                shared_dir: self.dir.join("shared"),
+                shared_dir: export,
                 socket: self.dir.join("virtiofsd.sock"),
                 virtiofsd: c.virtiofsd.path.clone(),
                 cache: c.virtiofsd.cache.clone(),
