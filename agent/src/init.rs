@@ -52,9 +52,25 @@ impl Cmdline {
     }
 }
 
+/// Milliseconds spent in each phase of bring-up, logged with readiness.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct BootTimes {
+    /// From the first run's start to the second run's start (the switch to a tmpfs root).
+    pub root_switch_ms: Option<f64>,
+    pub mounts_ms: f64,
+    pub share_ms: f64,
+    /// The second run's start to serving (mounts, share, runtime, lo).
+    pub init_ms: f64,
+}
+
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
+}
+
 /// PID 1's whole life; never returns (the VM powers off).
 pub fn run() -> ! {
     let started = Instant::now();
+    let mut times = BootTimes::default();
     let switch_started_us = match std::env::var(ROOT_SWITCHED_ENV) {
         Ok(v) => v.parse::<u64>().ok(),
         Err(_) => {
@@ -64,13 +80,14 @@ pub fn run() -> ! {
             unreachable!("switch_root returns only on error");
         }
     };
+    times.root_switch_ms = switch_started_us.map(|t| now_us().saturating_sub(t) as f64 / 1000.0);
     tune_malloc();
     if let Err(e) = mount_basics() {
         panic!("shoji-agent: mounting the basic filesystems failed: {e}");
     }
+    times.mounts_ms = ms_since(started);
     let cmdline = Cmdline::parse(&fs::read_to_string("/proc/cmdline").unwrap_or_default());
     crate::logger::init(cmdline.log_level.as_deref().unwrap_or("info"));
-    let switch_ms = switch_started_us.map(|t| now_us().saturating_sub(t) as f64 / 1000.0);
 
     if let Err(e) = cgroup::init_root() {
         error!(log(), "cgroup setup failed, containers will not run"; "error" => %e);
@@ -81,9 +98,11 @@ pub fn run() -> ! {
         }
     }
     if let Some(tag) = &cmdline.share_tag {
+        let t = Instant::now();
         if let Err(e) = mount_share(tag) {
             error!(log(), "mounting the shared directory failed"; "tag" => tag, "error" => %e);
         }
+        times.share_ms = ms_since(t);
     }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -96,8 +115,8 @@ pub fn run() -> ! {
         if let Err(e) = network::loopback_up().await {
             warn!(log(), "bringing up lo failed"; "error" => %e);
         }
-        let prepared_ms = started.elapsed().as_secs_f64() * 1000.0;
-        server::serve(switch_ms, prepared_ms).await
+        times.init_ms = ms_since(started);
+        server::serve(times).await
     });
     match result {
         Ok(()) => info!(log(), "shutdown requested, powering off"),

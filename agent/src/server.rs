@@ -14,7 +14,9 @@ use tokio_vsock::{VsockAddr, VsockListener, VsockStream, VMADDR_CID_ANY, VMADDR_
 use ttrpc::{r#async::TtrpcContext, Code};
 
 use crate::{
-    guest, io,
+    guest,
+    init::BootTimes,
+    io,
     logger::log,
     network,
     oom::OomWatcher,
@@ -248,7 +250,7 @@ fn uptime_ms() -> f64 {
 }
 
 /// Serves until Shutdown (Ok) or until a listener fails (Err).
-pub async fn serve(switch_ms: Option<f64>, prepared_ms: f64) -> Result<(), ServeError> {
+pub async fn serve(boot: BootTimes) -> Result<(), ServeError> {
     let reaper = Reaper::start().map_err(ServeError::Reaper)?;
     let oom = OomWatcher::start().map_err(ServeError::Oom)?;
     let sandbox = Arc::new(Sandbox::new(reaper, oom));
@@ -290,7 +292,8 @@ pub async fn serve(switch_ms: Option<f64>, prepared_ms: f64) -> Result<(), Serve
     let ready = announce_ready().await;
     if ready {
         info!(log(), "agent ready";
-            "since_boot_ms" => uptime_ms(), "root_switch_ms" => switch_ms, "init_ms" => prepared_ms, "seccomp" => "libseccomp, linked statically");
+            "since_boot_ms" => uptime_ms(), "root_switch_ms" => boot.root_switch_ms, "mounts_ms" => boot.mounts_ms,
+            "share_ms" => boot.share_ms, "init_ms" => boot.init_ms, "seccomp" => "libseccomp, linked statically");
     } else {
         error!(log(), "could not announce readiness to the host"; "port" => READY_PORT);
     }
