@@ -3,8 +3,8 @@
 //! Each process gets one agent stream per stdio stream (or one `tty` stream). Output is
 //! copied as raw bytes until the agent closes the stream (it does so once the process's
 //! pipe reached EOF), so the last bytes before exit arrive before the exit is reported.
-//! stdin is forwarded in frames; end-of-input is sent when containerd calls CloseIO (its
-//! clients do so after closing their end of the FIFO).
+//! stdin is forwarded in frames; end-of-input is sent when containerd's writer closes the
+//! FIFO, or on CloseIO (whichever comes first).
 use std::{path::Path, sync::Arc};
 
 use shoji_agent_api::stream::{self, StreamKind};
@@ -88,7 +88,7 @@ impl ProcessIo {
                     ));
                 }
                 StreamKind::Stdin => {
-                    let source = open_input(&paths.stdin)?;
+                    let source = plain_path(&paths.stdin)?.to_string();
                     tokio::spawn(copy_in(source, conn, stdin_closed.clone(), log.clone()));
                 }
                 StreamKind::Tty => {
@@ -96,7 +96,7 @@ impl ProcessIo {
                     let (rd, wr) = conn.into_split();
                     output.spawn(copy_out(rd, sink, log.new(slog::o!("stream" => "tty"))));
                     if paths.has_stdin() {
-                        let source = open_input(&paths.stdin)?;
+                        let source = plain_path(&paths.stdin)?.to_string();
                         tokio::spawn(copy_in(source, wr, stdin_closed.clone(), log.clone()));
                     }
                 }
@@ -150,17 +150,29 @@ async fn open_output(path: &str) -> Result<Sink, IoError> {
     }
 }
 
-fn open_input(path: &str) -> Result<pipe::Receiver, IoError> {
-    let path = plain_path(path)?;
-    // Read-write: the FIFO does not report EOF before containerd's writer opened it; the
-    // end of input is signalled by CloseIO instead.
-    pipe::OpenOptions::new()
-        .read_write(true)
-        .open_receiver(path)
-        .map_err(|source| IoError::Open {
-            path: path.to_string(),
-            source,
-        })
+/// Opens containerd's stdin FIFO for reading once its writer is there (a blocking open, as
+/// containerd's own shims do), so EOF means the writer closed it. CloseIO before that
+/// unblocks the open by briefly becoming a writer. Returns the FIFO and whether CloseIO
+/// already came.
+async fn open_input(path: &str, closed: &Notify) -> std::io::Result<(pipe::Receiver, bool)> {
+    let owned = path.to_string();
+    let mut opening = tokio::task::spawn_blocking(move || std::fs::File::open(owned));
+    let opened = tokio::select! {
+        biased;
+        r = &mut opening => Some(r),
+        _ = closed.notified() => {
+            use std::os::unix::fs::OpenOptionsExt;
+            let _ = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(path);
+            None
+        }
+    };
+    // When CloseIO came first, the open was unblocked just now: it returns at once.
+    let (file, close_io) = match opened {
+        Some(r) => (r, false),
+        None => (opening.await, true),
+    };
+    let file = file.map_err(std::io::Error::other)??;
+    Ok((pipe::Receiver::from_file(file)?, close_io))
 }
 
 fn plain_path(uri: &str) -> Result<&str, IoError> {
@@ -188,36 +200,28 @@ async fn copy_out<R: AsyncRead + Unpin>(mut from: R, mut to: Sink, log: Logger) 
     let _ = to.flush().await;
 }
 
-async fn copy_in<W: AsyncWrite + Unpin>(
-    mut from: pipe::Receiver,
-    mut to: W,
-    closed: Arc<Notify>,
-    log: Logger,
-) {
+async fn copy_in<W: AsyncWrite + Unpin>(path: String, mut to: W, closed: Arc<Notify>, log: Logger) {
     let mut buf = vec![0u8; 32 * 1024];
     let result: Result<(), stream::StreamError> = async {
-        loop {
+        let (mut from, mut close_io) = open_input(&path, &closed).await?;
+        while !close_io {
             tokio::select! {
                 biased;
-                n = from.read(&mut buf) => {
-                    let n = n?;
-                    if n == 0 {
-                        break;
-                    }
-                    stream::write_frame(&mut to, &buf[..n]).await?;
-                }
-                _ = closed.notified() => {
-                    // Forward whatever is still buffered in the FIFO, then end the input. A
-                    // raw non-blocking read: tokio's try_read reports WouldBlock until its
-                    // reactor has seen the FIFO readable, even with data waiting.
-                    loop {
-                        match nix::unistd::read(&from, &mut buf) {
-                            Ok(0) | Err(nix::errno::Errno::EAGAIN) => break,
-                            Ok(n) => stream::write_frame(&mut to, &buf[..n]).await?,
-                            Err(e) => return Err(std::io::Error::from(e).into()),
-                        }
-                    }
-                    break;
+                n = from.read(&mut buf) => match n? {
+                    0 => break,
+                    n => stream::write_frame(&mut to, &buf[..n]).await?,
+                },
+                _ = closed.notified() => close_io = true,
+            }
+        }
+        if close_io {
+            // Forward whatever is still buffered in the FIFO. A raw non-blocking read: tokio's
+            // try_read reports WouldBlock until its reactor has seen the FIFO readable.
+            loop {
+                match nix::unistd::read(&from, &mut buf) {
+                    Ok(0) | Err(nix::errno::Errno::EAGAIN) => break,
+                    Ok(n) => stream::write_frame(&mut to, &buf[..n]).await?,
+                    Err(e) => return Err(std::io::Error::from(e).into()),
                 }
             }
         }
@@ -231,6 +235,8 @@ async fn copy_in<W: AsyncWrite + Unpin>(
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]
@@ -270,35 +276,60 @@ mod tests {
         ));
     }
 
-    #[tokio::test]
-    async fn stdin_is_framed_and_ends_on_close() {
-        let dir = std::env::temp_dir().join(format!("shoji-io-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let fifo = dir.join("stdin");
-        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
-        let (agent_side, shim_side) = UnixStream::pair().unwrap();
-        let paths = StdioPaths {
-            stdin: fifo.to_str().unwrap().into(),
-            ..Default::default()
-        };
+    async fn stdin_frames(
+        paths: &StdioPaths,
+        write: Option<&'static [u8]>,
+        close_io: bool,
+    ) -> Vec<u8> {
+        let (mut agent_side, shim_side) = UnixStream::pair().unwrap();
         let log = Logger::root(slog::Discard, slog::o!());
-        let io = ProcessIo::start(&paths, vec![(StreamKind::Stdin, shim_side)], &log)
+        let io = ProcessIo::start(paths, vec![(StreamKind::Stdin, shim_side)], &log)
             .await
             .unwrap();
-        let mut writer = pipe::OpenOptions::new().open_sender(&fifo).unwrap();
-        writer.write_all(b"hello").await.unwrap();
-        drop(writer);
-        io.close_stdin();
-        let mut agent_side = agent_side;
-        let mut got = Vec::new();
-        let mut frame = Vec::new();
+        if let Some(data) = write {
+            // A blocking open, as containerd's clients do: it waits for the shim's reader.
+            let fifo = paths.stdin.clone();
+            tokio::task::spawn_blocking(move || std::fs::write(fifo, data))
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        if close_io {
+            io.close_stdin();
+        }
+        let (mut got, mut frame) = (Vec::new(), Vec::new());
         while stream::read_frame(&mut agent_side, &mut frame)
             .await
             .unwrap()
         {
             got.extend_from_slice(&frame);
         }
-        assert_eq!(got, b"hello");
+        got
+    }
+
+    #[tokio::test]
+    async fn stdin_is_framed_and_ends_on_writer_close_or_close_io() {
+        let dir = std::env::temp_dir().join(format!("shoji-io-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("stdin");
+        let paths = StdioPaths {
+            stdin: fifo.to_str().unwrap().into(),
+            ..Default::default()
+        };
+        for (write, close_io, want) in [
+            (Some(&b"hello"[..]), false, &b"hello"[..]),
+            (Some(b"again"), true, b"again"),
+            (None, true, b""),
+        ] {
+            nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+            let got = tokio::time::timeout(
+                Duration::from_secs(10),
+                stdin_frames(&paths, write, close_io),
+            )
+            .await;
+            assert_eq!(got.expect("end of input was not delivered"), want);
+            std::fs::remove_file(&fifo).unwrap();
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
