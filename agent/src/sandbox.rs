@@ -588,6 +588,11 @@ impl Sandbox {
         if let Err(e) = rootfs::teardown(dir) {
             warn!(log(), "removing the container's files failed"; "container" => id, "error" => %e);
         }
+        // virtiofsd keeps an fd for every inode the guest still caches, and the host
+        // cannot unmount the container's rootfs under the share until they are forgotten.
+        if let Err(e) = fs::write("/proc/sys/vm/drop_caches", "2") {
+            debug!(log(), "dropping dentry and inode caches failed"; "error" => %e);
+        }
     }
 
     pub async fn pause(&self, id: &str, frozen: bool) -> Result<(), AgentError> {
