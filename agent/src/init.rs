@@ -105,8 +105,10 @@ pub fn run() -> ! {
         times.share_ms = ms_since(t);
     }
 
+    // One worker per vCPU (at most two): the agent mostly waits.
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(2));
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(workers)
         .max_blocking_threads(8)
         .enable_all()
         .build()
