@@ -75,8 +75,8 @@ where
         let (env, r) = scenario(env).await;
         let log = env.ctrd.log_tail();
         let finished = env.finish().await;
-        r.map_err(|e| format!("{e}\n--- containerd log ---\n{log}"))?;
-        finished
+        r.and(finished)
+            .map_err(|e| format!("{e}\n--- containerd log ---\n{log}").into())
     })
     .await
 }

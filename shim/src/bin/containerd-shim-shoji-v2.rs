@@ -34,4 +34,6 @@ fn main() {
         RUNTIME_TYPE,
         Some(bootstrap::shim_config()),
     ));
+    // Blocking work still pending (e.g. a FIFO open nobody answers) must not keep the shim alive.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
 }

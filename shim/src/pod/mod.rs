@@ -546,7 +546,8 @@ impl Pod {
                 r = sandbox.agent().wait_oom_event() => match r {
                     Ok(container_id) => self.events.task_oom(TaskOOM { container_id, ..Default::default() }),
                     Err(e) => {
-                        warn!(self.log, "OOM event stream ended"; "error" => %e);
+                        // Normal when the VM shuts down: the agent closes its connection first.
+                        info!(self.log, "OOM event stream ended"; "error" => %e);
                         return;
                     }
                 }
@@ -689,6 +690,17 @@ impl Pod {
         }
         let exit = process.exit().unwrap_or_else(|| Exit::now(0));
         let pid = self.vmm_pid().await;
+        // Releases a stdin FIFO whose writer never came (its open would block forever).
+        let released = if exec_id.is_empty() {
+            container.all_processes()
+        } else {
+            vec![process.clone()]
+        };
+        for p in released {
+            if let Some(io) = p.io() {
+                io.close_stdin();
+            }
+        }
         if !exec_id.is_empty() {
             container.execs.lock().unwrap().remove(exec_id);
             return Ok(exit);
