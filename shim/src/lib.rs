@@ -7,6 +7,7 @@ pub mod check;
 pub mod cli;
 pub mod config;
 pub mod events;
+pub mod host_cgroup;
 pub mod hypervisor;
 pub mod io;
 pub mod kvm;

@@ -42,7 +42,7 @@ impl TaskService {
             PodError::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
             PodError::Unsupported(_) => Code::UNIMPLEMENTED,
             PodError::Agent(a) => a.code().unwrap_or(Code::INTERNAL),
-            PodError::Sandbox(_) | PodError::Network(_) => Code::INTERNAL,
+            PodError::Sandbox(_) | PodError::Network(_) | PodError::Cgroup(_) => Code::INTERNAL,
         };
         if code == Code::NOT_FOUND {
             debug!(self.log, "request failed"; "call" => call, "id" => id, "error" => %e);

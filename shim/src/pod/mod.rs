@@ -36,6 +36,7 @@ use crate::{
     bootstrap::SANDBOX_DIR_FILE,
     config::Config,
     events::EventSender,
+    host_cgroup::{self, CgroupError, PodCgroup},
     io::{IoError, ProcessIo, StdioPaths},
     network::{self, NetworkError, PodNetwork},
     sandbox::{Mount, Sandbox, SandboxConfig, SandboxError},
@@ -80,6 +81,8 @@ pub enum PodError {
     Io(#[from] IoError),
     #[error(transparent)]
     Network(#[from] NetworkError),
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
 }
 
 pub type Result<T, E = PodError> = std::result::Result<T, E>;
@@ -158,6 +161,8 @@ pub struct Pod {
     owner: Mutex<Option<String>>,
     /// The pod's network namespace and what was set up in it for the VM.
     network: Mutex<Option<(PathBuf, PodNetwork)>>,
+    /// The host cgroup holding the shim, the VMM and its daemons.
+    cgroup: Mutex<Option<PodCgroup>>,
     containers: Mutex<HashMap<String, Arc<Container>>>,
 }
 
@@ -170,6 +175,7 @@ impl Pod {
             sandbox: OnceCell::new(),
             owner: Mutex::new(None),
             network: Mutex::new(None),
+            cgroup: Mutex::new(None),
             containers: Mutex::new(HashMap::new()),
         })
     }
@@ -296,6 +302,16 @@ impl Pod {
             cfg.nets = net.devices.clone();
         }
         info!(self.log, "booting the pod's VM"; "sandbox" => &sandbox_id, "vcpus" => size.vcpus, "memory_mib" => size.memory_mib, "nics" => cfg.nets.len());
+        // The VMM and its daemons are born in the pod cgroup: the shim joins it first.
+        let cgroups_path = spec.linux().as_ref().and_then(|l| l.cgroups_path().clone());
+        let cgroup = match cgroups_path
+            .as_ref()
+            .and_then(|p| p.to_str())
+            .filter(|p| host_cgroup::supported(p))
+        {
+            Some(path) => Some(PodCgroup::enter(path, std::process::id()).await?),
+            None => None,
+        };
         let started = async {
             let sandbox = Sandbox::start(cfg, self.log.clone()).await?;
             if let Some((_, net)) = &network {
@@ -313,10 +329,14 @@ impl Pod {
                 if let Some((netns, net)) = &network {
                     network::teardown(netns, net).await;
                 }
+                if let Some(cg) = &cgroup {
+                    let _ = cg.leave().await;
+                }
                 return Err(e);
             }
         };
         *self.network.lock().unwrap() = network;
+        *self.cgroup.lock().unwrap() = cgroup;
         if self.sandbox.set(sandbox.clone()).is_err() {
             // Two concurrent Creates both booted a VM: keep the first.
             let _ = sandbox.stop().await;
@@ -745,6 +765,12 @@ impl Pod {
         let network = self.network.lock().unwrap().take();
         if let Some((netns, net)) = network {
             network::teardown(&netns, &net).await;
+        }
+        let cgroup = self.cgroup.lock().unwrap().take();
+        if let Some(cg) = cgroup {
+            if let Err(e) = cg.leave().await {
+                warn!(self.log, "removing the pod cgroup failed"; "error" => %e);
+            }
         }
     }
 
