@@ -35,6 +35,7 @@ pub const RUNTIME_TYPE: &str = "io.containerd.shoji.v2";
 pub const SANDBOX_DIR_FILE: &str = "shoji-sandbox-dir";
 
 pub struct ShojiShim {
+    started: std::time::Instant,
     namespace: String,
     id: String,
     exit: Arc<ExitSignal>,
@@ -81,6 +82,7 @@ impl Shim for ShojiShim {
 
     async fn new(_runtime_id: &str, flags: &Flags, _config: &mut ShimConfig) -> Self {
         ShojiShim {
+            started: std::time::Instant::now(),
             namespace: flags.namespace.clone(),
             id: flags.id.clone(),
             exit: Arc::new(ExitSignal::default()),
@@ -141,7 +143,7 @@ impl Shim for ShojiShim {
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
         let events = EventSender::start(publisher, self.namespace.clone(), self.log.clone());
-        let pod = Pod::new(&self.namespace, events, self.log.clone());
+        let pod = Pod::new(&self.namespace, events, self.log.clone(), self.started);
         TaskService::new(pod, self.exit.clone(), self.log.clone())
     }
 }

@@ -12,7 +12,7 @@ use std::{
     collections::HashMap,
     path::PathBuf,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use containerd_shim_protos::{
@@ -163,11 +163,13 @@ pub struct Pod {
     network: Mutex<Option<(PathBuf, PodNetwork)>>,
     /// The host cgroup holding the shim, the VMM and its daemons.
     cgroup: Mutex<Option<PodCgroup>>,
+    started: Instant,
     containers: Mutex<HashMap<String, Arc<Container>>>,
 }
 
 impl Pod {
-    pub fn new(namespace: &str, events: EventSender, log: Logger) -> Arc<Pod> {
+    /// `started`: when the shim process started (for the start-up timings it logs).
+    pub fn new(namespace: &str, events: EventSender, log: Logger, started: Instant) -> Arc<Pod> {
         Arc::new(Pod {
             namespace: namespace.into(),
             log,
@@ -176,6 +178,7 @@ impl Pod {
             owner: Mutex::new(None),
             network: Mutex::new(None),
             cgroup: Mutex::new(None),
+            started,
             containers: Mutex::new(HashMap::new()),
         })
     }
@@ -214,6 +217,7 @@ impl Pod {
     /// Create: boots the VM for the first container of the pod, then creates the container
     /// in it (the pause container gets nothing in the guest). Returns the task's pid.
     pub async fn create(self: &Arc<Self>, req: CreateRequest) -> Result<u32> {
+        let began = Instant::now();
         let spec_path = req.bundle.join("config.json");
         let spec = Spec::load(&spec_path).map_err(|e| PodError::Spec {
             path: spec_path.clone(),
@@ -273,6 +277,10 @@ impl Pod {
             pid,
             ..Default::default()
         });
+        // Phase timings, read by hack/bench-ctr.sh for the start-up breakdown.
+        info!(self.log, "container created"; "container" => &req.id,
+            "create_ms" => began.elapsed().as_millis() as u64,
+            "since_shim_start_ms" => self.started.elapsed().as_millis() as u64);
         Ok(pid)
     }
 
@@ -469,12 +477,16 @@ impl Pod {
             });
             return Ok(pid);
         }
+        let began = Instant::now();
         let guest_pid = self
             .sandbox()?
             .agent()
             .start_process(container_id, exec_id)
             .await?;
         process.set_running(guest_pid);
+        info!(self.log, "process started"; "container" => container_id, "exec" => exec_id,
+            "start_ms" => began.elapsed().as_millis() as u64,
+            "since_shim_start_ms" => self.started.elapsed().as_millis() as u64);
         if exec_id.is_empty() {
             self.events.task_start(TaskStart {
                 container_id: container_id.into(),
