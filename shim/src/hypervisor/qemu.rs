@@ -207,7 +207,9 @@ impl Qemu {
         args.join(" ")
     }
 
-    async fn start_vsock_backend(&mut self) -> Result<()> {
+    /// Launches vhost-device-vsock; [`Self::vsock_backend_ready`] waits for its socket, so
+    /// virtiofsd can start in between.
+    fn spawn_vsock_backend(&mut self) -> Result<()> {
         let spec = self.spec();
         let socket = self.vhost_vsock_socket();
         let _ = std::fs::remove_file(&socket);
@@ -226,8 +228,14 @@ impl Qemu {
                 source,
             }
         })?;
-        let daemon = self.vsock.insert(daemon);
-        wait_for_socket(daemon, &socket, &log, self.start_timeout).await
+        self.vsock = Some(daemon);
+        Ok(())
+    }
+
+    async fn vsock_backend_ready(&self) -> Result<()> {
+        let daemon = self.vsock.as_ref().expect("vhost-device-vsock launched");
+        let log = self.spec().dir.join("vhost-device-vsock.log");
+        wait_for_socket(daemon, &self.vhost_vsock_socket(), &log, self.start_timeout).await
     }
 
     async fn teardown(&mut self, grace: Duration) {
@@ -308,12 +316,13 @@ impl Hypervisor for Qemu {
             for net in &spec.nets {
                 self.taps.push(open_tap(net)?);
             }
-            self.start_vsock_backend().await?;
+            // Both back-ends start concurrently: virtiofsd while vhost-device-vsock comes up.
+            self.spawn_vsock_backend()?;
             if let Some(share) = &spec.share {
                 let log = spec.dir.join("virtiofsd.log");
                 self.virtiofsd = Some(Virtiofsd::start(share, &log, self.start_timeout).await?);
             }
-            Ok(())
+            self.vsock_backend_ready().await
         }
         .await;
         if prepared.is_err() {
