@@ -76,22 +76,87 @@ async fn run_in(netns: &Path, args: &[&str]) -> Result<String> {
         .arg("--")
         .args(args)
         .kill_on_drop(true);
-    let out = tokio::time::timeout(COMMAND_TIMEOUT, cmd.output())
+    let fail = |stderr: String| NetworkError::Command {
+        command: command.clone(),
+        stderr,
+    };
+    let out = tokio::time::timeout(COMMAND_TIMEOUT, output(cmd))
         .await
         .map_err(|_| NetworkError::Timeout {
             command: command.clone(),
         })?
-        .map_err(|e| NetworkError::Command {
-            command: command.clone(),
-            stderr: e.to_string(),
-        })?;
-    if !out.status.success() {
-        return Err(NetworkError::Command {
-            command,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
+        .map_err(|e| fail(e.to_string()))?;
+    if out.code != 0 {
+        return Err(fail(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+struct Output {
+    code: i32,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+}
+
+/// Runs `cmd` to completion with stdout and stderr captured. Inside the shim the framework's
+/// SIGCHLD handler may reap the child before tokio does (wait then fails with ECHILD): the exit
+/// code is then taken from the framework's exit monitor, subscribed to before the spawn.
+async fn output(mut cmd: Command) -> std::io::Result<Output> {
+    use containerd_shim::asynchronous::monitor::{monitor_subscribe, monitor_unsubscribe};
+    use containerd_shim::monitor::{Subject, Topic};
+    use tokio::io::AsyncReadExt;
+    let mut exits = monitor_subscribe(Topic::Pid)
+        .await
+        .map_err(std::io::Error::other)?;
+    let result = async {
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn()?;
+        let pid = child.id().map(|p| p as i32);
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let (mut o, mut e) = (child.stdout.take(), child.stderr.take());
+        let read_out = async {
+            match o.as_mut() {
+                Some(o) => o.read_to_end(&mut out).await.map(drop),
+                None => Ok(()),
+            }
+        };
+        let read_err = async {
+            match e.as_mut() {
+                Some(e) => e.read_to_end(&mut err).await.map(drop),
+                None => Ok(()),
+            }
+        };
+        tokio::try_join!(read_out, read_err)?;
+        let code = match child.wait().await {
+            Ok(status) => status.code().unwrap_or_else(|| {
+                128 + std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(0)
+            }),
+            Err(e) if e.raw_os_error() == Some(libc::ECHILD) => loop {
+                let exit = exits
+                    .rx
+                    .recv()
+                    .await
+                    .ok_or(libc::ECHILD)
+                    .map_err(std::io::Error::from_raw_os_error)?;
+                if matches!(exit.subject, Subject::Pid(p) if Some(p) == pid) {
+                    break exit.exit_code;
+                }
+            },
+            Err(e) => return Err(e),
+        };
+        Ok(Output {
+            code,
+            stdout: out,
+            stderr: err,
+        })
+    }
+    .await;
+    let _ = monitor_unsubscribe(exits.id).await;
+    result
 }
 
 fn parse<T: serde::de::DeserializeOwned>(command: &str, json: &str) -> Result<T> {

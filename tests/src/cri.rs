@@ -260,6 +260,24 @@ impl Cri {
             })
     }
 
+    /// Polls ContainerStatus until container `id` has exited (bounded by `limit`); returns that status.
+    pub async fn wait_exited(&self, id: &str, limit: Duration) -> Result<ContainerStatus, Error> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let status = self.container_status(id).await?;
+            if status.state == ContainerState::ContainerExited as i32 {
+                return Ok(status);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::Timeout {
+                    call: "ContainerStatus (waiting for exit)",
+                    timeout: limit,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     pub async fn container_stats(&self, id: &str) -> Result<ContainerStats, Error> {
         let mut c = self.rt.clone();
         let req = ContainerStatsRequest {
@@ -505,6 +523,17 @@ pub fn container_config(name: &str, image: &str, command: &[&str]) -> ContainerC
             }),
             ..Default::default()
         }),
+        ..Default::default()
+    }
+}
+
+/// A volume as kubelet passes it: host path `host` bind-mounted at `container_path` (emptyDir, hostPath,
+/// configMap, the termination-log file).
+pub fn host_mount(container_path: &str, host: &Path, readonly: bool) -> Mount {
+    Mount {
+        container_path: container_path.into(),
+        host_path: host.display().to_string(),
+        readonly,
         ..Default::default()
     }
 }
