@@ -5,8 +5,10 @@
 use std::time::Duration;
 
 use shoji_tests::{
-    bins,
+    bins, cni,
     containerd::Version,
+    cri::{self, api, Cri, ExecOutput},
+    image::BUSYBOX,
     scenario::{self, Env, Runtime},
 };
 
@@ -62,4 +64,261 @@ async fn pod_lifecycle_containerd_1_7() {
 #[tokio::test]
 async fn pod_lifecycle_containerd_2() {
     with_pods(Version::V2, 212, scenario::cri_pod_lifecycle).await
+}
+
+fn check(cond: bool, what: impl FnOnce() -> String) -> Result {
+    if cond {
+        Ok(())
+    } else {
+        Err(what().into())
+    }
+}
+
+/// Bound for one exec (TCG under load).
+const EXEC: Duration = Duration::from_secs(30);
+
+/// ExecSync `script` with `sh -c` in container `id`; returns (exit code, stdout, stderr).
+async fn sh(cri: &Cri, id: &str, script: &str) -> Result<ExecOutput> {
+    Ok(cri.exec_sync(id, &["sh", "-c", script], EXEC).await?)
+}
+
+/// ExecSync that must succeed; returns its trimmed stdout.
+async fn sh_ok(cri: &Cri, id: &str, script: &str) -> Result<String> {
+    let out = sh(cri, id, script).await?;
+    check(out.exit_code == 0, || {
+        format!("exec {script:?} in {id}: {out:?}")
+    })?;
+    Ok(out.stdout.trim().to_string())
+}
+
+/// Pods the scenario started; all are stopped and removed at the end, also when a step failed.
+struct Pods {
+    cri: Cri,
+    handler: String,
+    ids: Vec<String>,
+}
+
+impl Pods {
+    async fn run(&mut self, config: &api::PodSandboxConfig) -> Result<String> {
+        let id = self.cri.run_pod(config, &self.handler).await?;
+        self.ids.push(id.clone());
+        Ok(id)
+    }
+
+    /// Starts container `config` in pod `pod` (configured by `pod_config`); returns its id.
+    async fn start(
+        &self,
+        pod: &str,
+        pod_config: &api::PodSandboxConfig,
+        config: &api::ContainerConfig,
+    ) -> Result<String> {
+        let id = self.cri.create_container(pod, config, pod_config).await?;
+        self.cri.start_container(&id).await?;
+        Ok(id)
+    }
+
+    /// Runs `steps`, then StopPodSandbox + RemovePodSandbox for every pod; the first error wins.
+    async fn scenario(env: &Env, steps: impl AsyncFnOnce(&mut Pods) -> Result) -> Result {
+        let mut pods = Pods {
+            cri: env.cri().await?,
+            handler: env.runtime.cri_handler.clone(),
+            ids: Vec::new(),
+        };
+        let r = steps(&mut pods).await;
+        let mut teardown = Ok(());
+        for id in &pods.ids {
+            let down = async {
+                pods.cri.stop_pod(id).await?;
+                pods.cri.remove_pod(id).await
+            };
+            if let Err(e) = down.await {
+                teardown = teardown.and(Err(e));
+            }
+        }
+        r?;
+        teardown?;
+        let left = pods.cri.list_pods().await?;
+        check(left.is_empty(), || {
+            format!("pods left after RemovePodSandbox: {left:?}")
+        })
+    }
+}
+
+fn with_env(mut c: api::ContainerConfig, key: &str, value: &str) -> api::ContainerConfig {
+    c.envs.push(api::KeyValue {
+        key: key.into(),
+        value: value.into(),
+    });
+    c
+}
+
+fn security(c: &mut api::ContainerConfig) -> &mut api::LinuxContainerSecurityContext {
+    c.linux
+        .get_or_insert_with(Default::default)
+        .security_context
+        .get_or_insert_with(Default::default)
+}
+
+fn boot_id_of_host() -> Result<String> {
+    Ok(std::fs::read_to_string("/proc/sys/kernel/random/boot_id")?
+        .trim()
+        .to_string())
+}
+
+/// Two pods: networking between host and pods and pod to pod, exec exit codes and container choice,
+/// emptyDir shared by two containers, read-only volume and root, runAsUser, hostname/DNS/env, the
+/// termination-log file, and one guest kernel per pod.
+async fn two_pods(env: &Env) -> Result {
+    let net = env.net.as_ref().ok_or("two_pods needs a network")?;
+    let work = tempfile::Builder::new().prefix("shoji-cri-").tempdir()?;
+    let (logs_a, logs_b) = (work.path().join("logs-a"), work.path().join("logs-b"));
+    let empty_dir = work.path().join("empty-dir");
+    let config_vol = work.path().join("config");
+    let term_log = work.path().join("termination-log");
+    for d in [&logs_a, &logs_b, &empty_dir, &config_vol] {
+        std::fs::create_dir(d)?;
+    }
+    std::fs::write(config_vol.join("conf"), "from-host\n")?;
+    std::fs::write(&term_log, "")?;
+
+    Pods::scenario(env, async |pods: &mut Pods| {
+        let cri = pods.cri.clone();
+        let alpha_cfg = cri::pod_config("alpha", "shoji-test", &logs_a);
+        let beta_cfg = cri::pod_config("beta", "shoji-test", &logs_b);
+        let alpha = pods.run(&alpha_cfg).await?;
+        let beta = pods.run(&beta_cfg).await?;
+
+        let mut writer = with_env(
+            cri::container_config(
+                "writer",
+                BUSYBOX,
+                &["httpd", "-f", "-p", "8080", "-h", "/www"],
+            ),
+            "GREETING",
+            "hello env",
+        );
+        writer.mounts = vec![
+            cri::host_mount("/data", &empty_dir, false),
+            cri::host_mount("/config", &config_vol, true),
+        ];
+        let mut reader = cri::container_config("reader", BUSYBOX, &["sleep", "1000"]);
+        reader.mounts = vec![cri::host_mount("/data", &empty_dir, false)];
+        security(&mut reader).readonly_rootfs = true;
+        security(&mut reader).run_as_user = Some(api::Int64Value { value: 1000 });
+        let mut term = cri::container_config(
+            "term",
+            BUSYBOX,
+            &[
+                "sh",
+                "-c",
+                "echo bye-from-term > /dev/termination-log; exit 3",
+            ],
+        );
+        term.mounts = vec![cri::host_mount("/dev/termination-log", &term_log, false)];
+        let web =
+            cri::container_config("web", BUSYBOX, &["httpd", "-f", "-p", "8080", "-h", "/www"]);
+
+        let writer = pods.start(&alpha, &alpha_cfg, &writer).await?;
+        let reader = pods.start(&alpha, &alpha_cfg, &reader).await?;
+        let term = pods.start(&alpha, &alpha_cfg, &term).await?;
+        let web = pods.start(&beta, &beta_cfg, &web).await?;
+
+        // Exec returns the command's exit code, and runs in the container asked for.
+        let out = sh(&cri, &writer, "exit 123").await?;
+        check(out.exit_code == 123, || {
+            format!("exit 123 came back as {out:?}")
+        })?;
+        for (id, name) in [(&writer, "writer"), (&reader, "reader")] {
+            let got = sh_ok(&cri, id, "echo $SHOJI_TEST").await?;
+            check(got == name, || format!("exec into {name} ran in {got:?}"))?;
+        }
+
+        // Hostname, DNS and env as requested.
+        check(sh_ok(&cri, &writer, "hostname").await? == "alpha", || {
+            "hostname is not the pod's".into()
+        })?;
+        let resolv = sh_ok(&cri, &reader, "cat /etc/resolv.conf").await?;
+        check(
+            resolv.contains("nameserver 10.233.255.10")
+                && resolv.contains("search shoji-test.svc.cluster.local")
+                && resolv.contains("ndots:5"),
+            || format!("resolv.conf not as requested: {resolv:?}"),
+        )?;
+        let greeting = sh_ok(&cri, &writer, "echo \"$GREETING\"").await?;
+        check(greeting == "hello env", || {
+            format!("env GREETING={greeting:?}")
+        })?;
+
+        // emptyDir: written by one container, read by the other (and it is the host directory).
+        sh_ok(&cri, &writer, "echo from-writer > /data/msg").await?;
+        let read = sh_ok(&cri, &reader, "cat /data/msg").await?;
+        check(read == "from-writer", || format!("reader saw {read:?}"))?;
+        let on_host = std::fs::read_to_string(empty_dir.join("msg")).unwrap_or_default();
+        check(on_host == "from-writer\n", || {
+            format!("host emptyDir has {on_host:?}")
+        })?;
+
+        // A read-only volume reads but cannot be written.
+        let out = sh(&cri, &writer, "cat /config/conf; echo x > /config/new").await?;
+        check(
+            out.exit_code != 0 && out.stdout == "from-host\n" && !config_vol.join("new").exists(),
+            || format!("read-only volume: want content and a failed write, got {out:?}"),
+        )?;
+        // readOnlyRootFilesystem and runAsUser.
+        let out = sh(&cri, &reader, "touch /probe").await?;
+        check(
+            out.exit_code != 0 && out.stderr.contains("Read-only file system"),
+            || format!("read-only root was writable: {out:?}"),
+        )?;
+        let uid = sh_ok(&cri, &reader, "id -u").await?;
+        check(uid == "1000", || format!("runAsUser 1000 gave uid {uid}"))?;
+
+        // The termination message lands in the host file kubelet reads; the exit code reaches the status.
+        let status = cri.wait_exited(&term, Duration::from_secs(60)).await?;
+        check(status.exit_code == 3, || format!("term status: {status:?}"))?;
+        let msg = std::fs::read_to_string(&term_log)?;
+        check(msg == "bye-from-term\n", || {
+            format!("termination-log has {msg:?}")
+        })?;
+
+        // The host reaches both pods; the pods reach each other.
+        let ip_a: std::net::Ipv4Addr = cri.pod_ip(&alpha).await?.parse()?;
+        let ip_b: std::net::Ipv4Addr = cri.pod_ip(&beta).await?.parse()?;
+        check(
+            net.contains(ip_a) && net.contains(ip_b) && ip_a != ip_b,
+            || format!("pod IPs {ip_a}, {ip_b} not distinct in {}", net.subnet()),
+        )?;
+        for ip in [ip_a, ip_b] {
+            let resp = cni::http_get(net, ip, 8080, "/index.html", Duration::from_secs(30)).await?;
+            check(resp.contains("shoji busybox httpd"), || {
+                format!("{ip} answered {resp:?}")
+            })?;
+        }
+        // busybox-static's wget segfaults without the image's NSS libraries: a raw HTTP request through nc.
+        for (from, to) in [(&writer, ip_b), (&web, ip_a)] {
+            let get = format!("printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | nc -w 10 {to} 8080");
+            let resp = sh_ok(&cri, from, &get).await?;
+            check(
+                resp.starts_with("HTTP/1.") && resp.contains("shoji busybox httpd"),
+                || format!("{from} → {to}: {resp:?}"),
+            )?;
+        }
+
+        // Each pod boots its own guest kernel.
+        let boot_a = sh_ok(&cri, &writer, "cat /proc/sys/kernel/random/boot_id").await?;
+        let boot_a2 = sh_ok(&cri, &reader, "cat /proc/sys/kernel/random/boot_id").await?;
+        let boot_b = sh_ok(&cri, &web, "cat /proc/sys/kernel/random/boot_id").await?;
+        let host = boot_id_of_host()?;
+        check(
+            boot_a == boot_a2 && boot_a != boot_b && boot_a != host && boot_b != host,
+            || format!("boot ids: alpha {boot_a}/{boot_a2}, beta {boot_b}, host {host}"),
+        )?;
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn two_pods_network_exec_volumes_identity_containerd_1_7() {
+    with_pods(Version::V1_7, 213, two_pods).await
 }
