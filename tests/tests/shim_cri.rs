@@ -322,3 +322,104 @@ async fn two_pods(env: &Env) -> Result {
 async fn two_pods_network_exec_volumes_identity_containerd_1_7() {
     with_pods(Version::V1_7, 213, two_pods).await
 }
+
+const MIB: i64 = 1 << 20;
+
+/// A pod with 2 CPUs and 256 MiB: the VM's size, a container OOM-killed at its 64 MiB limit while its
+/// sibling keeps running, and StopContainer's SIGTERM-then-SIGKILL.
+async fn sized_pod(env: &Env) -> Result {
+    let work = tempfile::Builder::new().prefix("shoji-cri-").tempdir()?;
+    Pods::scenario(env, async |pods: &mut Pods| {
+        let cri = pods.cri.clone();
+        let mut pod_cfg = cri::pod_config("sized", "shoji-test", work.path());
+        pod_cfg.linux.get_or_insert_with(Default::default).resources =
+            Some(api::LinuxContainerResources {
+                cpu_period: 100_000,
+                cpu_quota: 200_000,
+                memory_limit_in_bytes: 256 * MIB,
+                ..Default::default()
+            });
+        let pod = pods.run(&pod_cfg).await?;
+        let steady = cri::container_config("steady", BUSYBOX, &["sleep", "1000"]);
+        let steady = pods.start(&pod, &pod_cfg, &steady).await?;
+
+        // The VM has the pod's 2 CPUs and 256 MiB plus the configured 64 MiB overhead (MemTotal is that
+        // minus what the guest kernel reserves; the default VM would have 256 MiB in all).
+        let cpus = sh_ok(&cri, &steady, "nproc").await?;
+        check(cpus == "2", || format!("nproc in a 2-CPU pod: {cpus}"))?;
+        let mem_kib: i64 = sh_ok(&cri, &steady, "awk '/^MemTotal:/ {print $2}' /proc/meminfo")
+            .await?
+            .parse()?;
+        eprintln!("sized pod: nproc {cpus}, MemTotal {mem_kib} kB");
+        check(
+            ((256 + 64 - 48) * 1024..=(256 + 64) * 1024).contains(&mem_kib),
+            || format!("MemTotal {mem_kib} kB, want a 320 MiB VM minus kernel reservations"),
+        )?;
+
+        // Past its 64 MiB limit: OOMKilled with 137, and only that container.
+        let mut hog = cri::container_config(
+            "hog",
+            BUSYBOX,
+            &["dd", "if=/dev/zero", "of=/dev/null", "bs=100M", "count=1"],
+        );
+        hog.linux.get_or_insert_with(Default::default).resources =
+            Some(api::LinuxContainerResources {
+                memory_limit_in_bytes: 64 * MIB,
+                ..Default::default()
+            });
+        let hog = pods.start(&pod, &pod_cfg, &hog).await?;
+        let status = cri.wait_exited(&hog, Duration::from_secs(60)).await?;
+        check(
+            status.exit_code == 137 && status.reason == "OOMKilled",
+            || format!("hog: want OOMKilled/137, got {status:?}"),
+        )?;
+        let status = cri.container_status(&steady).await?;
+        check(
+            status.state == api::ContainerState::ContainerRunning as i32,
+            || format!("sibling of the OOM-killed container: {status:?}"),
+        )?;
+        sh_ok(&cri, &steady, "true").await?;
+
+        // StopContainer: one SIGTERM (trapped and logged), SIGKILL after the 3 s grace period.
+        let graceful = cri::container_config(
+            "graceful",
+            BUSYBOX,
+            &[
+                "sh",
+                "-c",
+                "trap 'echo got-TERM' TERM; echo ready; while true; do sleep 1; done",
+            ],
+        );
+        let graceful = pods.start(&pod, &pod_cfg, &graceful).await?;
+        let log = work.path().join("graceful.log");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("stdout F ready")
+        {
+            check(tokio::time::Instant::now() < deadline, || {
+                "graceful never logged ready".into()
+            })?;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let grace = Duration::from_secs(3);
+        let stopping = tokio::time::Instant::now();
+        cri.stop_container(&graceful, grace).await?;
+        let took = stopping.elapsed();
+        let status = cri.container_status(&graceful).await?;
+        let terms = std::fs::read_to_string(&log)?
+            .matches("stdout F got-TERM")
+            .count();
+        check(
+            status.exit_code == 137 && terms == 1 && took >= grace,
+            || format!("StopContainer: want one SIGTERM then SIGKILL (137) after {grace:?}; {terms} TERMs, took {took:?}, {status:?}"),
+        )?;
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn sized_pod_oom_and_stop_containerd_1_7() {
+    with_pods(Version::V1_7, 214, sized_pod).await
+}
