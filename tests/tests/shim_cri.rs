@@ -101,12 +101,17 @@ struct Pods {
     cri: Cri,
     handler: String,
     ids: Vec<String>,
+    /// The pods' host cgroups (`<cgroup parent>/<sandbox id>`): gone after RemovePodSandbox.
+    cgroups: Vec<String>,
 }
 
 impl Pods {
     async fn run(&mut self, config: &api::PodSandboxConfig) -> Result<String> {
         let id = self.cri.run_pod(config, &self.handler).await?;
         self.ids.push(id.clone());
+        if let Some(linux) = &config.linux {
+            self.cgroups.push(format!("{}/{id}", linux.cgroup_parent));
+        }
         Ok(id)
     }
 
@@ -128,6 +133,7 @@ impl Pods {
             cri: env.cri().await?,
             handler: env.runtime.cri_handler.clone(),
             ids: Vec::new(),
+            cgroups: Vec::new(),
         };
         let r = steps(&mut pods).await;
         let mut teardown = Ok(());
@@ -145,8 +151,33 @@ impl Pods {
         let left = pods.cri.list_pods().await?;
         check(left.is_empty(), || {
             format!("pods left after RemovePodSandbox: {left:?}")
+        })?;
+        let left: Vec<_> = host_cgroup_dirs()?
+            .iter()
+            .flat_map(|h| {
+                pods.cgroups
+                    .iter()
+                    .map(move |c| h.join(c.trim_start_matches('/')))
+            })
+            .filter(|p| p.exists())
+            .collect();
+        check(left.is_empty(), || {
+            format!("pod cgroups left after RemovePodSandbox: {left:?}")
         })
     }
+}
+
+/// The cgroup hierarchies' roots: /sys/fs/cgroup itself (v2) and each v1 controller mount below it.
+fn host_cgroup_dirs() -> Result<Vec<std::path::PathBuf>> {
+    let root = std::path::Path::new("/sys/fs/cgroup");
+    let mut dirs = vec![root.to_path_buf()];
+    for e in std::fs::read_dir(root)? {
+        let p = e?.path();
+        if p.join("cgroup.procs").exists() {
+            dirs.push(p);
+        }
+    }
+    Ok(dirs)
 }
 
 fn with_env(mut c: api::ContainerConfig, key: &str, value: &str) -> api::ContainerConfig {
