@@ -2,8 +2,8 @@
 //!
 //! The container spec keeps user, capabilities, read-only root, no_new_privs, rlimits,
 //! env, cwd, mounts, resources and seccomp. It loses hooks (they would run in the guest,
-//! not where the host meant), namespace paths (host paths mean nothing here) and the
-//! network namespace (every container shares the guest's network). Its root becomes the
+//! not where the host meant), namespace paths (host paths mean nothing here), the
+//! network namespace (every container shares the guest's network) and host LSM labels. Its root becomes the
 //! assembled rootfs and its cgroupsPath `/shoji/<id>`.
 use std::{
     ffi::OsString,
@@ -73,6 +73,7 @@ pub fn container_spec(
         .ok_or(SpecError::Missing("process"))?;
     process.set_terminal(Some(terminal));
     check_args(&process)?;
+    drop_host_labels(&mut process);
     spec.set_process(Some(process));
     let readonly = spec.root().as_ref().and_then(|r| r.readonly());
     let mut root = Root::default();
@@ -105,6 +106,7 @@ pub fn container_spec(
             "the spec sets a hostname but has no uts namespace".into(),
         ));
     }
+    linux.set_mount_label(None);
     linux.set_cgroups_path(Some(PathBuf::from(cgroup::spec_path(id))));
     spec.set_linux(Some(linux));
     Ok(spec)
@@ -120,7 +122,15 @@ pub fn exec_process(process_json: &[u8], terminal: bool) -> Result<Process, Spec
         })?;
     process.set_terminal(Some(terminal));
     check_args(&process)?;
+    drop_host_labels(&mut process);
     Ok(process)
+}
+
+/// AppArmor profiles and SELinux labels name host policies; the guest kernel has no LSM
+/// (the VM is the boundary), and libcontainer would fail trying to apply them.
+fn drop_host_labels(process: &mut Process) {
+    process.set_apparmor_profile(None);
+    process.set_selinux_label(None);
 }
 
 fn check_args(p: &Process) -> Result<(), SpecError> {
@@ -313,7 +323,8 @@ mod tests {
     fn container_spec_is_rewritten() {
         let json = serde_json::json!({
             "ociVersion": "1.0.2",
-            "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 1000, "gid": 1000}, "terminal": true},
+            "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 1000, "gid": 1000}, "terminal": true,
+                "apparmorProfile": "cri-containerd.apparmor.d", "selinuxLabel": "system_u:system_r:container_t:s0"},
             "root": {"path": "/host/rootfs", "readonly": true},
             "hooks": {"prestart": [{"path": "/bin/true"}]},
             "linux": {
@@ -334,6 +345,8 @@ mod tests {
             (Path::new("/run/r"), Some(true))
         );
         assert!(spec.hooks().is_none());
+        let process = spec.process().as_ref().unwrap();
+        assert!(process.apparmor_profile().is_none() && process.selinux_label().is_none());
         let linux = spec.linux().as_ref().unwrap();
         let ns = linux.namespaces().as_ref().unwrap();
         assert_eq!(
