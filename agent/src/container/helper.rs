@@ -18,6 +18,10 @@ pub fn main(args: &[String]) -> i32 {
         return 2;
     };
     let work_dir = Path::new(work_dir);
+    // Rust's runtime ignores SIGPIPE, and libcontainer's fork+exec would hand that on to
+    // every container process (`yes | head` would then never end): restore the default.
+    // SAFETY: single-threaded helper, before any child exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     send_tracing_to(&log_file(work_dir, verb));
     let result = match verb.as_str() {
         create::VERB => parse(request).and_then(create::run),
