@@ -132,7 +132,11 @@ pub enum HypervisorError {
     },
     /// An API call to the VMM failed; `body` is the VMM's own error text.
     #[error("{call} failed with {status}: {body}")]
-    Api { call: String, status: u16, body: String },
+    Api {
+        call: String,
+        status: u16,
+        body: String,
+    },
     #[error("{0} is not supported by this hypervisor")]
     Unsupported(&'static str),
     #[error("{context}: {source}")]
