@@ -357,6 +357,11 @@ impl Containerd {
         self.dir.as_ref().expect("dir exists until stop").path()
     }
 
+    /// containerd's whole log so far (it includes the shims' own log lines).
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     /// The last lines of containerd's log, for error messages.
     pub fn log_tail(&self) -> String {
         let text = fs::read_to_string(&self.log).unwrap_or_default();

@@ -149,13 +149,15 @@ fn check(cond: bool, what: impl FnOnce() -> String) -> Result<()> {
 }
 
 /// Arguments of `ctr run --rm <image> <id> <command>` with this runtime (`config`: `config_arg(env)`).
+/// `ctr run <mode>` arguments; `mode` is `--rm` or `-d`.
 fn ctr_run_args<'a>(
     env: &'a Env,
     config: &'a Option<String>,
+    mode: &'a str,
     id: &'a str,
     command: &[&'a str],
 ) -> Vec<&'a str> {
-    let mut args = vec!["run", "--rm", "--runtime", &env.runtime.runtime_type];
+    let mut args = vec!["run", mode, "--runtime", &env.runtime.runtime_type];
     if let Some(c) = config {
         args.extend(["--runtime-config-path", c]);
     }
@@ -178,7 +180,21 @@ pub async fn ctr_run(
     command: &[&str],
 ) -> Result<crate::containerd::CtrOutput> {
     let config = config_arg(env);
-    let args = ctr_run_args(env, &config, id, command);
+    let args = ctr_run_args(env, &config, "--rm", id, command);
+    Ok(env
+        .ctrd
+        .ctr(CTR_NAMESPACE, &args, env.runtime.call_timeout)
+        .await?)
+}
+
+/// `ctr run -d <image> <id> <command>`: returns once the task was started.
+pub async fn ctr_run_detached(
+    env: &Env,
+    id: &str,
+    command: &[&str],
+) -> Result<crate::containerd::CtrOutput> {
+    let config = config_arg(env);
+    let args = ctr_run_args(env, &config, "-d", id, command);
     Ok(env
         .ctrd
         .ctr(CTR_NAMESPACE, &args, env.runtime.call_timeout)
@@ -204,7 +220,7 @@ pub async fn ctr_run_exit_code(env: &Env) -> Result<()> {
 /// anything. ctr arms its CloseIO-on-EOF only once the task exists, so stdin is closed after the task runs.
 pub async fn ctr_run_stdin_eof(env: &Env) -> Result<()> {
     let config = config_arg(env);
-    let args = ctr_run_args(env, &config, "ctr-run-wc", &["wc", "-c"]);
+    let args = ctr_run_args(env, &config, "--rm", "ctr-run-wc", &["wc", "-c"]);
     let input = b"0123456789\n".repeat(1000);
     let out = env
         .ctrd
@@ -220,7 +236,7 @@ async fn ctr_run_cat_live(env: &Env) -> Result<()> {
     use std::process::Stdio;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let config = config_arg(env);
-    let args = ctr_run_args(env, &config, "ctr-run-stdin", &["cat"]);
+    let args = ctr_run_args(env, &config, "--rm", "ctr-run-stdin", &["cat"]);
     let mut cmd = env.ctrd.ctr_command(CTR_NAMESPACE, &args);
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -54,7 +54,11 @@ impl FromStr for StreamKind {
             "stdout" => StreamKind::Stdout,
             "stderr" => StreamKind::Stderr,
             "tty" => StreamKind::Tty,
-            other => return Err(StreamError::BadHeader(format!("unknown stream kind {other:?}"))),
+            other => {
+                return Err(StreamError::BadHeader(format!(
+                    "unknown stream kind {other:?}"
+                )))
+            }
         })
     }
 }
@@ -82,7 +86,11 @@ pub struct StreamHeader {
 
 impl StreamHeader {
     pub fn encode(&self) -> String {
-        let exec = if self.exec_id.is_empty() { "-" } else { &self.exec_id };
+        let exec = if self.exec_id.is_empty() {
+            "-"
+        } else {
+            &self.exec_id
+        };
         format!("SHOJI-IO 1 {} {} {}\n", self.kind, self.container_id, exec)
     }
 
@@ -93,7 +101,10 @@ impl StreamHeader {
             return Err(bad("expected `SHOJI-IO 1 <kind> <container> <exec>`"));
         }
         let kind = parts.next().ok_or_else(|| bad("missing kind"))?.parse()?;
-        let container_id = parts.next().filter(|s| !s.is_empty()).ok_or_else(|| bad("missing container id"))?;
+        let container_id = parts
+            .next()
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| bad("missing container id"))?;
         let exec_id = parts.next().ok_or_else(|| bad("missing exec id"))?;
         if parts.next().is_some() {
             return Err(bad("trailing fields"));
@@ -101,7 +112,11 @@ impl StreamHeader {
         Ok(StreamHeader {
             kind,
             container_id: container_id.to_string(),
-            exec_id: if exec_id == "-" { String::new() } else { exec_id.to_string() },
+            exec_id: if exec_id == "-" {
+                String::new()
+            } else {
+                exec_id.to_string()
+            },
         })
     }
 }
@@ -122,7 +137,9 @@ pub async fn read_line<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<St
             break;
         }
         if buf.len() >= max {
-            return Err(StreamError::BadHeader(format!("line longer than {max} bytes")));
+            return Err(StreamError::BadHeader(format!(
+                "line longer than {max} bytes"
+            )));
         }
         buf.push(b);
     }
@@ -130,14 +147,20 @@ pub async fn read_line<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<St
 }
 
 /// Host side: sends the header and waits for the agent's verdict.
-pub async fn open<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, header: &StreamHeader) -> Result<(), StreamError> {
+pub async fn open<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    header: &StreamHeader,
+) -> Result<(), StreamError> {
     s.write_all(header.encode().as_bytes()).await?;
     s.flush().await?;
     let answer = read_line(s, MAX_HEADER).await?;
     match answer.strip_prefix("ERR ") {
         Some(reason) => Err(StreamError::Refused(reason.to_string())),
         None if answer == "OK" => Ok(()),
-        None => Err(StreamError::BadHeader(format!("unexpected answer {:?}", truncate(&answer)))),
+        None => Err(StreamError::BadHeader(format!(
+            "unexpected answer {:?}",
+            truncate(&answer)
+        ))),
     }
 }
 
@@ -155,7 +178,10 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, data: &[u8]) -> Resul
 }
 
 /// Reads one stdin frame into `buf`; returns false at end-of-input (a zero-length frame).
-pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> Result<bool, StreamError> {
+pub async fn read_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+) -> Result<bool, StreamError> {
     let len = r.read_u32().await?;
     if len > MAX_FRAME {
         return Err(StreamError::FrameTooLarge(len));
@@ -172,14 +198,24 @@ mod tests {
     #[test]
     fn header_round_trip() {
         for exec in ["", "e1"] {
-            let h = StreamHeader { kind: StreamKind::Stderr, container_id: "c1".into(), exec_id: exec.into() };
+            let h = StreamHeader {
+                kind: StreamKind::Stderr,
+                container_id: "c1".into(),
+                exec_id: exec.into(),
+            };
             assert_eq!(StreamHeader::parse(&h.encode()).unwrap(), h);
         }
     }
 
     #[test]
     fn header_rejects_garbage() {
-        for bad in ["", "GET / HTTP/1.1", "SHOJI-IO 1 stdfoo c -", "SHOJI-IO 1 stdout", "SHOJI-IO 1 stdout c - x"] {
+        for bad in [
+            "",
+            "GET / HTTP/1.1",
+            "SHOJI-IO 1 stdfoo c -",
+            "SHOJI-IO 1 stdout",
+            "SHOJI-IO 1 stdout c - x",
+        ] {
             assert!(StreamHeader::parse(bad).is_err(), "{bad:?} accepted");
         }
     }

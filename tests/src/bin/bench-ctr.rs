@@ -148,6 +148,164 @@ async fn measure(
     }
     rows.push(row("CRI run pod+create+start", start));
     rows.push(row("CRI stop+remove pod", stop));
+    rows.push(row(
+        "CRI 10 pods at once, each",
+        parallel_pods(env, rt, 10, logs.path()).await?,
+    ));
+    if rt.shim_dir.is_some() {
+        breakdown(&env.ctrd.log_text());
+        idle_memory(env).await?;
+    }
+    Ok(())
+}
+
+/// Starts `n` pods (RunPodSandbox + CreateContainer + StartContainer) concurrently; returns
+/// each pod's start time (the slowest is the wall time of the batch), then removes them.
+async fn parallel_pods(
+    env: &Env,
+    rt: &Runtime,
+    n: usize,
+    logs: &std::path::Path,
+) -> scenario::Result<Vec<Duration>> {
+    let cri = env.cri().await?;
+    let one = |i: usize| {
+        let cri = &cri;
+        async move {
+            let pod_config = cri::pod_config(&format!("par-{i}"), "bench", logs);
+            let t = Instant::now();
+            let pod = cri.run_pod(&pod_config, &rt.cri_handler).await?;
+            let c = cri::container_config("c", image::BUSYBOX, &["sleep", "1000"]);
+            let id = cri.create_container(&pod, &c, &pod_config).await?;
+            cri.start_container(&id).await?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((pod, t.elapsed()))
+        }
+    };
+    let results = futures_util::future::join_all((0..n).map(one)).await;
+    let mut times = Vec::new();
+    let mut first_err = None;
+    for r in results {
+        match r {
+            Ok((pod, t)) => {
+                times.push(t);
+                let _ = cri.stop_pod(&pod).await;
+                let _ = cri.remove_pod(&pod).await;
+            }
+            Err(e) => first_err = first_err.or(Some(e)),
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(times),
+    }
+}
+
+/// The shim's phase timings (its JSON log lines in containerd's log): median of each.
+fn breakdown(log: &str) {
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let field = |msg: &str, key: &str| -> Vec<u64> {
+        let mut v: Vec<u64> = lines
+            .iter()
+            .filter(|j| j["msg"] == msg)
+            .filter_map(|j| j[key].as_u64())
+            .collect();
+        v.sort();
+        v
+    };
+    let median = |v: &[u64]| {
+        v.get(v.len() / 2)
+            .map(|m| m.to_string())
+            .unwrap_or_else(|| "-".into())
+    };
+    println!(
+        "shoji start-up breakdown (median ms over {} sandboxes, from the shim's log):",
+        field("sandbox ready", "agent_ready_ms").len()
+    );
+    for (what, msg, key) in [
+        (
+            "shim start → Create received",
+            "container created",
+            "since_shim_start_ms",
+        ),
+        (
+            "VM boot: device daemons ready",
+            "sandbox ready",
+            "daemons_ready_ms",
+        ),
+        ("VM boot: VMM running", "sandbox ready", "vmm_running_ms"),
+        ("VM boot: agent ready", "sandbox ready", "agent_ready_ms"),
+        (
+            "Create total (boot + container created)",
+            "container created",
+            "create_ms",
+        ),
+        ("Start (process started)", "process started", "start_ms"),
+    ] {
+        println!("  {what:<42} {:>6}", median(&field(msg, key)));
+    }
+}
+
+/// Host memory of one idle sandbox: every process in its pod cgroup (shim, VMM, daemons).
+async fn idle_memory(env: &Env) -> scenario::Result<()> {
+    let id = "bench-idle";
+    let out = scenario::ctr_run_detached(env, id, &["sleep", "1000"]).await?;
+    if !out.status.success() {
+        return Err(format!("ctr run -d failed: {out:?}").into());
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let procs = ["/sys/fs/cgroup/memory", "/sys/fs/cgroup"]
+        .iter()
+        .map(|root| format!("{root}/{}/{id}/cgroup.procs", scenario::CTR_NAMESPACE))
+        .find_map(|p| std::fs::read_to_string(p).ok())
+        .unwrap_or_default();
+    let kib = |pid: &str, file: &str, key: &str| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/{file}"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(key)
+                    .map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0))
+            })
+            .unwrap_or(0)
+    };
+    println!("host memory of one idle sandbox (processes in its pod cgroup):");
+    println!("  {:<28} {:>10} {:>10}", "process", "RSS MiB", "PSS MiB");
+    let (mut rss, mut pss) = (0, 0);
+    for pid in procs.lines() {
+        let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        let (r, p) = (
+            kib(pid, "status", "VmRSS:"),
+            kib(pid, "smaps_rollup", "Pss:"),
+        );
+        rss += r;
+        pss += p;
+        println!(
+            "  {:<28} {:>10.1} {:>10.1}",
+            name.trim(),
+            r as f64 / 1024.0,
+            p as f64 / 1024.0
+        );
+    }
+    println!(
+        "  {:<28} {:>10.1} {:>10.1}",
+        "total",
+        rss as f64 / 1024.0,
+        pss as f64 / 1024.0
+    );
+    for args in [
+        &["task", "kill", "-s", "SIGKILL", id][..],
+        &["task", "delete", id],
+        &["container", "rm", id],
+    ] {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let _ = env
+            .ctrd
+            .ctr(scenario::CTR_NAMESPACE, args, Duration::from_secs(60))
+            .await;
+    }
     Ok(())
 }
 
