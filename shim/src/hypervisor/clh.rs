@@ -22,7 +22,7 @@ use slog::{debug, info, o, warn, Logger};
 use tokio::sync::watch;
 
 use super::{
-    Accel, Capabilities, Hypervisor, HypervisorError, HypervisorKind, Result, VmExit, VmSpec,
+    tap, Accel, Capabilities, Hypervisor, HypervisorError, HypervisorKind, Result, VmExit, VmSpec,
 };
 use crate::{
     process::Daemon,
@@ -30,7 +30,6 @@ use crate::{
 };
 
 mod api;
-mod tap;
 mod vm_config;
 
 pub use api::readable_error;
@@ -214,7 +213,7 @@ impl Clh {
         for stale in [api_socket, &spec.vsock.socket] {
             remove_file(stale)?;
         }
-        let netns = pod_netns(spec)?;
+        let netns = tap::pod_netns(&spec.nets)?;
 
         let mut cmd = Command::new(&self.opts.binary);
         cmd.arg("--api-socket")
@@ -246,7 +245,7 @@ impl Clh {
         api.create(vm_config(spec, self.opts.memory_hotplug_mib))
             .await?;
         if !spec.nets.is_empty() {
-            let taps = tap::open_taps(&spec.nets, netns).await?;
+            let taps = tap::open_taps(&spec.nets).await?;
             for (i, (net, fd)) in spec.nets.iter().zip(&taps).enumerate() {
                 api.add_net(&net_config(net, i), fd.as_fd()).await?;
                 debug!(self.log, "tap handed to cloud-hypervisor"; "tap" => &net.tap, "fd" => fd.as_raw_fd());
@@ -561,28 +560,10 @@ fn validate(spec: &VmSpec, binary: &Path) -> Result<()> {
             ),
         ));
     }
-    pod_netns(spec)?;
+    tap::pod_netns(&spec.nets)?;
     Ok(())
 }
 
-/// The one network namespace the NICs live in. CH runs inside it (see [`enter_netns_on_exec`]).
-fn pod_netns(spec: &VmSpec) -> Result<Option<&Path>> {
-    let mut all = spec.nets.iter().map(|n| n.netns.as_deref());
-    let first = all.next().flatten();
-    if all.any(|ns| ns != first) {
-        return Err(invalid(
-            "prepare",
-            "all NICs must live in the same network namespace".into(),
-        ));
-    }
-    if let Some(ns) = first.filter(|ns| !ns.exists()) {
-        return Err(HypervisorError::Missing {
-            what: "network namespace",
-            path: ns.to_path_buf(),
-        });
-    }
-    Ok(first)
-}
 
 /// Starts CH inside the pod's network namespace. It gets the taps as fds, but still looks
 /// them up by name for MTU and offload settings, which only works in their namespace. The

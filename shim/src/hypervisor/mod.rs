@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod clh;
 pub mod qemu;
+pub mod tap;
 
 /// Which VMM drives a sandbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

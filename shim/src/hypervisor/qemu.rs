@@ -22,8 +22,8 @@ use tokio::{
 };
 
 use super::{
-    Accel, Capabilities, Hypervisor, HypervisorError, HypervisorKind, NetDevice, Result, VmExit,
-    VmSpec,
+    tap, Accel, Capabilities, Hypervisor, HypervisorError, HypervisorKind, NetDevice, Result,
+    VmExit, VmSpec,
 };
 use crate::{
     config::{AccelChoice, Config},
@@ -313,9 +313,7 @@ impl Hypervisor for Qemu {
         self.spec = Some(spec.clone());
         info!(self.log, "QEMU accelerator chosen"; "accel" => ?self.accel, "why" => &self.accel_reason);
         let prepared = async {
-            for net in &spec.nets {
-                self.taps.push(open_tap(net)?);
-            }
+            self.taps = tap::open_taps(&spec.nets).await?;
             // Both back-ends start concurrently: virtiofsd while vhost-device-vsock comes up.
             self.spawn_vsock_backend()?;
             if let Some(share) = &spec.share {
@@ -528,60 +526,6 @@ fn host_tsc_khz() -> Option<u64> {
     Some((mhz * 1000.0).round() as u64)
 }
 
-const TUNSETIFF: libc::c_ulong = 0x4004_54CA;
-const IFF_TAP: libc::c_short = 0x0002;
-const IFF_NO_PI: libc::c_short = 0x1000;
-const IFF_VNET_HDR: libc::c_short = 0x4000;
-
-/// Opens (attaches to, or creates) tap `net.tap` inside `net.netns`. The namespace switch
-/// happens on a short-lived thread so the caller's threads stay in the host namespace; the
-/// fd keeps working from any namespace.
-fn open_tap(net: &NetDevice) -> Result<OwnedFd> {
-    let net = net.clone();
-    let context = format!(
-        "open tap {} in {}",
-        net.tap,
-        net.netns
-            .as_deref()
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|| "the host network namespace".into())
-    );
-    let opened = std::thread::spawn(move || -> std::io::Result<OwnedFd> {
-        if let Some(ns) = &net.netns {
-            let ns = std::fs::File::open(ns)?;
-            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(std::io::Error::from)?;
-        }
-        if net.tap.len() >= libc::IFNAMSIZ {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "tap name too long",
-            ));
-        }
-        // SAFETY: open(2) with a static C string.
-        let fd = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: fd is fresh and ours.
-        let tap = unsafe { OwnedFd::from_raw_fd(fd) };
-        // struct ifreq: name[16], then flags (short).
-        let mut ifr = [0u8; 40];
-        ifr[..net.tap.len()].copy_from_slice(net.tap.as_bytes());
-        ifr[16..18].copy_from_slice(&(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR).to_ne_bytes());
-        // SAFETY: TUNSETIFF reads a struct ifreq (40 bytes on x86_64).
-        if unsafe { libc::ioctl(tap.as_raw_fd(), TUNSETIFF as _, ifr.as_mut_ptr()) } < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(tap)
-    })
-    .join()
-    .map_err(|_| HypervisorError::Io {
-        context: context.clone(),
-        source: std::io::Error::other("thread panicked"),
-    })?;
-    opened.map_err(|source| HypervisorError::Io { context, source })
-}
 
 #[cfg(test)]
 mod tests {
@@ -593,39 +537,4 @@ mod tests {
         assert!(khz > 100_000, "{khz} kHz");
     }
 
-    #[test]
-    fn tap_opens_in_a_network_namespace() {
-        let ns_name = format!("shoji-qemu-test-{}", std::process::id());
-        let ok = Command::new("ip")
-            .args(["netns", "add", &ns_name])
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(ok, "ip netns add failed (tests run as root)");
-        let net = NetDevice {
-            tap: "tap0".into(),
-            mac: "02:00:00:00:00:01".into(),
-            mtu: 1500,
-            netns: Some(PathBuf::from(format!("/run/netns/{ns_name}"))),
-        };
-        let tap = open_tap(&net);
-        let links = Command::new("ip")
-            .args(["netns", "exec", &ns_name, "ip", "link", "show", "tap0"])
-            .output()
-            .unwrap();
-        let host = Command::new("ip")
-            .args(["link", "show", "tap0"])
-            .output()
-            .unwrap();
-        drop(tap);
-        Command::new("ip")
-            .args(["netns", "delete", &ns_name])
-            .status()
-            .unwrap();
-        assert!(links.status.success(), "tap0 not in the namespace");
-        assert!(
-            !host.status.success(),
-            "tap0 leaked into the host namespace"
-        );
-    }
 }

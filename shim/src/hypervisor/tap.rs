@@ -1,5 +1,6 @@
 //! Opening a pod's tap devices from the host, inside the pod's network namespace, so their
-//! fds can be handed to Cloud Hypervisor (which then needs no access to the namespace).
+//! fds can be handed to the VMM (QEMU inherits them, Cloud Hypervisor gets them over its
+//! API socket). The taps themselves are made by [`crate::network`].
 use std::{
     fs::File,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
@@ -10,15 +11,31 @@ use nix::sched::{setns, CloneFlags};
 
 use crate::hypervisor::{HypervisorError, NetDevice, Result};
 
-/// Opens every tap of `nets` (all in `netns`, or the host's namespace when `None`) and
-/// returns one fd per tap, in order. Runs on a short-lived thread of its own: `setns`
-/// changes the calling thread's namespace, which must never leak into tokio's threads.
-pub async fn open_taps(nets: &[NetDevice], netns: Option<&Path>) -> Result<Vec<OwnedFd>> {
+/// The one network namespace the NICs live in (`None`: the host's).
+pub fn pod_netns(nets: &[NetDevice]) -> Result<Option<&Path>> {
+    let mut all = nets.iter().map(|n| n.netns.as_deref());
+    let first = all.next().flatten();
+    if all.any(|ns| ns != first) {
+        return Err(HypervisorError::Io {
+            context: "all NICs must live in the same network namespace".into(),
+            source: std::io::ErrorKind::InvalidInput.into(),
+        });
+    }
+    if let Some(ns) = first.filter(|ns| !ns.exists()) {
+        return Err(HypervisorError::Missing { what: "network namespace", path: ns.to_path_buf() });
+    }
+    Ok(first)
+}
+
+/// Opens every tap of `nets` (in their namespace, see [`pod_netns`]) and returns one fd per
+/// tap, in order. Runs on a short-lived thread of its own: `setns` changes the calling
+/// thread's namespace, which must never leak into tokio's threads.
+pub async fn open_taps(nets: &[NetDevice]) -> Result<Vec<OwnedFd>> {
+    let netns = pod_netns(nets)?.map(Path::to_path_buf);
     let taps: Vec<String> = nets.iter().map(|n| n.tap.clone()).collect();
-    let netns = netns.map(Path::to_path_buf);
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
-        .name("clh-open-taps".into())
+        .name("open-taps".into())
         .spawn(move || {
             let _ = tx.send(open_in(&taps, netns));
         })
@@ -105,4 +122,38 @@ fn attach(name: &str, flags: libc::c_short) -> std::io::Result<OwnedFd> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(fd)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::process::Command;
+
+    use super::*;
+
+    fn ip(args: &[&str]) {
+        let ok = Command::new("ip").args(args).status().map(|s| s.success()).unwrap_or(false);
+        assert!(ok, "ip {args:?} failed (tests run as root)");
+    }
+
+    #[tokio::test]
+    async fn taps_open_in_their_namespace_and_missing_ones_are_refused() {
+        let ns = format!("shoji-tap-test-{}", std::process::id());
+        ip(&["netns", "add", &ns]);
+        ip(&["-n", &ns, "tuntap", "add", "dev", "tap0", "mode", "tap"]);
+        let net = |tap: &str| NetDevice {
+            tap: tap.into(),
+            mac: "02:00:00:00:00:01".into(),
+            mtu: 1500,
+            netns: Some(PathBuf::from(format!("/run/netns/{ns}"))),
+        };
+        let opened = open_taps(&[net("tap0")]).await;
+        let missing = open_taps(&[net("tap9")]).await;
+        let mut other = net("tap0");
+        other.netns = None;
+        let mixed = open_taps(&[net("tap0"), other]).await;
+        ip(&["netns", "delete", &ns]);
+        assert_eq!(opened.unwrap().len(), 1);
+        assert!(missing.unwrap_err().to_string().contains("tap9"));
+        assert!(mixed.unwrap_err().to_string().contains("same network namespace"));
+    }
 }
