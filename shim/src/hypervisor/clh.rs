@@ -564,7 +564,6 @@ fn validate(spec: &VmSpec, binary: &Path) -> Result<()> {
     Ok(())
 }
 
-
 /// Starts CH inside the pod's network namespace. It gets the taps as fds, but still looks
 /// them up by name for MTU and offload settings, which only works in their namespace. The
 /// API and vsock sockets are path-based Unix sockets, reachable from any namespace.

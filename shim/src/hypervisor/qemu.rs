@@ -526,7 +526,6 @@ fn host_tsc_khz() -> Option<u64> {
     Some((mhz * 1000.0).round() as u64)
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -536,5 +535,4 @@ mod tests {
         let khz = host_tsc_khz().expect("cpu MHz in /proc/cpuinfo");
         assert!(khz > 100_000, "{khz} kHz");
     }
-
 }

@@ -22,7 +22,10 @@ pub fn pod_netns(nets: &[NetDevice]) -> Result<Option<&Path>> {
         });
     }
     if let Some(ns) = first.filter(|ns| !ns.exists()) {
-        return Err(HypervisorError::Missing { what: "network namespace", path: ns.to_path_buf() });
+        return Err(HypervisorError::Missing {
+            what: "network namespace",
+            path: ns.to_path_buf(),
+        });
     }
     Ok(first)
 }
@@ -131,7 +134,11 @@ mod tests {
     use super::*;
 
     fn ip(args: &[&str]) {
-        let ok = Command::new("ip").args(args).status().map(|s| s.success()).unwrap_or(false);
+        let ok = Command::new("ip")
+            .args(args)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
         assert!(ok, "ip {args:?} failed (tests run as root)");
     }
 
@@ -154,6 +161,9 @@ mod tests {
         ip(&["netns", "delete", &ns]);
         assert_eq!(opened.unwrap().len(), 1);
         assert!(missing.unwrap_err().to_string().contains("tap9"));
-        assert!(mixed.unwrap_err().to_string().contains("same network namespace"));
+        assert!(mixed
+            .unwrap_err()
+            .to_string()
+            .contains("same network namespace"));
     }
 }

@@ -5,8 +5,7 @@
 use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use shoji_tests::{
-    bins,
-    cni,
+    bins, cni,
     containerd::Version,
     cri, image,
     scenario::{self, Env, Runtime},
@@ -18,7 +17,9 @@ const PAGE: &str = "echo \"hello from a shoji pod: kernel $(uname -r), boot $(ca
 
 async fn demo(env: &Env) -> scenario::Result<()> {
     let cri = env.cri().await?;
-    let logs = tempfile::Builder::new().prefix("shoji-demo-logs-").tempdir()?;
+    let logs = tempfile::Builder::new()
+        .prefix("shoji-demo-logs-")
+        .tempdir()?;
     let pod_config = cri::pod_config("demo", "default", logs.path());
     println!("== RunPodSandbox (runtime handler shoji): booting the pod's microVM");
     let pod = cri.run_pod(&pod_config, &env.runtime.cri_handler).await?;
@@ -31,9 +32,14 @@ async fn demo(env: &Env) -> scenario::Result<()> {
         let net = env.net.as_ref().ok_or("no pod network")?;
         let page = cni::http_get(net, ip, 80, "/index.html", Duration::from_secs(30)).await?;
         println!("{}", page.split("\r\n\r\n").nth(1).unwrap_or(&page).trim());
-        let out = cri.exec_sync(&id, &["uname", "-a"], Duration::from_secs(30)).await?;
+        let out = cri
+            .exec_sync(&id, &["uname", "-a"], Duration::from_secs(30))
+            .await?;
         println!("== exec uname -a in the pod: {}", out.stdout.trim());
-        println!("== host kernel:               {}", std::fs::read_to_string("/proc/version")?.trim());
+        println!(
+            "== host kernel:               {}",
+            std::fs::read_to_string("/proc/version")?.trim()
+        );
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
     }
     .await;
@@ -49,7 +55,10 @@ async fn demo(env: &Env) -> scenario::Result<()> {
 #[tokio::main]
 async fn main() {
     let run_dir = PathBuf::from(format!("/tmp/shjdemo{}", std::process::id()));
-    let shim_dir = bins::binary("containerd-shim-shoji-v2").parent().unwrap().to_path_buf();
+    let shim_dir = bins::binary("containerd-shim-shoji-v2")
+        .parent()
+        .unwrap()
+        .to_path_buf();
     let runtime = Runtime::shoji(shim_dir, None, run_dir.clone());
     let result = async {
         let env = Env::start(Version::V1_7, &runtime, Some(NETWORK)).await?;
