@@ -160,16 +160,24 @@ async fn open_input(path: &str, closed: &Notify) -> std::io::Result<(pipe::Recei
     let opened = tokio::select! {
         biased;
         r = &mut opening => Some(r),
-        _ = closed.notified() => {
-            use std::os::unix::fs::OpenOptionsExt;
-            let _ = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(path);
-            None
-        }
+        _ = closed.notified() => None,
     };
-    // When CloseIO came first, the open was unblocked just now: it returns at once.
     let (file, close_io) = match opened {
         Some(r) => (r, false),
-        None => (opening.await, true),
+        // CloseIO first: become a writer for a moment so the blocked open returns. That
+        // only works once the open has begun (before, there is no reader: ENXIO), so retry.
+        None => loop {
+            use std::os::unix::fs::OpenOptionsExt;
+            let _ = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(path);
+            if let Ok(r) =
+                tokio::time::timeout(std::time::Duration::from_millis(10), &mut opening).await
+            {
+                break (r, true);
+            }
+        },
     };
     let file = file.map_err(std::io::Error::other)??;
     Ok((pipe::Receiver::from_file(file)?, close_io))
