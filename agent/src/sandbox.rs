@@ -514,9 +514,21 @@ impl Sandbox {
                     "container {id:?}: process already exited"
                 )));
             }
-            return container::kill::kill(&self.reaper, id, &c.dir, sig as i32, all)
-                .await
-                .map_err(helper_err(format!("signalling container {id:?}")));
+            let killed = container::kill::kill(&self.reaper, id, &c.dir, sig as i32, all).await;
+            // The init may exit between the check above and the helper's kill: that is the
+            // "already exited" answer, not an internal error.
+            let gone = || {
+                c.init.exited().is_some()
+                    || c.init
+                        .pid()
+                        .is_some_and(|pid| kill(Pid::from_raw(pid), None).is_err())
+            };
+            return match killed {
+                Err(_) if gone() => Err(AgentError::NotFound(format!(
+                    "container {id:?}: process already exited"
+                ))),
+                r => r.map_err(helper_err(format!("signalling container {id:?}"))),
+            };
         }
         let pid = match (p.pid(), p.exited()) {
             (_, Some(_)) => {

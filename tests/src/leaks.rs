@@ -28,6 +28,18 @@ pub struct Scope {
     pub mount_dirs: Vec<PathBuf>,
     /// Entries directly under these dirs are recorded (e.g. `/run/shoji`).
     pub run_dirs: Vec<PathBuf>,
+    /// tap/veth devices and /run/netns entries count only with one of these name prefixes
+    /// (empty: none count). Host-wide lists: other tests running at the same time make
+    /// their own, so a scope names only what its own runtime creates (CNI: `veth`, `cni-`).
+    pub link_prefixes: Vec<String>,
+    pub netns_prefixes: Vec<String>,
+}
+
+impl Scope {
+    /// The (link, netns) name prefixes of what CNI's bridge plugin and containerd create.
+    pub fn cni_prefixes() -> (Vec<String>, Vec<String>) {
+        (vec!["veth".into()], vec!["cni-".into()])
+    }
 }
 
 /// One observation of the host.
@@ -144,6 +156,10 @@ fn links() -> BTreeSet<String> {
         .collect()
 }
 
+fn has_prefix(name: &str, prefixes: &[String]) -> bool {
+    prefixes.iter().any(|p| name.starts_with(p.as_str()))
+}
+
 impl Snapshot {
     pub fn take(scope: &Scope) -> Snapshot {
         Snapshot {
@@ -154,8 +170,13 @@ impl Snapshot {
                 .flat_map(|d| crate::containerd::mounts_under(d))
                 .map(|m| m.display().to_string())
                 .collect(),
-            links: links(),
-            netns: read_dir_names(Path::new("/run/netns")).collect(),
+            links: links()
+                .into_iter()
+                .filter(|l| has_prefix(l, &scope.link_prefixes))
+                .collect(),
+            netns: read_dir_names(Path::new("/run/netns"))
+                .filter(|n| has_prefix(n, &scope.netns_prefixes))
+                .collect(),
             run_entries: scope
                 .run_dirs
                 .iter()

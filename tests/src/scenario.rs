@@ -96,6 +96,8 @@ impl Env {
                 .collect(),
             mount_dirs: vec![ctrd.dir().to_path_buf(), PathBuf::from("/run/netns")],
             run_dirs: runtime.run_dirs.clone(),
+            link_prefixes: Scope::cni_prefixes().0,
+            netns_prefixes: Scope::cni_prefixes().1,
         };
         let baseline = Snapshot::take(&scope);
         Ok(Env {

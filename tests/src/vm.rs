@@ -108,6 +108,9 @@ fn scope(run_dir: &Path) -> Scope {
         cmdline_markers: vec![run_dir.display().to_string()],
         mount_dirs: vec![run_dir.to_path_buf()],
         run_dirs: vec![run_dir.to_path_buf()],
+        // These VMs have no network: host-wide devices are other tests' business.
+        link_prefixes: Vec::new(),
+        netns_prefixes: Vec::new(),
     }
 }
 

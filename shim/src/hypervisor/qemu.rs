@@ -7,7 +7,7 @@
 //! a bounded translation cache. Nets: a tap opened inside the pod's network namespace and
 //! handed to QEMU as an inherited fd.
 use std::{
-    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    os::fd::{AsRawFd, OwnedFd, RawFd},
     path::{Path, PathBuf},
     process::Command,
     time::Duration,
@@ -22,8 +22,7 @@ use tokio::{
 };
 
 use super::{
-    tap, Accel, Capabilities, Hypervisor, HypervisorError, HypervisorKind, NetDevice, Result,
-    VmExit, VmSpec,
+    tap, Accel, Capabilities, Hypervisor, HypervisorError, HypervisorKind, Result, VmExit, VmSpec,
 };
 use crate::{
     config::{AccelChoice, Config},
