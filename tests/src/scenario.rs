@@ -59,6 +59,35 @@ impl Runtime {
     }
 }
 
+/// shoji with a run directory and config file of its own (`extra` TOML lines appended to
+/// `hypervisor = "qemu"`); both are removed when this is dropped.
+pub struct ShojiRuntime {
+    pub runtime: Runtime,
+    _dir: tempfile::TempDir,
+}
+
+impl ShojiRuntime {
+    pub fn new(extra_config: &str) -> ShojiRuntime {
+        // Short: sandbox socket paths live under it and Unix socket paths are limited to 108 bytes.
+        let dir = tempfile::Builder::new()
+            .prefix("shj")
+            .tempdir_in("/tmp")
+            .expect("temp dir in /tmp");
+        let run_dir = dir.path().join("run");
+        let config = dir.path().join("config.toml");
+        std::fs::write(&config, format!("hypervisor = \"qemu\"\n{extra_config}\n"))
+            .expect("write config");
+        let shim_dir = crate::bins::binary("containerd-shim-shoji-v2")
+            .parent()
+            .expect("bin dir")
+            .to_path_buf();
+        ShojiRuntime {
+            runtime: Runtime::shoji(shim_dir, Some(config), run_dir),
+            _dir: dir,
+        }
+    }
+}
+
 /// A private containerd with the busybox image imported, optionally a pod network, and a leak baseline.
 pub struct Env {
     pub ctrd: Containerd,

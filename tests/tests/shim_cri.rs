@@ -10,11 +10,11 @@
 use std::time::Duration;
 
 use shoji_tests::{
-    bins, cni,
+    cni,
     containerd::Version,
     cri::{self, api, Cri, ExecOutput},
     image::BUSYBOX,
-    scenario::{self, Env, Runtime},
+    scenario::{self, Env, ShojiRuntime},
 };
 
 /// Upper bound for one test, so a hang fails instead of stalling CI.
@@ -22,35 +22,10 @@ const TEST_LIMIT: Duration = Duration::from_secs(300);
 
 type Result<T = ()> = scenario::Result<T>;
 
-/// A shoji runtime with its own run directory and config file.
-struct Shoji {
-    runtime: Runtime,
-    _dir: tempfile::TempDir,
-}
-
-fn shoji() -> Shoji {
-    // Short: sandbox socket paths live under it and Unix socket paths are limited to 108 bytes.
-    let dir = tempfile::Builder::new()
-        .prefix("shj")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let run_dir = dir.path().join("run");
-    let config = dir.path().join("config.toml");
-    std::fs::write(&config, "hypervisor = \"qemu\"\n").unwrap();
-    let shim_dir = bins::binary("containerd-shim-shoji-v2")
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    Shoji {
-        runtime: Runtime::shoji(shim_dir, Some(config), run_dir),
-        _dir: dir,
-    }
-}
-
 /// Runs `scenario` against a fresh containerd `version` with shoji and test network `net`, then the leak check.
 async fn with_pods(version: Version, net: u8, scenario: impl AsyncFnOnce(&Env) -> Result) {
     let run = async {
-        let shoji = shoji();
+        let shoji = ShojiRuntime::new("");
         let env = Env::start(version, &shoji.runtime, Some(net)).await?;
         let r = scenario(&env).await;
         env.conclude(r).await

@@ -10,10 +10,9 @@ use std::{
 
 use sha2::{Digest, Sha256};
 use shoji_tests::{
-    bins,
     containerd::Version,
     image::BUSYBOX,
-    scenario::{self, Env, Runtime, CTR_NAMESPACE},
+    scenario::{self, Env, ShojiRuntime, CTR_NAMESPACE},
 };
 
 /// Upper bound for one test, so a hang fails instead of stalling CI.
@@ -31,31 +30,6 @@ fn check(cond: bool, what: impl FnOnce() -> String) -> Result {
     }
 }
 
-/// A shoji runtime with its own run directory and config file (`extra` TOML lines appended).
-struct Shoji {
-    runtime: Runtime,
-    _dir: tempfile::TempDir,
-}
-
-fn shoji(extra: &str) -> Shoji {
-    // Short: sandbox socket paths live under it and Unix socket paths are limited to 108 bytes.
-    let dir = tempfile::Builder::new()
-        .prefix("shj")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let run_dir = dir.path().join("run");
-    let config = dir.path().join("config.toml");
-    std::fs::write(&config, format!("hypervisor = \"qemu\"\n{extra}\n")).unwrap();
-    let shim_dir = bins::binary("containerd-shim-shoji-v2")
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    Shoji {
-        runtime: Runtime::shoji(shim_dir, Some(config), run_dir),
-        _dir: dir,
-    }
-}
-
 async fn bounded(f: impl std::future::Future<Output = Result>) {
     match tokio::time::timeout(TEST_LIMIT, f).await {
         Ok(r) => r.unwrap_or_else(|e| panic!("{e}")),
@@ -70,7 +44,7 @@ where
     Fut: std::future::Future<Output = (Env, Result)>,
 {
     bounded(async {
-        let shoji = shoji(extra_config);
+        let shoji = ShojiRuntime::new(extra_config);
         let env = Env::start(version, &shoji.runtime, None).await?;
         let (env, r) = scenario(env).await;
         let log = env.ctrd.log_tail();
