@@ -196,28 +196,11 @@ pub async fn setup(netns: &Path) -> Result<PodNetwork> {
         .collect();
     for (i, link) in pod_links.iter().enumerate() {
         let tap = tap_name(i);
-        let mtu = link.mtu.to_string();
-        // `ip tuntap add` fails if the tap exists: a previous attempt left it, so reuse it.
-        if run_in(netns, &["ip", "link", "show", &tap]).await.is_err() {
-            run_in(netns, &["ip", "tuntap", "add", "dev", &tap, "mode", "tap"]).await?;
-        }
-        run_in(netns, &["ip", "link", "set", &tap, "mtu", &mtu, "up"]).await?;
-        for (from, to) in [
-            (link.ifname.as_str(), tap.as_str()),
-            (tap.as_str(), link.ifname.as_str()),
-        ] {
-            // Replace semantics: drop any earlier ingress qdisc (and its filters) first.
-            let _ = run_in(netns, &["tc", "qdisc", "del", "dev", from, "ingress"]).await;
-            run_in(netns, &["tc", "qdisc", "add", "dev", from, "ingress"]).await?;
-            run_in(
-                netns,
-                &[
-                    "tc", "filter", "add", "dev", from, "parent", "ffff:", "protocol", "all",
-                    "u32", "match", "u32", "0", "0", "action", "mirred", "egress", "redirect",
-                    "dev", to,
-                ],
-            )
-            .await?;
+        if let Err(e) = bridge(netns, &link.ifname, &tap, link.mtu).await {
+            // Leave nothing half-made: this link's tap and qdiscs, and the links before it.
+            unbridge(netns, &link.ifname, &tap).await;
+            teardown(netns, &net).await;
+            return Err(e);
         }
         net.devices.push(NetDevice {
             tap: tap.clone(),
@@ -252,6 +235,40 @@ pub async fn setup(netns: &Path) -> Result<PodNetwork> {
     Ok(net)
 }
 
+/// Glues pod interface `ifname` to tap `tap` (created if missing) with an ingress redirect
+/// each way.
+async fn bridge(netns: &Path, ifname: &str, tap: &str, mtu: u32) -> Result<()> {
+    // `ip tuntap add` fails if the tap exists: a previous attempt left it, so reuse it.
+    if run_in(netns, &["ip", "link", "show", tap]).await.is_err() {
+        run_in(netns, &["ip", "tuntap", "add", "dev", tap, "mode", "tap"]).await?;
+    }
+    run_in(
+        netns,
+        &["ip", "link", "set", tap, "mtu", &mtu.to_string(), "up"],
+    )
+    .await?;
+    for (from, to) in [(ifname, tap), (tap, ifname)] {
+        // Replace semantics: drop any earlier ingress qdisc (and its filters) first.
+        let _ = run_in(netns, &["tc", "qdisc", "del", "dev", from, "ingress"]).await;
+        run_in(netns, &["tc", "qdisc", "add", "dev", from, "ingress"]).await?;
+        run_in(
+            netns,
+            &[
+                "tc", "filter", "add", "dev", from, "parent", "ffff:", "protocol", "all", "u32",
+                "match", "u32", "0", "0", "action", "mirred", "egress", "redirect", "dev", to,
+            ],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Undoes [`bridge`]; whatever is already gone counts as removed.
+async fn unbridge(netns: &Path, ifname: &str, tap: &str) {
+    let _ = run_in(netns, &["tc", "qdisc", "del", "dev", ifname, "ingress"]).await;
+    let _ = run_in(netns, &["ip", "link", "del", tap]).await;
+}
+
 /// Removes the taps and redirects `setup` made. Idempotent: a namespace or device that is
 /// already gone counts as removed.
 pub async fn teardown(netns: &Path, net: &PodNetwork) {
@@ -259,12 +276,7 @@ pub async fn teardown(netns: &Path, net: &PodNetwork) {
         return;
     }
     for (dev, iface) in net.devices.iter().zip(&net.guest.interfaces) {
-        let _ = run_in(
-            netns,
-            &["tc", "qdisc", "del", "dev", &iface.name, "ingress"],
-        )
-        .await;
-        let _ = run_in(netns, &["ip", "link", "del", &dev.tap]).await;
+        unbridge(netns, &iface.name, &dev.tap).await;
     }
 }
 

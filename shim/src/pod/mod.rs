@@ -303,6 +303,7 @@ impl Pod {
         cfg.memory_mib = size.memory_mib;
         cfg.hostname = spec.hostname().clone();
         let network = match spec::network_namespace(spec) {
+            // setup removes what it made when it fails half-way.
             Some(netns) => Some((netns.clone(), network::setup(&netns).await?)),
             None => None,
         };
@@ -310,29 +311,41 @@ impl Pod {
             cfg.nets = net.devices.clone();
         }
         info!(self.log, "booting the pod's VM"; "sandbox" => &sandbox_id, "vcpus" => size.vcpus, "memory_mib" => size.memory_mib, "nics" => cfg.nets.len());
-        // The VMM and its daemons are born in the pod cgroup: the shim joins it first.
-        let cgroups_path = spec.linux().as_ref().and_then(|l| l.cgroups_path().clone());
-        let cgroup = match cgroups_path
-            .as_ref()
-            .and_then(|p| p.to_str())
-            .filter(|p| host_cgroup::supported(p))
-        {
-            Some(path) => Some(PodCgroup::enter(path, std::process::id()).await?),
-            None => None,
-        };
+        let mut cgroup = None;
         let started = async {
-            let sandbox = Sandbox::start(cfg, self.log.clone()).await?;
-            if let Some((_, net)) = &network {
-                if let Err(e) = sandbox.agent().configure_network(net.guest.clone()).await {
-                    let _ = sandbox.stop().await;
-                    return Err(e.into());
-                }
+            // The VMM and its daemons are born in the pod cgroup: the shim joins it first.
+            let cgroups_path = spec.linux().as_ref().and_then(|l| l.cgroups_path().clone());
+            if let Some(path) = cgroups_path
+                .as_ref()
+                .and_then(|p| p.to_str())
+                .filter(|p| host_cgroup::supported(p))
+            {
+                cgroup = Some(PodCgroup::enter(path, std::process::id()).await?);
+            }
+            let sandbox = Arc::new(Sandbox::start(cfg, self.log.clone()).await?);
+            let configured = match &network {
+                Some((_, net)) => sandbox
+                    .agent()
+                    .configure_network(net.guest.clone())
+                    .await
+                    .map_err(PodError::from),
+                None => Ok(()),
+            };
+            // A second Create racing this one boots no second VM.
+            let claimed = configured.and_then(|()| {
+                self.sandbox.set(sandbox.clone()).map_err(|_| {
+                    PodError::FailedPrecondition("the pod's VM is already being created".into())
+                })
+            });
+            if let Err(e) = claimed {
+                let _ = sandbox.stop().await;
+                return Err(e);
             }
             Ok::<_, PodError>(sandbox)
         }
         .await;
         let sandbox = match started {
-            Ok(s) => Arc::new(s),
+            Ok(s) => s,
             Err(e) => {
                 if let Some((netns, net)) = &network {
                     network::teardown(netns, net).await;
@@ -345,13 +358,6 @@ impl Pod {
         };
         *self.network.lock().unwrap() = network;
         *self.cgroup.lock().unwrap() = cgroup;
-        if self.sandbox.set(sandbox.clone()).is_err() {
-            // Two concurrent Creates both booted a VM: keep the first.
-            let _ = sandbox.stop().await;
-            return Err(PodError::FailedPrecondition(
-                "the pod's VM is already being created".into(),
-            ));
-        }
         *self.owner.lock().unwrap() = Some(req.id.clone());
         // Lets `containerd-shim-shoji-v2 delete` find the VM if this shim dies.
         if let Err(e) = std::fs::write(
