@@ -35,7 +35,7 @@ use tokio::{
     sync::{oneshot, watch},
 };
 
-use crate::{logger::log, sandbox::Sandbox};
+use crate::{logger::log, runtime::Runtime};
 
 /// How long after StartProcess unattached output is kept for a stream to attach.
 pub const ATTACH_GRACE: Duration = Duration::from_secs(5);
@@ -330,7 +330,7 @@ async fn pump_input<R: AsyncRead + Unpin>(kind: StreamKind, fd: OwnedFd, conn: &
 }
 
 /// Serves one stream connection: header, verdict, then the data in its direction(s).
-pub async fn serve_stream<S>(sandbox: Arc<Sandbox>, mut conn: S)
+pub async fn serve_stream<S>(runtime: Arc<Runtime>, mut conn: S)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -341,7 +341,7 @@ where
         Err(_) => Err(format!("no header within {HEADER_TIMEOUT:?}")),
     };
     let attached = header.and_then(|h| {
-        let pio = sandbox
+        let pio = runtime
             .process_io(&h.container_id, &h.exec_id)
             .map_err(|e| e.to_string())?;
         let fd = pio.attach(h.kind)?;

@@ -13,7 +13,7 @@ mod logger;
 mod network;
 mod oom;
 mod reaper;
-mod sandbox;
+mod runtime;
 mod server;
 
 fn main() {

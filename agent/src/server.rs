@@ -1,4 +1,4 @@
-//! The ttrpc `Agent` service on vsock port 1024 (thin: each RPC is one `Sandbox` call),
+//! The ttrpc `Agent` service on vsock port 1024 (thin: each RPC is one `Runtime` call),
 //! the stdio listener on port 1025, and the readiness announcement to the host.
 use std::{sync::Arc, time::Duration};
 
@@ -21,7 +21,7 @@ use crate::{
     network,
     oom::OomWatcher,
     reaper::Reaper,
-    sandbox::{AgentError, Sandbox},
+    runtime::{Runtime, RuntimeError},
 };
 
 /// How long the agent keeps trying to announce itself.
@@ -49,19 +49,19 @@ enum Stop {
 }
 
 struct Service {
-    sandbox: Arc<Sandbox>,
+    runtime: Arc<Runtime>,
     stop: mpsc::UnboundedSender<Stop>,
 }
 
 type Res<T> = ttrpc::Result<T>;
 
-fn status(rpc: &str, e: AgentError) -> ttrpc::Error {
+fn status(rpc: &str, e: RuntimeError) -> ttrpc::Error {
     let code = match &e {
-        AgentError::NotFound(_) => Code::NOT_FOUND,
-        AgentError::InvalidArgument(_) => Code::INVALID_ARGUMENT,
-        AgentError::AlreadyExists(_) => Code::ALREADY_EXISTS,
-        AgentError::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
-        AgentError::Internal(_) => Code::INTERNAL,
+        RuntimeError::NotFound(_) => Code::NOT_FOUND,
+        RuntimeError::InvalidArgument(_) => Code::INVALID_ARGUMENT,
+        RuntimeError::AlreadyExists(_) => Code::ALREADY_EXISTS,
+        RuntimeError::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
+        RuntimeError::Internal(_) => Code::INTERNAL,
     };
     if code == Code::INTERNAL {
         warn!(log(), "request failed"; "rpc" => rpc, "error" => %e);
@@ -71,7 +71,7 @@ fn status(rpc: &str, e: AgentError) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, e.to_string()))
 }
 
-fn done<T>(rpc: &str, r: Result<T, AgentError>) -> Res<T> {
+fn done<T>(rpc: &str, r: Result<T, RuntimeError>) -> Res<T> {
     r.map_err(|e| status(rpc, e))
 }
 
@@ -88,17 +88,17 @@ impl Agent for Service {
     }
 
     async fn create_container(&self, _: &TtrpcContext, req: CreateContainerRequest) -> Res<Empty> {
-        done("CreateContainer", self.sandbox.create_container(req).await).map(|_| Empty::new())
+        done("CreateContainer", self.runtime.create_container(req).await).map(|_| Empty::new())
     }
 
     async fn exec_process(&self, _: &TtrpcContext, req: ExecProcessRequest) -> Res<Empty> {
-        done("ExecProcess", self.sandbox.exec_process(req).await).map(|_| Empty::new())
+        done("ExecProcess", self.runtime.exec_process(req).await).map(|_| Empty::new())
     }
 
     async fn start_process(&self, _: &TtrpcContext, req: ProcessRef) -> Res<StartProcessResponse> {
         let pid = done(
             "StartProcess",
-            self.sandbox
+            self.runtime
                 .start_process(&req.container_id, &req.exec_id)
                 .await,
         )?;
@@ -110,7 +110,7 @@ impl Agent for Service {
     async fn wait_process(&self, _: &TtrpcContext, req: ProcessRef) -> Res<WaitProcessResponse> {
         let exit = done(
             "WaitProcess",
-            self.sandbox
+            self.runtime
                 .wait_process(&req.container_id, &req.exec_id)
                 .await,
         )?;
@@ -127,7 +127,7 @@ impl Agent for Service {
 
     async fn signal_process(&self, _: &TtrpcContext, req: SignalProcessRequest) -> Res<Empty> {
         let r = self
-            .sandbox
+            .runtime
             .signal_process(&req.container_id, &req.exec_id, req.signal, req.all)
             .await;
         done("SignalProcess", r).map(|_| Empty::new())
@@ -135,7 +135,7 @@ impl Agent for Service {
 
     async fn resize_tty(&self, _: &TtrpcContext, req: ResizeTtyRequest) -> Res<Empty> {
         let r = self
-            .sandbox
+            .runtime
             .resize_tty(&req.container_id, &req.exec_id, req.width, req.height);
         done("ResizeTty", r).map(|_| Empty::new())
     }
@@ -143,7 +143,7 @@ impl Agent for Service {
     async fn remove_container(&self, _: &TtrpcContext, req: ContainerRef) -> Res<Empty> {
         done(
             "RemoveContainer",
-            self.sandbox.remove_container(&req.container_id).await,
+            self.runtime.remove_container(&req.container_id).await,
         )
         .map(|_| Empty::new())
     }
@@ -151,7 +151,7 @@ impl Agent for Service {
     async fn pause_container(&self, _: &TtrpcContext, req: ContainerRef) -> Res<Empty> {
         done(
             "PauseContainer",
-            self.sandbox.pause(&req.container_id, true).await,
+            self.runtime.pause(&req.container_id, true).await,
         )
         .map(|_| Empty::new())
     }
@@ -159,7 +159,7 @@ impl Agent for Service {
     async fn resume_container(&self, _: &TtrpcContext, req: ContainerRef) -> Res<Empty> {
         done(
             "ResumeContainer",
-            self.sandbox.pause(&req.container_id, false).await,
+            self.runtime.pause(&req.container_id, false).await,
         )
         .map(|_| Empty::new())
     }
@@ -167,7 +167,7 @@ impl Agent for Service {
     async fn update_container(&self, _: &TtrpcContext, req: UpdateContainerRequest) -> Res<Empty> {
         done(
             "UpdateContainer",
-            self.sandbox.update(&req.container_id, &req.resources_json),
+            self.runtime.update(&req.container_id, &req.resources_json),
         )
         .map(|_| Empty::new())
     }
@@ -178,7 +178,7 @@ impl Agent for Service {
         req: ContainerRef,
     ) -> Res<ListProcessesResponse> {
         let mut r = ListProcessesResponse::new();
-        r.pids = done("ListProcesses", self.sandbox.pids(&req.container_id))?;
+        r.pids = done("ListProcesses", self.runtime.pids(&req.container_id))?;
         Ok(r)
     }
 
@@ -187,11 +187,11 @@ impl Agent for Service {
         _: &TtrpcContext,
         req: ContainerRef,
     ) -> Res<ContainerStatsResponse> {
-        done("ContainerStats", self.sandbox.stats(&req.container_id))
+        done("ContainerStats", self.runtime.stats(&req.container_id))
     }
 
     async fn wait_oom_event(&self, _: &TtrpcContext, _: Empty) -> Res<OomEvent> {
-        match self.sandbox.oom.next().await {
+        match self.runtime.oom.next().await {
             Some(id) => {
                 let mut r = OomEvent::new();
                 r.container_id = id;
@@ -199,7 +199,7 @@ impl Agent for Service {
             }
             None => done(
                 "WaitOomEvent",
-                Err(AgentError::Internal("the OOM watch stopped".into())),
+                Err(RuntimeError::Internal("the OOM watch stopped".into())),
             ),
         }
     }
@@ -212,8 +212,10 @@ impl Agent for Service {
         let r = network::configure(&req).await.map_err(|e| match e {
             network::NetworkError::Invalid(_)
             | network::NetworkError::NoSuchMac(_)
-            | network::NetworkError::NoSuchDevice(_) => AgentError::InvalidArgument(e.to_string()),
-            e => AgentError::Internal(e.to_string()),
+            | network::NetworkError::NoSuchDevice(_) => {
+                RuntimeError::InvalidArgument(e.to_string())
+            }
+            e => RuntimeError::Internal(e.to_string()),
         });
         done("ConfigureNetwork", r).map(|_| Empty::new())
     }
@@ -253,11 +255,11 @@ fn uptime_ms() -> f64 {
 pub async fn serve(boot: BootTimes) -> Result<(), ServeError> {
     let reaper = Reaper::start().map_err(ServeError::Reaper)?;
     let oom = OomWatcher::start().map_err(ServeError::Oom)?;
-    let sandbox = Arc::new(Sandbox::new(reaper, oom));
+    let runtime = Arc::new(Runtime::new(reaper, oom));
     let (stop_tx, mut stop_rx) = mpsc::unbounded_channel();
 
     let service = Arc::new(Service {
-        sandbox: sandbox.clone(),
+        runtime: runtime.clone(),
         stop: stop_tx.clone(),
     });
     let mut server = ttrpc::r#async::Server::new()
@@ -267,12 +269,12 @@ pub async fn serve(boot: BootTimes) -> Result<(), ServeError> {
 
     let listener =
         VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, IO_PORT)).map_err(ServeError::Io)?;
-    let sb = sandbox.clone();
+    let rt = runtime.clone();
     tokio::spawn(async move {
         loop {
             match listener.accept().await {
                 Ok((conn, _)) => {
-                    tokio::spawn(io::serve_stream(sb.clone(), conn));
+                    tokio::spawn(io::serve_stream(rt.clone(), conn));
                 }
                 Err(e)
                     if e.raw_os_error() == Some(libc::EMFILE)
@@ -299,7 +301,7 @@ pub async fn serve(boot: BootTimes) -> Result<(), ServeError> {
     }
 
     let stop = stop_rx.recv().await;
-    sandbox.kill_everything();
+    runtime.kill_everything();
     let _ = server.shutdown().await;
     match stop {
         Some(Stop::Failed(e)) => Err(e),

@@ -9,6 +9,8 @@ use std::{
     time::Duration,
 };
 
+use serde::{Deserialize, Serialize};
+
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 /// cgroup v2: controllers enabled on the way down, so the pod cgroup reports them.
 const V2_CONTROLLERS: &[&str] = &["cpu", "memory", "pids", "io"];
@@ -17,6 +19,8 @@ const V1_CONTROLLERS: &[&str] = &["cpu", "cpuacct", "memory", "pids", "blkio"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
+    #[error("cgroupsPath {0:?} is not a plain path below the cgroup root")]
+    Invalid(String),
     #[error("{action} {path}: {source}")]
     Io {
         action: &'static str,
@@ -85,57 +89,109 @@ fn current(h: &Hierarchy, pid: u32) -> Result<PathBuf, CgroupError> {
     Ok(h.root.join(rel.trim_start_matches('/')))
 }
 
-/// A process (the shim) inside the pod cgroup; [`PodCgroup::leave`] moves it back out and
-/// removes the cgroup.
-#[derive(Debug)]
+/// The pod cgroup in every hierarchy. Serializable: the sandbox records it before
+/// [`PodCgroup::enter`] creates anything, so a crash at any point can be undone with
+/// [`PodCgroup::remove`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PodCgroup {
-    pid: u32,
-    /// (pod cgroup dir, the dir the process came from), per hierarchy.
-    dirs: Vec<(PathBuf, PathBuf)>,
+    /// The pod cgroup's directory in each hierarchy.
+    pub dirs: Vec<PathBuf>,
+    /// The directories that did not exist yet, parents first: these are ours to remove.
+    pub created: Vec<PathBuf>,
 }
 
+/// Where a process was before it entered the pod cgroup, to go back before the removal.
+#[derive(Debug, Default)]
+pub struct Previous(Vec<PathBuf>);
+
 impl PodCgroup {
-    /// Creates the cgroup `cgroups_path` (and its parents) in every hierarchy and moves process
-    /// `pid` into it. On error the process is moved back and what was created is removed.
-    pub async fn enter(cgroups_path: &str, pid: u32) -> Result<PodCgroup, CgroupError> {
+    /// Works out the directories of `cgroups_path` (cgroupfs style, see [`supported`]) in
+    /// every hierarchy, and which of them would be created. Creates nothing.
+    pub fn plan(cgroups_path: &str) -> Result<PodCgroup, CgroupError> {
         let rel = cgroups_path.trim_start_matches('/');
+        if rel.is_empty()
+            || rel
+                .split('/')
+                .any(|c| c.is_empty() || c == "." || c == "..")
+        {
+            return Err(CgroupError::Invalid(cgroups_path.to_string()));
+        }
+        let rel = Path::new(rel);
         let mut cg = PodCgroup {
-            pid,
             dirs: Vec::new(),
+            created: Vec::new(),
         };
         for h in hierarchies() {
-            let joined = async {
-                let previous = current(&h, pid)?;
-                let dir = h.root.join(rel);
-                std::fs::create_dir_all(&dir).map_err(io("create", &dir))?;
-                if h.controller.is_none() {
-                    enable_v2_controllers(&h.root, rel);
-                }
-                cg.dirs.push((dir.clone(), previous));
-                let procs = dir.join("cgroup.procs");
-                std::fs::write(&procs, pid.to_string()).map_err(io("join", &procs))
-            }
-            .await;
-            if let Err(e) = joined {
-                let _ = cg.leave().await;
-                return Err(e);
-            }
+            let dir = h.root.join(rel);
+            let mut missing: Vec<PathBuf> = dir
+                .ancestors()
+                .take_while(|d| *d != h.root && !d.exists())
+                .map(Path::to_path_buf)
+                .collect();
+            missing.reverse();
+            cg.created.extend(missing);
+            cg.dirs.push(dir);
         }
         Ok(cg)
     }
 
-    /// The pod cgroup's directories, one per hierarchy.
-    pub fn dirs(&self) -> impl Iterator<Item = &Path> {
-        self.dirs.iter().map(|(d, _)| d.as_path())
+    /// Creates the pod cgroup and moves process `pid` into it. On error the process is
+    /// moved back and what was created is removed.
+    pub async fn enter(&self, pid: u32) -> Result<Previous, CgroupError> {
+        let mut previous = Previous::default();
+        for (h, dir) in hierarchies().iter().zip(&self.dirs) {
+            let joined = (|| {
+                let before = current(h, pid)?;
+                std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+                if h.controller.is_none() {
+                    enable_v2_controllers(&h.root, dir);
+                }
+                previous.0.push(before);
+                let procs = dir.join("cgroup.procs");
+                std::fs::write(&procs, pid.to_string()).map_err(io("join", &procs))
+            })();
+            if let Err(e) = joined {
+                self.leave(pid, &previous);
+                let _ = self.remove().await;
+                return Err(e);
+            }
+        }
+        Ok(previous)
     }
 
-    /// Moves the process back and removes the pod cgroup once the VM's processes are gone.
-    /// Idempotent.
-    pub async fn leave(&self) -> Result<(), CgroupError> {
+    /// Moves process `pid` back to where it came from.
+    pub fn leave(&self, pid: u32, previous: &Previous) {
+        for before in &previous.0 {
+            let _ = std::fs::write(before.join("cgroup.procs"), pid.to_string());
+        }
+    }
+
+    /// Removes the directories [`PodCgroup::plan`] found missing, deepest first: the pod
+    /// cgroup after its last processes are reaped (a brief wait), each parent only if no
+    /// other pod's cgroup is still in it. Idempotent.
+    pub async fn remove(&self) -> Result<(), CgroupError> {
         let mut result = Ok(());
-        for (dir, previous) in &self.dirs {
-            let _ = std::fs::write(previous.join("cgroup.procs"), self.pid.to_string());
-            if let Err(e) = remove(dir).await {
+        for dir in self.created.iter().rev() {
+            let removed = if self.dirs.contains(dir) {
+                remove(dir).await
+            } else {
+                match std::fs::remove_dir(dir) {
+                    Err(e)
+                        if !matches!(
+                            e.raw_os_error(),
+                            Some(libc::EBUSY | libc::ENOTEMPTY | libc::ENOENT)
+                        ) =>
+                    {
+                        Err(CgroupError::Io {
+                            action: "remove",
+                            path: dir.clone(),
+                            source: e,
+                        })
+                    }
+                    _ => Ok(()),
+                }
+            };
+            if let Err(e) = removed {
                 result = Err(e);
             }
         }
@@ -145,9 +201,10 @@ impl PodCgroup {
 
 /// Enables the controllers in each ancestor's `cgroup.subtree_control`, from the root down;
 /// one that is unavailable stays off.
-fn enable_v2_controllers(root: &Path, rel: &str) {
+fn enable_v2_controllers(root: &Path, dir: &Path) {
+    let rel = dir.strip_prefix(root).unwrap_or(dir);
     let mut parent = root.to_path_buf();
-    for part in Path::new(rel).components() {
+    for part in rel.components() {
         for c in V2_CONTROLLERS {
             let _ = std::fs::write(parent.join("cgroup.subtree_control"), format!("+{c}"));
         }
@@ -183,23 +240,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn systemd_style_and_empty_paths_are_left_alone() {
+    fn systemd_style_empty_and_escaping_paths_are_refused() {
         assert!(!supported("system.slice:cri-containerd:abc"));
         assert!(!supported(""));
         assert!(supported("/kubepods/pod1/abc"));
+        for bad in ["/a/../../etc", "/a/./b", "..", "/", "/a//b"] {
+            assert!(
+                matches!(PodCgroup::plan(bad), Err(CgroupError::Invalid(_))),
+                "{bad}"
+            );
+        }
     }
 
     #[tokio::test]
     async fn a_process_enters_and_leaves_the_pod_cgroup() {
-        let rel = format!("/shoji-unit-{}/pod", std::process::id());
+        let top = format!("shoji-unit-{}", std::process::id());
         let mut sleeper = std::process::Command::new("sleep")
             .arg("100")
             .spawn()
             .unwrap();
-        let cg = PodCgroup::enter(&rel, sleeper.id()).await.unwrap();
-        let dirs: Vec<PathBuf> = cg.dirs().map(Path::to_path_buf).collect();
-        assert!(!dirs.is_empty());
-        for d in &dirs {
+        let cg = PodCgroup::plan(&format!("/{top}/pod")).unwrap();
+        assert!(!cg.dirs.is_empty());
+        // Both levels are new, parents first.
+        assert!(cg.created.iter().any(|d| d.ends_with(&top)));
+        assert!(cg.created.last().unwrap().ends_with("pod"));
+        let previous = cg.enter(sleeper.id()).await.unwrap();
+        for d in &cg.dirs {
             let procs = std::fs::read_to_string(d.join("cgroup.procs")).unwrap();
             assert!(
                 procs.lines().any(|p| p == sleeper.id().to_string()),
@@ -207,13 +273,13 @@ mod tests {
                 d.display()
             );
         }
-        cg.leave().await.unwrap();
-        for d in &dirs {
+        cg.leave(sleeper.id(), &previous);
+        cg.remove().await.unwrap();
+        for d in &cg.created {
             assert!(!d.exists(), "{} left behind", d.display());
-            remove(d.parent().unwrap()).await.unwrap();
         }
         sleeper.kill().unwrap();
         sleeper.wait().unwrap();
-        cg.leave().await.unwrap();
+        cg.remove().await.unwrap();
     }
 }

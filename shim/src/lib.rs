@@ -1,20 +1,24 @@
 //! shoji, host side: the containerd shim, its sandbox (one microVM per pod) and the
-//! operator CLI. See docs/architecture.md for how a request flows through these modules.
+//! operator CLI. A request flows containerd → [`containerd`] (Task service) → [`pod`]
+//! (containerd semantics) → [`sandbox`] (one VM and its host resources) →
+//! [`hypervisor`] / [`network`] / [`sharefs`] / [`agent_client`] → the guest agent.
+//! See docs/architecture.md.
 
 pub mod agent_client;
-pub mod bootstrap;
 pub mod check;
 pub mod cli;
 pub mod config;
-pub mod events;
+pub mod containerd;
+pub mod daemon;
 pub mod host_cgroup;
 pub mod hypervisor;
-pub mod io;
 pub mod kvm;
 pub mod logging;
+pub mod logtail;
 pub mod network;
+pub mod oci;
 pub mod pod;
-pub mod process;
+pub mod procfs;
 pub mod sandbox;
 pub mod sharefs;
-pub mod task;
+pub mod stdio;

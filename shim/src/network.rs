@@ -5,9 +5,12 @@
 //!
 //! Only the u32 classifier is assumed (some kernels lack matchall/flower). The tap lives in
 //! the pod's namespace, so it disappears with the namespace even if teardown never ran.
-use std::{path::Path, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use shoji_agent_api::types::{ConfigureNetworkRequest, Interface, Route};
 use tokio::process::Command;
 
@@ -26,15 +29,39 @@ pub enum NetworkError {
     Parse { command: String, why: String },
     #[error("network namespace {0} does not exist")]
     NoNamespace(String),
+    #[error("network namespace {0} is the host's: a VM is not plugged into the host network")]
+    HostNamespace(String),
 }
 
 pub type Result<T, E = NetworkError> = std::result::Result<T, E>;
 
-/// The pod network as the VM needs it: the NICs to give the VMM and what to tell the agent.
+/// Taps carry this prefix; a pod interface never does.
+const TAP_PREFIX: &str = "shojitap";
+
+/// The pod network as the VM needs it: the NICs to give the VMM, what to tell the agent,
+/// and what is made on the host for it.
 #[derive(Debug, Clone)]
 pub struct PodNetwork {
     pub devices: Vec<NetDevice>,
     pub guest: ConfigureNetworkRequest,
+    pub bridges: Bridges,
+}
+
+/// What [`setup`] makes in the pod's namespace: one tap per pod interface, glued to it
+/// with an ingress redirect each way. Serializable: the sandbox records it before it is
+/// made, so a crash at any point can be undone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bridges {
+    pub netns: PathBuf,
+    pub links: Vec<Bridge>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bridge {
+    /// The pod interface CNI made.
+    pub ifname: String,
+    pub tap: String,
+    pub mtu: u32,
 }
 
 #[derive(Debug, Deserialize)]
@@ -166,17 +193,15 @@ fn parse<T: serde::de::DeserializeOwned>(command: &str, json: &str) -> Result<T>
     })
 }
 
-/// The tap name paired with the pod interface at `index`.
-fn tap_name(index: usize) -> String {
-    format!("shojitap{index}")
-}
-
-/// Bridges every Ethernet interface of the pod namespace to a new tap for the VM.
-/// Returns what the VMM and the agent need. A namespace without interfaces other than
-/// loopback gives an empty network (the pod has host networking off and no CNI result).
-pub async fn setup(netns: &Path) -> Result<PodNetwork> {
+/// Reads the pod namespace CNI populated and decides the VM's NICs: every Ethernet
+/// interface gets a tap (see [`Bridges`]); the guest NIC takes its MAC, MTU, addresses and
+/// routes. Nothing is changed yet: record [`PodNetwork::bridges`], then [`setup`].
+pub async fn discover(netns: &Path) -> Result<PodNetwork> {
     if !netns.exists() {
         return Err(NetworkError::NoNamespace(netns.display().to_string()));
+    }
+    if same_namespace(netns, Path::new("/proc/self/ns/net")) {
+        return Err(NetworkError::HostNamespace(netns.display().to_string()));
     }
     let links: Vec<Link> = parse(
         "ip -json addr show",
@@ -189,21 +214,24 @@ pub async fn setup(netns: &Path) -> Result<PodNetwork> {
     let mut net = PodNetwork {
         devices: Vec::new(),
         guest: ConfigureNetworkRequest::default(),
+        bridges: Bridges {
+            netns: netns.to_path_buf(),
+            links: Vec::new(),
+        },
     };
     let pod_links: Vec<&Link> = links
         .iter()
-        .filter(|l| l.link_type == "ether" && !l.ifname.starts_with("shojitap"))
+        .filter(|l| l.link_type == "ether" && !l.ifname.starts_with(TAP_PREFIX))
         .collect();
     for (i, link) in pod_links.iter().enumerate() {
-        let tap = tap_name(i);
-        if let Err(e) = bridge(netns, &link.ifname, &tap, link.mtu).await {
-            // Leave nothing half-made: this link's tap and qdiscs, and the links before it.
-            unbridge(netns, &link.ifname, &tap).await;
-            teardown(netns, &net).await;
-            return Err(e);
-        }
-        net.devices.push(NetDevice {
+        let tap = format!("{TAP_PREFIX}{i}");
+        net.bridges.links.push(Bridge {
+            ifname: link.ifname.clone(),
             tap: tap.clone(),
+            mtu: link.mtu,
+        });
+        net.devices.push(NetDevice {
+            tap,
             mac: link.address.clone(),
             mtu: link.mtu,
             netns: Some(netns.to_path_buf()),
@@ -235,9 +263,30 @@ pub async fn setup(netns: &Path) -> Result<PodNetwork> {
     Ok(net)
 }
 
+/// Whether two namespace files name the same namespace.
+fn same_namespace(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// Makes the taps and redirects of `bridges`. On error, what was made is removed again.
+pub async fn setup(bridges: &Bridges) -> Result<()> {
+    for b in &bridges.links {
+        if let Err(e) = bridge(&bridges.netns, b).await {
+            teardown(bridges).await;
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
 /// Glues pod interface `ifname` to tap `tap` (created if missing) with an ingress redirect
 /// each way.
-async fn bridge(netns: &Path, ifname: &str, tap: &str, mtu: u32) -> Result<()> {
+async fn bridge(netns: &Path, b: &Bridge) -> Result<()> {
+    let (ifname, tap, mtu) = (b.ifname.as_str(), b.tap.as_str(), b.mtu);
     // `ip tuntap add` fails if the tap exists: a previous attempt left it, so reuse it.
     if run_in(netns, &["ip", "link", "show", tap]).await.is_err() {
         run_in(netns, &["ip", "tuntap", "add", "dev", tap, "mode", "tap"]).await?;
@@ -263,20 +312,19 @@ async fn bridge(netns: &Path, ifname: &str, tap: &str, mtu: u32) -> Result<()> {
     Ok(())
 }
 
-/// Undoes [`bridge`]; whatever is already gone counts as removed.
-async fn unbridge(netns: &Path, ifname: &str, tap: &str) {
-    let _ = run_in(netns, &["tc", "qdisc", "del", "dev", ifname, "ingress"]).await;
-    let _ = run_in(netns, &["ip", "link", "del", tap]).await;
-}
-
-/// Removes the taps and redirects `setup` made. Idempotent: a namespace or device that is
-/// already gone counts as removed.
-pub async fn teardown(netns: &Path, net: &PodNetwork) {
-    if !netns.exists() {
+/// Removes the taps and redirects of `bridges`. Idempotent: a namespace or device that is
+/// already gone counts as removed (the taps die with the namespace anyway).
+pub async fn teardown(bridges: &Bridges) {
+    if !bridges.netns.exists() {
         return;
     }
-    for (dev, iface) in net.devices.iter().zip(&net.guest.interfaces) {
-        unbridge(netns, &iface.name, &dev.tap).await;
+    for b in &bridges.links {
+        let _ = run_in(
+            &bridges.netns,
+            &["tc", "qdisc", "del", "dev", &b.ifname, "ingress"],
+        )
+        .await;
+        let _ = run_in(&bridges.netns, &["ip", "link", "del", &b.tap]).await;
     }
 }
 
@@ -336,7 +384,8 @@ mod tests {
     #[tokio::test]
     async fn veth_is_bridged_to_a_tap_with_its_mac_address_and_routes() {
         let ns = TestNs::new("setup");
-        let net = setup(&ns.path).await.unwrap();
+        let net = discover(&ns.path).await.unwrap();
+        setup(&net.bridges).await.unwrap();
         assert_eq!(net.devices.len(), 1);
         let dev = &net.devices[0];
         assert_eq!(dev.tap, "shojitap0");
@@ -361,22 +410,24 @@ mod tests {
             "no redirect to the tap: {filters}"
         );
         // Setting up again (a retried boot) reuses what is there.
-        setup(&ns.path).await.unwrap();
-        teardown(&ns.path, &net).await;
+        setup(&net.bridges).await.unwrap();
+        teardown(&net.bridges).await;
         assert!(
             run_in(&ns.path, &["ip", "link", "show", "shojitap0"])
                 .await
                 .is_err(),
             "tap left behind"
         );
-        teardown(&ns.path, &net).await;
+        teardown(&net.bridges).await;
     }
 
     #[tokio::test]
-    async fn a_missing_namespace_is_named() {
-        let err = setup(Path::new("/run/netns/shoji-no-such-ns"))
+    async fn a_missing_or_host_namespace_is_refused() {
+        let err = discover(Path::new("/run/netns/shoji-no-such-ns"))
             .await
             .unwrap_err();
         assert!(err.to_string().contains("shoji-no-such-ns"), "{err}");
+        let err = discover(Path::new("/proc/self/ns/net")).await.unwrap_err();
+        assert!(matches!(err, NetworkError::HostNamespace(_)), "{err}");
     }
 }

@@ -12,14 +12,10 @@ use std::{
 };
 
 use shoji::{
-    agent_client::{AgentClient, AgentError},
     config::Config,
-    sandbox::{Mount, Sandbox, SandboxConfig},
+    sandbox::{ContainerRequest, Mount, Sandbox, SandboxConfig, SandboxError},
 };
-use shoji_agent_api::{
-    stream::{self, StreamKind},
-    types::{CreateContainerRequest, Rootfs},
-};
+use shoji_agent_api::stream::{self, StreamKind};
 use slog::{o, Drain, Logger};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -184,93 +180,64 @@ impl Output {
     }
 }
 
-/// Mounts the busybox rootfs for `container_id` and creates the container running `args`
-/// (not started).
+/// Creates the container `container_id` running `args` on the busybox rootfs (not started).
 pub async fn create_container(
     sandbox: &Sandbox,
     container_id: &str,
     args: &[&str],
     tty: bool,
-) -> Result<(), AgentError> {
-    let root = sandbox
-        .mount_rootfs(container_id, &[Mount::host_dir(&busybox_rootfs(), true)])
-        .expect("mount rootfs");
+) -> Result<(), SandboxError> {
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    let spec = shoji::cli::spec::container_spec(&args, tty, container_id);
-    let created = sandbox
-        .agent()
-        .create_container(CreateContainerRequest {
-            container_id: container_id.into(),
-            spec_json: serde_json::to_vec(&spec).unwrap(),
-            rootfs: Some(Rootfs {
-                source: root,
-                guest_overlay: true,
-                ..Default::default()
-            })
-            .into(),
-            terminal: tty,
+    sandbox
+        .create_container(ContainerRequest {
+            id: container_id.into(),
+            rootfs: vec![Mount::host_dir(&busybox_rootfs(), true)],
+            spec: shoji::cli::run_spec::container_spec(&args, tty, container_id),
             stdin: true,
-            ..Default::default()
         })
-        .await;
-    if created.is_err() {
-        sandbox
-            .unmount_container(container_id)
-            .expect("unmount after failed create");
-    }
-    created
+        .await
 }
 
 /// Attaches stdio to a created process, feeds `stdin` (then EOF), starts it, and collects
 /// its output and exit status.
 pub async fn run_process(
-    agent: &AgentClient,
+    sandbox: &Sandbox,
     container_id: &str,
     exec_id: &str,
     stdin: &[u8],
     tty: bool,
 ) -> Output {
-    async fn read_all(mut s: tokio::net::UnixStream) -> Vec<u8> {
+    async fn read_all<R: tokio::io::AsyncRead + Unpin>(mut s: R) -> Vec<u8> {
         let mut v = Vec::new();
-        s.read_to_end(&mut v).await.expect("read output stream");
+        let _ = s.read_to_end(&mut v).await;
         v
     }
-    let (out, err, inp) = if tty {
-        let t = agent
-            .open_stream(StreamKind::Tty, container_id, exec_id)
-            .await
-            .expect("tty stream");
-        let (r, w) = t.into_split();
-        let out = tokio::spawn(async move {
-            let mut r = r;
-            let mut v = Vec::new();
-            let _ = r.read_to_end(&mut v).await;
-            v
-        });
-        (
-            out,
-            None,
-            Box::new(w) as Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
-        )
+    let kinds: &[StreamKind] = if tty {
+        &[StreamKind::Tty]
     } else {
-        let out = agent
-            .open_stream(StreamKind::Stdout, container_id, exec_id)
-            .await
-            .expect("stdout stream");
-        let err = agent
-            .open_stream(StreamKind::Stderr, container_id, exec_id)
-            .await
-            .expect("stderr stream");
-        let inp = agent
-            .open_stream(StreamKind::Stdin, container_id, exec_id)
-            .await
-            .expect("stdin stream");
-        (
-            tokio::spawn(read_all(out)),
-            Some(tokio::spawn(read_all(err))),
-            Box::new(inp) as Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
-        )
+        &[StreamKind::Stdout, StreamKind::Stderr, StreamKind::Stdin]
     };
+    let (mut out, mut err, mut inp) = (None, None, None);
+    for (kind, conn) in sandbox
+        .attach_stdio(container_id, exec_id, kinds)
+        .await
+        .expect("attach stdio")
+    {
+        match kind {
+            StreamKind::Tty => {
+                let (r, w) = conn.into_split();
+                out = Some(tokio::spawn(read_all(r)));
+                inp = Some(Box::new(w) as Box<dyn tokio::io::AsyncWrite + Unpin + Send>);
+            }
+            StreamKind::Stdout => out = Some(tokio::spawn(read_all(conn))),
+            StreamKind::Stderr => err = Some(tokio::spawn(read_all(conn))),
+            StreamKind::Stdin => inp = Some(Box::new(conn)),
+        }
+    }
+    let (out, inp) = (
+        out.expect("an output stream"),
+        inp.expect("an input stream"),
+    );
     let input = stdin.to_vec();
     let feeder = tokio::spawn(async move {
         let mut w = inp;
@@ -284,11 +251,11 @@ pub async fn run_process(
         // Keep the connection open until the process is done.
         std::future::pending::<()>().await;
     });
-    agent
+    sandbox
         .start_process(container_id, exec_id)
         .await
         .expect("start process");
-    let exit = agent
+    let exit = sandbox
         .wait_process(container_id, exec_id)
         .await
         .expect("wait process");
@@ -322,7 +289,7 @@ pub async fn run_container(
     create_container(sandbox, container_id, args, tty)
         .await
         .expect("create container");
-    let out = run_process(sandbox.agent(), container_id, "", stdin, tty).await;
+    let out = run_process(sandbox, container_id, "", stdin, tty).await;
     remove_container(sandbox, container_id).await;
     out
 }
@@ -330,11 +297,7 @@ pub async fn run_container(
 /// Removes a container in the guest, then its mounts on the host.
 pub async fn remove_container(sandbox: &Sandbox, container_id: &str) {
     sandbox
-        .agent()
         .remove_container(container_id)
         .await
         .expect("remove container");
-    sandbox
-        .unmount_container(container_id)
-        .expect("unmount container");
 }

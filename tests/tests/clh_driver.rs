@@ -9,24 +9,30 @@ use std::{
 };
 
 use serde_json::Value;
-use shoji::hypervisor::{
-    clh::{net_config, vm_config, Clh, ClhOptions},
-    Hypervisor, HypervisorError, NetDevice, ShareDevice, VmSpec, VsockDevice,
+use shoji::{
+    daemon::{DaemonError, NoLedger},
+    hypervisor::{
+        clh::{net_config, vm_config, Clh, ClhOptions},
+        Hypervisor, HypervisorError, NetDevice, ShareDevice, VmSpec, VsockDevice,
+    },
+    sharefs::{Virtiofsd, VirtiofsdOptions},
 };
 use shoji_tests::fake_clh::{FakeClh, Record};
 
 const FAKE: &str = env!("CARGO_BIN_EXE_fake-cloud-hypervisor");
 
 /// One test's world: a temp dir holding the sandbox dir, the shared dir, a stand-in kernel
-/// and initramfs (the fake only opens them) and the fake's wrapper script.
+/// and initramfs (the fake only opens them), the fake's wrapper script, and a real
+/// virtiofsd serving the shared dir (the sandbox's job outside these tests).
 struct Env {
     dir: tempfile::TempDir,
     fake: FakeClh,
     netns: Option<Netns>,
+    virtiofsd: std::sync::Mutex<Option<Virtiofsd>>,
 }
 
 impl Env {
-    fn new(fake_flags: &[&str]) -> Env {
+    async fn new(fake_flags: &[&str]) -> Env {
         let dir = tempfile::Builder::new()
             .prefix("shoji-clh-")
             .tempdir()
@@ -38,10 +44,34 @@ impl Env {
             std::fs::write(dir.path().join(f), b"stand-in").unwrap();
         }
         let fake = FakeClh::install(Path::new(FAKE), dir.path(), fake_flags).unwrap();
+        let virtiofsd = Virtiofsd::spawn(
+            &VirtiofsdOptions {
+                binary: virtiofsd(),
+                cache: "never".into(),
+                shared_dir: dir.path().join("shared"),
+                socket: dir.path().join("sandbox/virtiofsd.sock"),
+                log: dir.path().join("virtiofsd.log"),
+            },
+            &NoLedger,
+        )
+        .unwrap();
+        virtiofsd.ready(Duration::from_secs(10)).await.unwrap();
         Env {
             dir,
             fake,
             netns: None,
+            virtiofsd: std::sync::Mutex::new(Some(virtiofsd)),
+        }
+    }
+
+    fn virtiofsd_pid(&self) -> u32 {
+        self.virtiofsd.lock().unwrap().as_ref().unwrap().pid()
+    }
+
+    async fn stop_virtiofsd(&self) {
+        let v = self.virtiofsd.lock().unwrap().take();
+        if let Some(v) = v {
+            v.stop(Duration::from_secs(1)).await;
         }
     }
 
@@ -81,10 +111,14 @@ impl Env {
             memory_mib: 256,
             share: Some(ShareDevice {
                 tag: "shoji".into(),
-                shared_dir: self.path("shared"),
                 socket: sb.join("virtiofsd.sock"),
-                virtiofsd: virtiofsd(),
-                cache: "never".into(),
+                backend: self
+                    .virtiofsd
+                    .lock()
+                    .unwrap()
+                    .as_ref()
+                    .map(|v| v.exit_watch())
+                    .unwrap_or_else(|| tokio::sync::watch::channel(None).1),
             }),
             vsock: VsockDevice {
                 cid: 3,
@@ -107,7 +141,8 @@ impl Env {
     fn driver(&self) -> Clh {
         Clh::new(
             self.options(),
-            slog::Logger::root(slog::Discard, slog::o!()),
+            std::sync::Arc::new(NoLedger),
+            &slog::Logger::root(slog::Discard, slog::o!()),
         )
     }
 
@@ -132,6 +167,7 @@ impl Env {
 
     /// Nothing the test started is left: no process mentions the test dir, no socket remains.
     async fn assert_nothing_left(&self) {
+        self.stop_virtiofsd().await;
         let marker = self.dir.path().to_string_lossy().into_owned();
         let deadline = Instant::now() + Duration::from_secs(3);
         loop {
@@ -249,17 +285,12 @@ fn unix_ms() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn boot_sequence_bodies_tap_fds_resize_and_stop() {
-    let env = Env::new(&[]).with_taps(&["ctap0", "ctap1"]);
+    let env = Env::new(&[]).await.with_taps(&["ctap0", "ctap1"]);
     let spec = env.spec();
     let mut vm = env.driver();
 
     vm.prepare(&spec).await.unwrap();
-    assert!(
-        spec.share.as_ref().unwrap().socket.exists(),
-        "virtiofsd socket missing after prepare"
-    );
-    assert_eq!(vm.pids().len(), 1, "only virtiofsd runs after prepare");
-    assert_eq!(vm.pid(), None);
+    assert_eq!(vm.pid(), None, "prepare launches nothing");
 
     let t = Instant::now();
     vm.start().await.unwrap();
@@ -268,7 +299,6 @@ async fn boot_sequence_bodies_tap_fds_resize_and_stop() {
         t.elapsed()
     );
     let pid = vm.pid().expect("VMM pid");
-    assert_eq!(vm.pids().len(), 2);
     assert!(
         spec.vsock.socket.exists(),
         "the hybrid vsock socket appears at boot"
@@ -391,7 +421,6 @@ async fn boot_sequence_bodies_tap_fds_resize_and_stop() {
     let exit = vm.wait_exit().await;
     assert_eq!((exit.status, exit.reason.as_str()), (Some(0), "stopped"));
     assert_eq!(vm.pid(), None);
-    assert!(vm.pids().is_empty());
     env.assert_nothing_left().await;
     // Idempotent.
     vm.stop(Duration::from_secs(1)).await.unwrap();
@@ -399,7 +428,7 @@ async fn boot_sequence_bodies_tap_fds_resize_and_stop() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hung_api_call_times_out_and_everything_is_torn_down() {
-    let env = Env::new(&["--fake-hang", "vm.create"]);
+    let env = Env::new(&["--fake-hang", "vm.create"]).await;
     let mut vm = env.driver();
     vm.prepare(&env.spec()).await.unwrap();
     let t = Instant::now();
@@ -427,17 +456,17 @@ async fn hung_api_call_times_out_and_everything_is_torn_down() {
         .expect("wait_exit after failed start");
     assert!(
         exit.reason
-            .starts_with("start failed: cloud-hypervisor API call vm.create did not"),
+            .starts_with("start failed: cloud-hypervisor API call vm.create timed out"),
         "{}",
         exit.reason
     );
-    assert!(vm.pids().is_empty());
+    assert_eq!(vm.pid(), None);
     env.assert_nothing_left().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failed_boot_tears_down_virtiofsd_and_the_vmm() {
-    let env = Env::new(&[]).with_taps(&["ctap0"]);
+async fn failed_boot_tears_down_the_vmm() {
+    let env = Env::new(&[]).await.with_taps(&["ctap0"]);
     let spec = env.spec();
     let mut vm = env.driver();
     vm.prepare(&spec).await.unwrap();
@@ -454,20 +483,20 @@ async fn failed_boot_tears_down_virtiofsd_and_the_vmm() {
         }
         other => panic!("expected an API error, got {other}"),
     }
-    assert!(vm.pids().is_empty());
+    assert_eq!(vm.pid(), None);
     env.assert_nothing_left().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_virtiofsd_is_caught_before_vm_boot() {
     // The fake waits the real 60 s for a vhost-user back-end: the driver must not get there.
-    let env = Env::new(&[]);
+    let env = Env::new(&[]).await;
     let spec = env.spec();
     let mut vm = env.driver();
     vm.prepare(&spec).await.unwrap();
-    let virtiofsd = vm.pids()[0];
-    // SAFETY: kill(2) of the virtiofsd this test's driver started.
-    unsafe { libc::kill(virtiofsd as i32, libc::SIGKILL) };
+    // SAFETY: kill(2) of the virtiofsd this test started.
+    unsafe { libc::kill(env.virtiofsd_pid() as i32, libc::SIGKILL) };
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let t = Instant::now();
     let err = vm.start().await.unwrap_err();
     assert!(
@@ -478,10 +507,10 @@ async fn dead_virtiofsd_is_caught_before_vm_boot() {
     assert!(
         matches!(
             &err,
-            HypervisorError::Died {
+            HypervisorError::Daemon(DaemonError::Died {
                 what: "virtiofsd",
                 ..
-            }
+            })
         ),
         "{err}"
     );
@@ -494,7 +523,7 @@ async fn dead_virtiofsd_is_caught_before_vm_boot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vmm_death_after_boot_is_reported_within_a_second() {
-    let env = Env::new(&["--fake-die-after-boot-ms", "500"]);
+    let env = Env::new(&["--fake-die-after-boot-ms", "500"]).await;
     let mut vm = env.driver();
     vm.prepare(&env.spec()).await.unwrap();
     vm.start().await.unwrap();
@@ -542,7 +571,7 @@ async fn vmm_death_after_boot_is_reported_within_a_second() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_kills_a_vmm_that_does_not_shut_down() {
-    let env = Env::new(&["--fake-hang", "vm.shutdown"]);
+    let env = Env::new(&["--fake-hang", "vm.shutdown"]).await;
     let mut vm = env.driver();
     vm.prepare(&env.spec()).await.unwrap();
     vm.start().await.unwrap();
@@ -563,16 +592,16 @@ async fn stop_kills_a_vmm_that_does_not_shut_down() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vmm_failing_at_launch_is_reported_with_its_error() {
-    let env = Env::new(&["--fake-no-such-flag", "x"]);
+    let env = Env::new(&["--fake-no-such-flag", "x"]).await;
     let mut vm = env.driver();
     vm.prepare(&env.spec()).await.unwrap();
     let err = vm.start().await.unwrap_err();
     match &err {
-        HypervisorError::Died {
+        HypervisorError::Daemon(DaemonError::Died {
             what,
             status,
             detail,
-        } => {
+        }) => {
             assert_eq!((*what, *status), ("cloud-hypervisor", Some(1)));
             assert_eq!(
                 detail,
@@ -586,7 +615,7 @@ async fn vmm_failing_at_launch_is_reported_with_its_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_specs_are_rejected_with_what_is_wrong() {
-    let env = Env::new(&[]).with_taps(&["ctap0"]);
+    let env = Env::new(&[]).await.with_taps(&["ctap0"]);
     let mut vm = env.driver();
 
     let mut s = env.spec();
@@ -628,13 +657,13 @@ async fn bad_specs_are_rejected_with_what_is_wrong() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_the_driver_without_stop_leaves_nothing_running() {
-    let env = Env::new(&[]);
+    let env = Env::new(&[]).await;
     let mut vm = env.driver();
     vm.prepare(&env.spec()).await.unwrap();
     vm.start().await.unwrap();
-    let pids = vm.pids();
-    assert_eq!(pids.len(), 2);
+    assert!(vm.pid().is_some());
     drop(vm);
+    env.stop_virtiofsd().await;
     let marker = env.dir.path().to_string_lossy().into_owned();
     let deadline = Instant::now() + Duration::from_secs(3);
     while !processes_mentioning(&marker).is_empty() {
@@ -648,27 +677,25 @@ async fn dropping_the_driver_without_stop_leaves_nothing_running() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_vm_after_stop_starts_fresh() {
-    let env = Env::new(&[]);
+async fn a_driver_runs_one_vm() {
+    let env = Env::new(&[]).await;
     let mut vm = env.driver();
     vm.prepare(&env.spec()).await.unwrap();
     vm.start().await.unwrap();
     vm.stop(Duration::from_secs(2)).await.unwrap();
     assert_eq!(vm.wait_exit().await.reason, "stopped");
-    // virtiofsd's sandbox child can outlive its parent by a moment, holding the pid-file
-    // lock of the socket path reused below.
-    env.assert_nothing_left().await;
-
-    vm.prepare(&env.spec()).await.unwrap();
-    vm.start().await.unwrap();
-    // The first VM's exit is not reported for the second one.
+    let err = vm.prepare(&env.spec()).await.unwrap_err();
     assert!(
-        tokio::time::timeout(Duration::from_millis(300), vm.wait_exit())
-            .await
-            .is_err()
+        matches!(
+            err,
+            HypervisorError::Invalid {
+                call: "prepare",
+                ..
+            }
+        ),
+        "{err}"
     );
-    assert_eq!(vm.pids().len(), 2);
-    vm.stop(Duration::from_secs(2)).await.unwrap();
+    assert!(err.to_string().contains("already ran a VM"), "{err}");
     env.assert_nothing_left().await;
 }
 
@@ -681,7 +708,7 @@ async fn sandbox_reports_a_vmm_death_during_boot_with_its_error() {
         hypervisor::HypervisorKind,
         sandbox::{Sandbox, SandboxConfig, SandboxError},
     };
-    let env = Env::new(&["--fake-die-after-boot-ms", "300"]);
+    let env = Env::new(&["--fake-die-after-boot-ms", "300"]).await;
     let mut config = Config {
         hypervisor: HypervisorKind::Clh,
         kernel: env.path("vmlinux"),
@@ -693,6 +720,8 @@ async fn sandbox_reports_a_vmm_death_during_boot_with_its_error() {
     config.virtiofsd.path = virtiofsd();
     config.timeouts.agent_ready = Duration::from_secs(30);
     let log = slog::Logger::root(slog::Discard, slog::o!());
+    // The sandbox runs a virtiofsd of its own.
+    env.stop_virtiofsd().await;
     let t = Instant::now();
     let err = Sandbox::start(SandboxConfig::new("clhsb", config), log)
         .await
@@ -739,16 +768,16 @@ async fn sandbox_reports_a_vmm_death_during_boot_with_its_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vmm_crash_during_boot_is_reported_with_its_panic() {
-    let env = Env::new(&["--fake-crash", "vm.boot"]);
+    let env = Env::new(&["--fake-crash", "vm.boot"]).await;
     let mut vm = env.driver();
     vm.prepare(&env.spec()).await.unwrap();
     let err = vm.start().await.unwrap_err();
     match &err {
-        HypervisorError::Died {
+        HypervisorError::Daemon(DaemonError::Died {
             what,
             status,
             detail,
-        } => {
+        }) => {
             assert_eq!(
                 (*what, *status),
                 ("cloud-hypervisor", Some(128 + libc::SIGABRT))

@@ -53,7 +53,7 @@ async fn run_scenario(name: &str, kind: HypervisorKind, vmm_comm: &str) {
         let started = Instant::now();
         let sandbox = env.start(name).await;
         let ready = started.elapsed();
-        let vmm = sandbox.vmm_pid().await.expect("VMM pid");
+        let vmm = sandbox.vmm_pid();
         let comm = std::fs::read_to_string(format!("/proc/{vmm}/comm")).unwrap();
         assert_eq!(comm.trim(), vmm_comm, "the sandbox runs on the wrong VMM");
         let health = sandbox.agent().health().await.expect("agent health");

@@ -183,8 +183,8 @@ async fn two_containers_in_one_vm() {
     .await
     .unwrap();
     let (a, b) = tokio::join!(
-        run_process(sandbox.agent(), "c1", "", b"", false),
-        run_process(sandbox.agent(), "c2", "", b"", false)
+        run_process(&sandbox, "c1", "", b"", false),
+        run_process(&sandbox, "c2", "", b"", false)
     );
     assert_eq!((a.stdout().as_str(), a.status), ("one\n", 0));
     // Each container writes into its own overlay: c2 does not see c1's file.
@@ -228,7 +228,7 @@ async fn bad_input_is_refused_and_the_agent_survives() {
     assert!(err.is_not_found(), "{err}");
 
     // A rootfs that does not exist in the guest.
-    let spec = shoji::cli::spec::container_spec(&["true".to_string()], false, "x");
+    let spec = shoji::cli::run_spec::container_spec(&["true".to_string()], false, "x");
     let err = agent
         .create_container(shoji_agent_api::types::CreateContainerRequest {
             container_id: "norootfs".into(),
@@ -272,7 +272,7 @@ async fn bad_input_is_refused_and_the_agent_survives() {
     .expect("1 MiB args: no hang");
     match created {
         Ok(()) => {
-            let out = run_process(agent, "big", "", b"", false).await;
+            let out = run_process(&sandbox, "big", "", b"", false).await;
             assert_eq!(
                 (out.stdout().trim(), out.status),
                 ("64", 0),
@@ -282,7 +282,10 @@ async fn bad_input_is_refused_and_the_agent_survives() {
             remove_container(&sandbox, "big").await;
         }
         Err(e) => assert!(
-            matches!(e, shoji::agent_client::AgentError::Rpc { .. }),
+            matches!(
+                e,
+                shoji::sandbox::SandboxError::Agent(shoji::agent_client::AgentError::Rpc { .. })
+            ),
             "{e}"
         ),
     }
@@ -314,22 +317,7 @@ async fn volumes_mounted_after_boot_reach_the_guest_and_read_only_holds() {
         "{view}"
     );
     // Mounted under the shared directory after virtiofsd started: must still propagate.
-    let ro = sandbox
-        .mount_volume("c1", "ro", &host.join("ro"), true)
-        .unwrap();
-    let rw = sandbox
-        .mount_volume("c1", "rw", &host.join("rw"), false)
-        .unwrap();
-    let root = sandbox
-        .mount_rootfs(
-            "c1",
-            &[shoji::sandbox::Mount::host_dir(
-                &shoji_tests::vm::busybox_rootfs(),
-                true,
-            )],
-        )
-        .unwrap();
-    let mut spec = shoji::cli::spec::container_spec(
+    let mut spec = shoji::cli::run_spec::container_spec(
         &[
             "sh".to_string(),
             "-c".into(),
@@ -339,32 +327,35 @@ async fn volumes_mounted_after_boot_reach_the_guest_and_read_only_holds() {
         false,
         "c1",
     );
+    let mut mounts = spec.mounts().clone().unwrap();
     for (src, dst, opts) in [
-        (&ro, "/ro", vec!["rbind", "ro"]),
-        (&rw, "/rw", vec!["rbind", "rw"]),
+        ("ro", "/ro", ["rbind", "ro"]),
+        ("rw", "/rw", ["rbind", "rw"]),
     ] {
-        spec["mounts"]
-            .as_array_mut()
-            .unwrap()
-            .push(serde_json::json!({ "destination": dst, "type": "bind", "source": src, "options": opts }));
+        mounts.push(
+            oci_spec::runtime::MountBuilder::default()
+                .destination(dst)
+                .typ("bind")
+                .source(host.join(src))
+                .options(opts.map(String::from).to_vec())
+                .build()
+                .unwrap(),
+        );
     }
+    spec.set_mounts(Some(mounts));
     sandbox
-        .agent()
-        .create_container(shoji_agent_api::types::CreateContainerRequest {
-            container_id: "c1".into(),
-            spec_json: serde_json::to_vec(&spec).unwrap(),
-            rootfs: Some(shoji_agent_api::types::Rootfs {
-                source: root,
-                guest_overlay: true,
-                ..Default::default()
-            })
-            .into(),
+        .create_container(shoji::sandbox::ContainerRequest {
+            id: "c1".into(),
+            rootfs: vec![shoji::sandbox::Mount::host_dir(
+                &shoji_tests::vm::busybox_rootfs(),
+                true,
+            )],
+            spec,
             stdin: true,
-            ..Default::default()
         })
         .await
         .unwrap();
-    let out = run_process(sandbox.agent(), "c1", "", b"", false).await;
+    let out = run_process(&sandbox, "c1", "", b"", false).await;
     assert_eq!(out.stdout(), "from the host\n", "stderr: {}", out.stderr());
     assert_eq!(out.status, 0);
     assert_eq!(
@@ -381,7 +372,7 @@ async fn volumes_mounted_after_boot_reach_the_guest_and_read_only_holds() {
 async fn vmm_death_is_reported_and_stop_still_cleans_up() {
     let env = TestEnv::new("vmmdeath").await;
     let sandbox = env.start("vmmdeath").await;
-    let pid = sandbox.vmm_pid().await.expect("VMM pid");
+    let pid = sandbox.vmm_pid();
     // SAFETY: kill(2) on the VMM this test started.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     let exit = tokio::time::timeout(Duration::from_secs(10), sandbox.wait_exit())

@@ -16,10 +16,10 @@
 pub mod create;
 pub mod delete;
 pub mod exec;
+pub mod guest_spec;
 pub mod helper;
 pub mod kill;
 pub mod rootfs;
-pub mod spec;
 pub mod start;
 
 use std::{

@@ -3,7 +3,10 @@ use containerd_shim_protos::{
     protobuf::{Message, MessageField},
     types::introspection::{RuntimeInfo, RuntimeVersion},
 };
-use shoji::bootstrap::{self, ShojiShim, RUNTIME_TYPE};
+use shoji::containerd::{
+    bootstrap::{self, ShojiShim},
+    RUNTIME_TYPE,
+};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();

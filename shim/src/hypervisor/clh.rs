@@ -1,32 +1,32 @@
 //! Cloud Hypervisor driver (REST API over a Unix socket).
 //!
-//! `prepare` starts virtiofsd; `start` launches `cloud-hypervisor` with its API socket, log
-//! and event monitor in the sandbox directory, waits for `vmm.ping`, then `vm.create` (the
-//! whole VM but its NICs) → `vm.add-net` per tap (fd passed with SCM_RIGHTS) → `vm.boot`,
-//! and confirms with `vm.info`. A watcher reports the VMM's exit with its last error line.
+//! `start` launches `cloud-hypervisor` with its API socket, log and event monitor in the
+//! sandbox directory, waits for `vmm.ping`, then `vm.create` (the whole VM but its NICs) →
+//! `vm.add-net` per tap (fd passed with SCM_RIGHTS) → `vm.boot`, and confirms with
+//! `vm.info`. The VMM's exit ends the VM, reported with its last error line and events.
 //! Stop: `vm.shutdown` → `vmm.shutdown` → SIGKILL when the grace period runs out.
-//! What a real Cloud Hypervisor answers to each call: /work/shared/cloud-hypervisor-api.md
-//! (summarised in docs/cloud-hypervisor.md).
+//! What a real Cloud Hypervisor answers to each call: docs/cloud-hypervisor.md.
 use std::{
     fs::File,
     os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
     process::Command,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use async_trait::async_trait;
 use cloud_hypervisor_client::models::{VmResize, VmState};
-use slog::{debug, info, o, warn, Logger};
+use slog::{debug, info, warn, Logger};
 use tokio::sync::watch;
 
 use super::{
-    tap, Accel, Capabilities, Hypervisor, HypervisorError, HypervisorKind, Result, VmExit, VmSpec,
+    describe_status, tap, Accel, Capabilities, Hypervisor, HypervisorError, HypervisorKind, Result,
+    VmEnd, VmExit, VmSpec,
 };
 use crate::{
-    process::Daemon,
-    sharefs::{last_line, Virtiofsd},
+    daemon::{Daemon, DaemonError, PidLedger},
+    logtail,
 };
 
 mod api;
@@ -40,9 +40,9 @@ const LOG_FILE: &str = "clh.log";
 const EVENTS_FILE: &str = "clh-events.json";
 /// The VMM's stdout/stderr (CH writes its own log to [`LOG_FILE`]).
 const STDIO_LOG: &str = "clh-stdio.log";
-const VIRTIOFSD_LOG: &str = "virtiofsd.log";
 
 /// Where one VMM's API socket and logs live (in the sandbox directory).
+#[derive(Clone)]
 struct Files {
     api_socket: PathBuf,
     log: PathBuf,
@@ -64,12 +64,8 @@ impl Files {
     /// log, else the last line it printed (flag errors and panics go to stderr).
     fn vmm_error(&self) -> Option<String> {
         last_error_line(&self.log).or_else(|| {
-            let text = std::fs::read_to_string(&self.stdio).ok()?;
-            let lines: Vec<&str> = text
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .collect();
+            let lines = logtail::last_lines(&self.stdio, 8);
+            let lines: Vec<&str> = lines.iter().map(|l| l.trim()).collect();
             // A Rust panic: "thread 'vmm' panicked at file:line:col:", the message, a note.
             if let Some(i) = lines.iter().rposition(|l| l.contains(" panicked at ")) {
                 return Some(
@@ -91,11 +87,7 @@ impl Files {
 
     /// Why the VMM ended: its error and the event monitor's last events.
     fn exit_reason(&self, status: Option<i32>) -> String {
-        let status = match status {
-            Some(s) if s > 128 => format!("killed by signal {}", s - 128),
-            Some(s) => format!("exit status {s}"),
-            None => "exit status unknown".into(),
-        };
+        let status = describe_status(status);
         let events = last_events(&self.events, 4);
         let events = if events.is_empty() {
             String::new()
@@ -114,7 +106,7 @@ impl Files {
 pub struct ClhOptions {
     /// The `cloud-hypervisor` binary.
     pub binary: PathBuf,
-    /// VMM launch until `vmm.ping` answers; also virtiofsd until its socket exists.
+    /// VMM launch until `vmm.ping` answers.
     pub start_timeout: Duration,
     /// Any single API call but `vm.boot`.
     pub api_timeout: Duration,
@@ -140,44 +132,33 @@ impl ClhOptions {
 /// One Cloud Hypervisor VM. See the module documentation for the sequence.
 pub struct Clh {
     opts: ClhOptions,
+    ledger: Arc<dyn PidLedger>,
     log: Logger,
     spec: Option<VmSpec>,
-    virtiofsd: Option<Virtiofsd>,
-    vmm: Option<Arc<Daemon>>,
+    vmm: Option<Daemon>,
     api: Option<api::Api>,
     /// Current size, for resize checks.
     vcpus: u32,
     memory_mib: u64,
-    /// Why the VMM is going away when the driver itself ends it; the exit watcher reports
-    /// this instead of digging in the VMM's log.
-    stop_reason: Arc<Mutex<Option<String>>>,
-    exit_tx: Arc<watch::Sender<Option<VmExit>>>,
-    exit_rx: watch::Receiver<Option<VmExit>>,
+    end: VmEnd,
 }
 
 impl Clh {
-    pub fn new(opts: ClhOptions, log: Logger) -> Clh {
-        Clh::with_logger(opts, log.new(o!("hypervisor" => "clh")))
-    }
-
-    fn with_logger(opts: ClhOptions, log: Logger) -> Clh {
-        let (exit_tx, exit_rx) = watch::channel(None);
+    pub fn new(opts: ClhOptions, ledger: Arc<dyn PidLedger>, log: &Logger) -> Clh {
         Clh {
             opts,
-            log,
+            ledger,
+            log: log.new(slog::o!("hypervisor" => "clh")),
             spec: None,
-            virtiofsd: None,
             vmm: None,
             api: None,
             vcpus: 0,
             memory_mib: 0,
-            stop_reason: Arc::new(Mutex::new(None)),
-            exit_tx: Arc::new(exit_tx),
-            exit_rx,
+            end: VmEnd::new(),
         }
     }
 
-    fn running_vmm(&self) -> Option<&Arc<Daemon>> {
+    fn running_vmm(&self) -> Option<&Daemon> {
         self.vmm.as_ref().filter(|d| d.exited().is_none())
     }
 
@@ -195,15 +176,15 @@ impl Clh {
         let Ok(status) = tokio::time::timeout(Duration::from_millis(200), vmm.wait()).await else {
             return e;
         };
-        let files = Files::new(&spec.dir);
-        let error = files
+        let error = Files::new(&spec.dir)
             .vmm_error()
             .unwrap_or_else(|| "no error output".into());
-        HypervisorError::Died {
+        DaemonError::Died {
             what: "cloud-hypervisor",
             status,
             detail: format!("{error} (the step that failed: {e})"),
         }
+        .into()
     }
 
     async fn launch_and_boot(&mut self, spec: &VmSpec) -> Result<()> {
@@ -225,20 +206,16 @@ impl Clh {
         if let Some(ns) = netns {
             enter_netns_on_exec(&mut cmd, ns)?;
         }
-        let vmm = Arc::new(
-            Daemon::spawn("cloud-hypervisor", cmd, &files.stdio).map_err(|source| {
-                HypervisorError::Spawn {
-                    what: "cloud-hypervisor",
-                    source,
-                }
-            })?,
-        );
+        let vmm = Daemon::spawn("cloud-hypervisor", cmd, &files.stdio, self.ledger.as_ref())?;
         info!(self.log, "cloud-hypervisor launched"; "pid" => vmm.pid(), "api_socket" => %api_socket.display());
-        self.watch_exit(vmm.clone(), Files::new(&spec.dir));
-        self.vmm = Some(vmm.clone());
+        let reason_files = files.clone();
+        self.end.watch(vmm.exit_watch(), move |status| {
+            reason_files.exit_reason(status)
+        });
+        let vmm = self.vmm.insert(vmm);
 
         let api = api::Api::new(api_socket, self.opts.api_timeout);
-        let ping = wait_for_api(&api, &vmm, &files, self.opts.start_timeout).await?;
+        let ping = wait_for_api(&api, vmm, &files, self.opts.start_timeout).await?;
         info!(self.log, "cloud-hypervisor API ready"; "version" => ping.version, "build" => ping.build_version);
         let api = self.api.insert(api);
 
@@ -252,14 +229,15 @@ impl Clh {
             }
             // CH holds its own copies now; ours close here.
         }
-        if let (Some(share), Some(virtiofsd)) = (&spec.share, &self.virtiofsd) {
-            // A missing vhost-user socket makes vm.boot block for 60 s inside CH.
-            if let Some(status) = virtiofsd.daemon().exited() {
-                return Err(HypervisorError::Died {
+        if let Some(share) = &spec.share {
+            // A vhost-user socket nobody serves makes vm.boot block for 60 s inside CH.
+            if let Some(status) = *share.backend.borrow() {
+                return Err(DaemonError::Died {
                     what: "virtiofsd",
                     status,
-                    detail: last_line(&spec.dir.join(VIRTIOFSD_LOG)),
-                });
+                    detail: "the virtio-fs back-end exited before vm.boot".into(),
+                }
+                .into());
             }
             if !share.socket.exists() {
                 return Err(HypervisorError::Missing {
@@ -282,29 +260,12 @@ impl Clh {
         Ok(())
     }
 
-    /// Publishes the VMM's exit on `exit_tx` as soon as the pidfd fires.
-    fn watch_exit(&self, vmm: Arc<Daemon>, files: Files) {
-        let tx = self.exit_tx.clone();
-        let stop_reason = self.stop_reason.clone();
-        let log = self.log.clone();
-        tokio::spawn(async move {
-            let status = vmm.wait().await;
-            let planned = stop_reason.lock().unwrap().clone();
-            let reason = planned.unwrap_or_else(|| files.exit_reason(status));
-            info!(log, "cloud-hypervisor exited"; "status" => ?status, "reason" => &reason);
-            tx.send_replace(Some(VmExit { status, reason }));
-        });
-    }
-
-    /// Ends the VMM (gracefully within `grace`, else SIGKILL) and virtiofsd, and removes the
-    /// sockets. `grace` zero skips the API (a failed start has nothing to shut down cleanly).
-    async fn teardown(&mut self, reason: String, grace: Duration) {
-        self.stop_reason
-            .lock()
-            .unwrap()
-            .get_or_insert(reason.clone());
+    /// Ends the VMM (gracefully within `grace`, else SIGKILL) and removes the sockets.
+    /// `grace` zero skips the API (a failed start has nothing to shut down cleanly).
+    async fn teardown(&mut self, reason: &str, grace: Duration) {
+        self.end.plan(reason);
         let deadline = tokio::time::Instant::now() + grace;
-        if let Some(vmm) = self.running_vmm().cloned() {
+        if let Some(vmm) = self.running_vmm() {
             if let Some(api) = self.api.as_ref().filter(|_| !grace.is_zero()) {
                 for (name, result) in [
                     ("vm.shutdown", api.shutdown_vm(remaining(deadline)).await),
@@ -319,21 +280,14 @@ impl Clh {
                 warn!(self.log, "cloud-hypervisor did not exit in time, killing it"; "pid" => vmm.pid(), "grace" => ?grace);
                 vmm.kill().await;
             }
-        } else if self.vmm.is_none() {
-            // Never launched: wait_exit still resolves.
-            self.exit_tx.send_if_modified(|exit| {
-                exit.get_or_insert(VmExit {
-                    status: None,
-                    reason: reason.clone(),
-                });
-                true
-            });
         }
-        if let Some(virtiofsd) = self.virtiofsd.take() {
-            // It normally left by itself when the VMM disconnected.
-            virtiofsd
-                .stop(remaining(deadline).max(Duration::from_millis(500)))
-                .await;
+        if self.vmm.is_some() {
+            self.end.settle(reason).await;
+        } else {
+            self.end.set(VmExit {
+                status: None,
+                reason: reason.into(),
+            });
         }
         self.api = None;
         if let Some(spec) = &self.spec {
@@ -342,17 +296,6 @@ impl Clh {
                     warn!(self.log, "cannot remove socket"; "error" => %e);
                 }
             }
-        }
-    }
-}
-
-impl Drop for Clh {
-    /// A driver dropped without [`Hypervisor::stop`] must not leave its VMM running. The exit
-    /// watcher holds the [`Daemon`], so the daemon's own kill-on-drop cannot fire.
-    fn drop(&mut self) {
-        if let Some(vmm) = self.running_vmm() {
-            // SAFETY: kill(2) of our child; running_vmm() saw it unreaped just now.
-            unsafe { libc::kill(vmm.pid() as i32, libc::SIGKILL) };
         }
     }
 }
@@ -368,30 +311,14 @@ impl Hypervisor for Clh {
             accel: Accel::Kvm,
             cpu_hotplug: true,
             memory_hotplug: self.opts.memory_hotplug_mib > 0,
-            fs_sharing: true,
         }
     }
 
     async fn prepare(&mut self, spec: &VmSpec) -> Result<()> {
-        if self.running_vmm().is_some() {
-            return Err(invalid("prepare", "the VM is already running".into()));
+        if self.spec.is_some() {
+            return Err(invalid("prepare", "this driver already ran a VM".into()));
         }
         validate(spec, &self.opts.binary)?;
-        if let Some(old) = self.virtiofsd.take() {
-            old.stop(Duration::from_secs(1)).await;
-        }
-        // A new VM after a stopped or failed one: forget the old VMM and its exit.
-        *self = Clh::with_logger(self.opts.clone(), self.log.clone());
-        if let Some(share) = &spec.share {
-            let virtiofsd = Virtiofsd::start(
-                share,
-                &spec.dir.join(VIRTIOFSD_LOG),
-                self.opts.start_timeout,
-            )
-            .await?;
-            info!(self.log, "virtiofsd ready"; "pid" => virtiofsd.pid(), "socket" => %share.socket.display());
-            self.virtiofsd = Some(virtiofsd);
-        }
         self.vcpus = spec.vcpus;
         self.memory_mib = spec.memory_mib;
         self.spec = Some(spec.clone());
@@ -404,52 +331,31 @@ impl Hypervisor for Clh {
             .clone()
             .ok_or_else(|| invalid("start", "prepare() was not called".into()))?;
         if self.vmm.is_some() {
-            return Err(invalid(
-                "start",
-                "the VMM was already started; prepare again after a stop".into(),
-            ));
+            return Err(invalid("start", "the VMM was already started".into()));
         }
         match self.launch_and_boot(&spec).await {
             Ok(()) => Ok(()),
             Err(e) => {
                 let e = self.blame_dead_vmm(e, &spec).await;
                 warn!(self.log, "start failed, tearing down"; "error" => %e);
-                self.teardown(format!("start failed: {e}"), Duration::ZERO)
+                self.teardown(&format!("start failed: {e}"), Duration::ZERO)
                     .await;
                 Err(e)
             }
         }
     }
 
-    async fn wait_exit(&self) -> VmExit {
-        let mut rx = self.exit_rx.clone();
-        let exit = match rx.wait_for(Option::is_some).await {
-            Ok(exit) => exit.clone().expect("waited for Some"),
-            Err(_) => VmExit {
-                status: None,
-                reason: "driver dropped".into(),
-            },
-        };
-        exit
+    fn exit_watch(&self) -> watch::Receiver<Option<VmExit>> {
+        self.end.subscribe()
     }
 
     async fn stop(&mut self, grace: Duration) -> Result<()> {
-        self.teardown("stopped".into(), grace).await;
+        self.teardown("stopped", grace).await;
         Ok(())
     }
 
     fn pid(&self) -> Option<u32> {
         self.running_vmm().map(|d| d.pid())
-    }
-
-    fn pids(&self) -> Vec<u32> {
-        let vmm = self.running_vmm().map(|d| d.pid());
-        let virtiofsd = self
-            .virtiofsd
-            .as_ref()
-            .filter(|v| v.daemon().exited().is_none())
-            .map(|v| v.pid());
-        vmm.into_iter().chain(virtiofsd).collect()
     }
 
     async fn resize(&mut self, vcpus: Option<u32>, memory_mib: Option<u64>) -> Result<()> {
@@ -497,11 +403,8 @@ impl Hypervisor for Clh {
     }
 }
 
-fn invalid(call: &str, why: String) -> HypervisorError {
-    HypervisorError::Io {
-        context: format!("cloud-hypervisor {call}: {why}"),
-        source: std::io::ErrorKind::InvalidInput.into(),
-    }
+fn invalid(call: &'static str, why: String) -> HypervisorError {
+    HypervisorError::Invalid { call, why }
 }
 
 fn remaining(deadline: tokio::time::Instant) -> Duration {
@@ -597,13 +500,14 @@ async fn wait_for_api(
     let mut last_error = None;
     loop {
         if let Some(status) = vmm.exited() {
-            return Err(HypervisorError::Died {
+            return Err(DaemonError::Died {
                 what: "cloud-hypervisor",
                 status,
                 detail: files
                     .vmm_error()
                     .unwrap_or_else(|| format!("no output (see {})", files.stdio.display())),
-            });
+            }
+            .into());
         }
         if files.api_socket.exists() {
             match api.ping(Duration::from_secs(1)).await {
@@ -625,15 +529,15 @@ async fn wait_for_api(
 
 /// The message of the last `ERROR` line of CH's log (`… <thread> ERROR:file:line -- message`).
 fn last_error_line(log_file: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(log_file).ok()?;
-    let line = text.lines().rev().find(|l| l.contains(" ERROR:"))?;
-    Some(
-        line.split_once(" -- ")
-            .map(|(_, msg)| msg)
-            .unwrap_or(line)
-            .trim()
-            .to_string(),
-    )
+    logtail::last_matching(log_file, |line| {
+        line.contains(" ERROR:").then(|| {
+            line.split_once(" -- ")
+                .map(|(_, msg)| msg)
+                .unwrap_or(line)
+                .trim()
+                .to_string()
+        })
+    })
 }
 
 /// The last `n` events of the event monitor file (pretty-printed JSON objects back to back),

@@ -1,16 +1,26 @@
-//! The hypervisor layer: one trait, one driver per VMM.
+//! The hypervisor layer: one trait, one driver per VMM, one constructor.
 //!
-//! A sandbox builds a [`VmSpec`] (what the VM is made of) and hands it to a driver, which
-//! launches the VMM with its device back-ends, boots the guest and supervises the VMM
-//! process until [`Hypervisor::stop`]. The agent link is the same for every driver: a
-//! hybrid-vsock Unix socket ([`VsockDevice::socket`]) with the `CONNECT <port>` handshake.
+//! A sandbox builds a [`VmSpec`] (what the VM is made of) and hands it to a driver made by
+//! [`new`], which launches the VMM with the device back-ends it owns, boots the guest, and
+//! publishes the VM's end on [`Hypervisor::exit_watch`] until [`Hypervisor::stop`]. The
+//! virtio-fs back-end (virtiofsd) is the sandbox's, not the driver's: the spec only names
+//! its socket. The agent link is the same for every driver: a hybrid-vsock Unix socket
+//! ([`VsockDevice::socket`]) with the `CONNECT <port>` handshake.
 //!
 //! Drivers: [`qemu`] (microvm, virtio-mmio, vhost-user back-ends; KVM or TCG) and [`clh`]
 //! (Cloud Hypervisor over its REST API; the production backend on KVM hosts).
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
+use slog::Logger;
+use tokio::sync::watch;
+
+use crate::daemon::{DaemonError, ExitWatch, PidLedger};
 
 pub mod clh;
 pub mod qemu;
@@ -48,19 +58,15 @@ pub struct VmSpec {
     pub console_log: PathBuf,
 }
 
-/// A directory exported to the guest through virtiofsd. The driver launches virtiofsd
-/// (with [`crate::sharefs::Virtiofsd`]) in `prepare` and stops it with the VM.
+/// A virtio-fs device whose vhost-user back-end (virtiofsd) the sandbox runs.
 #[derive(Debug, Clone)]
 pub struct ShareDevice {
     /// The virtio-fs tag the guest mounts.
     pub tag: String,
-    /// The host directory exported (see [`crate::sharefs`] for how it is prepared).
-    pub shared_dir: PathBuf,
-    /// The virtiofsd vhost-user socket to create.
+    /// virtiofsd's vhost-user socket.
     pub socket: PathBuf,
-    pub virtiofsd: PathBuf,
-    /// virtiofsd `--cache` mode: never, auto or always.
-    pub cache: String,
+    /// The back-end's exit: a VMM must not wait on a socket nobody serves any more.
+    pub backend: ExitWatch,
 }
 
 /// The guest's vsock device, exposed on the host as a hybrid-vsock Unix socket.
@@ -97,39 +103,33 @@ pub struct Capabilities {
     pub accel: Accel,
     pub cpu_hotplug: bool,
     pub memory_hotplug: bool,
-    pub fs_sharing: bool,
 }
 
-/// How a VMM process ended.
+/// How a VM ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmExit {
-    /// Exit code or 128 + signal, when it could be collected.
+    /// Exit code or 128 + signal of the process that ended it, when it could be collected.
     pub status: Option<i32>,
-    /// A short explanation: the VMM's last error line, or "stopped" after [`Hypervisor::stop`].
+    /// A short explanation: the VMM's last error line, a back-end's death, or "stopped"
+    /// after [`Hypervisor::stop`].
     pub reason: String,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum HypervisorError {
+    /// Launching, readiness or death of the VMM or one of its back-ends.
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
     #[error("{what} not found at {path}")]
     Missing { what: &'static str, path: PathBuf },
-    #[error("failed to launch {what}: {source}")]
-    Spawn {
-        what: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{what} did not become ready within {timeout:?}{}", detail.as_deref().map(|d| format!(": {d}")).unwrap_or_default())]
+    /// The request does not make sense (bad spec, wrong state); nothing was started.
+    #[error("{call}: {why}")]
+    Invalid { call: &'static str, why: String },
+    #[error("{what} timed out after {timeout:?}{}", detail.as_deref().map(|d| format!(": {d}")).unwrap_or_default())]
     Timeout {
         what: String,
         timeout: Duration,
         detail: Option<String>,
-    },
-    #[error("{what} exited during start-up ({status:?}): {detail}")]
-    Died {
-        what: &'static str,
-        status: Option<i32>,
-        detail: String,
     },
     /// An API call to the VMM failed; `body` is the VMM's own error text.
     #[error("{call} failed with {status}: {body}")]
@@ -157,8 +157,8 @@ pub trait Hypervisor: Send + Sync {
     fn kind(&self) -> HypervisorKind;
     fn capabilities(&self) -> Capabilities;
 
-    /// Checks the spec against what this driver and host can do, and creates what must
-    /// exist before the VMM starts (device back-end daemons, sockets). Nothing is booted.
+    /// Checks the spec against what this driver and host can do, and starts the device
+    /// back-ends the driver owns. Nothing is booted.
     async fn prepare(&mut self, spec: &VmSpec) -> Result<()>;
 
     /// Launches the VMM and boots the guest. Returns once the VMM reports the guest
@@ -166,8 +166,14 @@ pub trait Hypervisor: Send + Sync {
     /// `start` created is torn down again.
     async fn start(&mut self) -> Result<()>;
 
-    /// Resolves when the VMM process has exited (for any reason). Can be called many times.
-    async fn wait_exit(&self) -> VmExit;
+    /// Set once the VM ended: the VMM (or a back-end the VM cannot live without) exited,
+    /// or [`Hypervisor::stop`] ran.
+    fn exit_watch(&self) -> watch::Receiver<Option<VmExit>>;
+
+    /// Resolves when the VM has ended (see [`Hypervisor::exit_watch`]).
+    async fn wait_exit(&self) -> VmExit {
+        wait_exit(self.exit_watch()).await
+    }
 
     /// Stops the VM: a graceful VMM shutdown bounded by `grace`, then SIGKILL; then the
     /// device back-ends. Idempotent.
@@ -176,10 +182,115 @@ pub trait Hypervisor: Send + Sync {
     /// Host pid of the VMM process while it runs.
     fn pid(&self) -> Option<u32>;
 
-    /// Host pids of every process this driver runs for the VM (VMM and back-ends), for
-    /// accounting and leak checks.
-    fn pids(&self) -> Vec<u32>;
-
     /// Resizes the VM (CPU and memory hot-plug), where [`Capabilities`] allow it.
     async fn resize(&mut self, vcpus: Option<u32>, memory_mib: Option<u64>) -> Result<()>;
+}
+
+/// Which driver, and how it runs its VMM.
+#[derive(Debug, Clone)]
+pub enum DriverOptions {
+    Qemu(qemu::QemuOptions),
+    Clh(clh::ClhOptions),
+}
+
+/// Makes the driver. `ledger` learns every process the driver launches, at launch.
+pub fn new(
+    options: DriverOptions,
+    ledger: Arc<dyn PidLedger>,
+    log: &Logger,
+) -> Box<dyn Hypervisor> {
+    match options {
+        DriverOptions::Qemu(o) => Box::new(qemu::Qemu::new(o, ledger, log)),
+        DriverOptions::Clh(o) => Box::new(clh::Clh::new(o, ledger, log)),
+    }
+}
+
+/// Resolves with the exit once `exit` reports one.
+pub async fn wait_exit(mut exit: watch::Receiver<Option<VmExit>>) -> VmExit {
+    match exit.wait_for(Option::is_some).await {
+        Ok(e) => e.clone().expect("waited for Some"),
+        Err(_) => VmExit {
+            status: None,
+            reason: "the driver is gone".into(),
+        },
+    }
+}
+
+/// A VM's end, published once by whoever sees it first: the driver stopping the VM, or a
+/// watcher of a process the VM cannot live without.
+#[derive(Clone)]
+pub(crate) struct VmEnd {
+    tx: Arc<watch::Sender<Option<VmExit>>>,
+    /// Why the driver itself is ending the VM; watchers report this instead of a death.
+    planned: Arc<Mutex<Option<String>>>,
+}
+
+impl VmEnd {
+    pub(crate) fn new() -> VmEnd {
+        VmEnd {
+            tx: Arc::new(watch::channel(None).0),
+            planned: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    pub(crate) fn subscribe(&self) -> watch::Receiver<Option<VmExit>> {
+        self.tx.subscribe()
+    }
+
+    /// The driver is ending the VM on purpose (`reason`, e.g. "stopped").
+    pub(crate) fn plan(&self, reason: &str) {
+        self.planned
+            .lock()
+            .unwrap()
+            .get_or_insert_with(|| reason.to_string());
+    }
+
+    /// After the driver ended the VM: lets the process watchers publish the real exit
+    /// status (briefly), else publishes `reason` without one.
+    pub(crate) async fn settle(&self, reason: &str) {
+        let mut rx = self.tx.subscribe();
+        let _ = tokio::time::timeout(Duration::from_secs(1), rx.wait_for(Option::is_some)).await;
+        self.set(VmExit {
+            status: None,
+            reason: reason.into(),
+        });
+    }
+
+    /// Publishes `exit` unless an end was already published.
+    pub(crate) fn set(&self, exit: VmExit) {
+        self.tx.send_if_modified(|e| {
+            if e.is_some() {
+                return false;
+            }
+            *e = Some(exit);
+            true
+        });
+    }
+
+    /// Publishes the VM's end when `process` exits, explained by `reason(status)` unless the
+    /// end was planned.
+    pub(crate) fn watch(
+        &self,
+        process: ExitWatch,
+        reason: impl FnOnce(Option<i32>) -> String + Send + 'static,
+    ) {
+        let end = self.clone();
+        tokio::spawn(async move {
+            let status = crate::daemon::wait_exit(process).await;
+            let planned = end.planned.lock().unwrap().clone();
+            end.set(VmExit {
+                status,
+                reason: planned.unwrap_or_else(|| reason(status)),
+            });
+        });
+    }
+}
+
+/// "exit status 3" / "killed by signal 9" / "exit status unknown".
+pub fn describe_status(status: Option<i32>) -> String {
+    match status {
+        Some(s) if s > 128 => format!("killed by signal {}", s - 128),
+        Some(s) => format!("exit status {s}"),
+        None => "exit status unknown".into(),
+    }
 }

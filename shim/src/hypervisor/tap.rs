@@ -16,9 +16,9 @@ pub fn pod_netns(nets: &[NetDevice]) -> Result<Option<&Path>> {
     let mut all = nets.iter().map(|n| n.netns.as_deref());
     let first = all.next().flatten();
     if all.any(|ns| ns != first) {
-        return Err(HypervisorError::Io {
-            context: "all NICs must live in the same network namespace".into(),
-            source: std::io::ErrorKind::InvalidInput.into(),
+        return Err(HypervisorError::Invalid {
+            call: "prepare",
+            why: "all NICs must live in the same network namespace".into(),
         });
     }
     if let Some(ns) = first.filter(|ns| !ns.exists()) {

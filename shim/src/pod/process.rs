@@ -3,13 +3,9 @@
 //! Wait calls can await.
 use std::sync::{Arc, Mutex};
 
-use containerd_shim_protos::{
-    protobuf::{well_known_types::timestamp::Timestamp, MessageField},
-    types::task::Status,
-};
 use tokio::sync::watch;
 
-use crate::io::{ProcessIo, StdioPaths};
+use crate::stdio::{ProcessIo, StdioPaths};
 
 /// How a process ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,19 +28,23 @@ impl Exit {
             at_nanos: d.subsec_nanos(),
         }
     }
+}
 
-    pub fn timestamp(&self) -> MessageField<Timestamp> {
-        MessageField::some(Timestamp {
-            seconds: self.at_secs,
-            nanos: self.at_nanos as i32,
-            ..Default::default()
-        })
-    }
+/// containerd's view of a process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Created,
+    Running,
+    Paused,
+    Stopped,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Created,
+    /// A Start is on its way to the guest: an exit seen meanwhile waits for its outcome, so
+    /// containerd never sees TaskExit before TaskStart.
+    Starting,
     Running,
     Stopped,
 }
@@ -54,9 +54,7 @@ pub struct Process {
     /// "" for the container's init process.
     pub exec_id: String,
     pub stdio: StdioPaths,
-    phase: Mutex<Phase>,
-    /// Guest pid once started.
-    guest_pid: Mutex<u32>,
+    phase: watch::Sender<Phase>,
     io: Mutex<Option<Arc<ProcessIo>>>,
     exit_tx: watch::Sender<Option<Exit>>,
 }
@@ -67,11 +65,20 @@ impl Process {
             container_id: container_id.into(),
             exec_id: exec_id.into(),
             stdio,
-            phase: Mutex::new(Phase::Created),
-            guest_pid: Mutex::new(0),
+            phase: watch::channel(Phase::Created).0,
             io: Mutex::new(None),
             exit_tx: watch::channel(None).0,
         })
+    }
+
+    /// The id containerd uses for the process in events: the exec id, or the container id
+    /// for the init.
+    pub fn event_id(&self) -> &str {
+        if self.exec_id.is_empty() {
+            &self.container_id
+        } else {
+            &self.exec_id
+        }
     }
 
     pub fn set_io(&self, io: ProcessIo) {
@@ -82,35 +89,59 @@ impl Process {
         self.io.lock().unwrap().clone()
     }
 
-    pub fn set_running(&self, guest_pid: u32) {
-        *self.guest_pid.lock().unwrap() = guest_pid;
-        let mut phase = self.phase.lock().unwrap();
-        if *phase == Phase::Created {
-            *phase = Phase::Running;
-        }
+    fn phase(&self) -> Phase {
+        *self.phase.borrow()
     }
 
-    pub fn guest_pid(&self) -> u32 {
-        *self.guest_pid.lock().unwrap()
+    /// Created → Starting. False if it was not Created (already started, or exited).
+    pub fn begin_start(&self) -> bool {
+        self.phase.send_if_modified(|p| {
+            let created = *p == Phase::Created;
+            if created {
+                *p = Phase::Starting;
+            }
+            created
+        })
     }
 
+    /// Starting → Running if the start succeeded, back to Created otherwise.
+    pub fn finish_start(&self, started: bool) {
+        self.phase.send_if_modified(|p| {
+            let starting = *p == Phase::Starting;
+            if starting {
+                *p = if started {
+                    Phase::Running
+                } else {
+                    Phase::Created
+                };
+            }
+            starting
+        });
+    }
+
+    /// Running, or on its way there.
     pub fn is_running(&self) -> bool {
-        *self.phase.lock().unwrap() == Phase::Running
+        matches!(self.phase(), Phase::Starting | Phase::Running)
     }
 
     pub fn is_created(&self) -> bool {
-        *self.phase.lock().unwrap() == Phase::Created
+        self.phase() == Phase::Created
     }
 
-    /// Records the exit. Returns false if the process had already exited (the first exit wins).
-    pub fn set_exited(&self, exit: Exit) -> bool {
-        let mut phase = self.phase.lock().unwrap();
-        if *phase == Phase::Stopped {
-            return false;
+    /// Records the exit, once a start on its way has finished. Returns false if the process
+    /// had already exited (the first exit wins).
+    pub async fn set_exited(&self, exit: Exit) -> bool {
+        let mut phase = self.phase.subscribe();
+        let _ = phase.wait_for(|p| *p != Phase::Starting).await;
+        let stopped = self.phase.send_if_modified(|p| {
+            let first = *p != Phase::Stopped;
+            *p = Phase::Stopped;
+            first
+        });
+        if stopped {
+            self.exit_tx.send_replace(Some(exit));
         }
-        *phase = Phase::Stopped;
-        self.exit_tx.send_replace(Some(exit));
-        true
+        stopped
     }
 
     pub fn exit(&self) -> Option<Exit> {
@@ -129,11 +160,11 @@ impl Process {
 
     /// containerd's view of the status; `paused` applies to a running container.
     pub fn status(&self, paused: bool) -> Status {
-        match *self.phase.lock().unwrap() {
-            Phase::Created => Status::CREATED,
-            Phase::Running if paused => Status::PAUSED,
-            Phase::Running => Status::RUNNING,
-            Phase::Stopped => Status::STOPPED,
+        match self.phase() {
+            Phase::Created | Phase::Starting => Status::Created,
+            Phase::Running if paused => Status::Paused,
+            Phase::Running => Status::Running,
+            Phase::Stopped => Status::Stopped,
         }
     }
 }
@@ -145,17 +176,36 @@ mod tests {
     #[tokio::test]
     async fn first_exit_wins_and_wakes_waiters() {
         let p = Process::new("c", "", StdioPaths::default());
-        assert_eq!(p.status(false), Status::CREATED);
-        p.set_running(42);
-        assert_eq!(p.status(true), Status::PAUSED);
+        assert_eq!(p.status(false), Status::Created);
+        assert!(p.begin_start());
+        assert!(!p.begin_start());
+        p.finish_start(true);
+        assert_eq!(p.status(true), Status::Paused);
         let waiter = {
             let p = p.clone();
             tokio::spawn(async move { p.wait().await.status })
         };
-        assert!(p.set_exited(Exit::now(7)));
-        assert!(!p.set_exited(Exit::now(9)));
+        assert!(p.set_exited(Exit::now(7)).await);
+        assert!(!p.set_exited(Exit::now(9)).await);
         assert_eq!(waiter.await.unwrap(), 7);
         assert_eq!(p.exit().unwrap().status, 7);
-        assert_eq!(p.status(false), Status::STOPPED);
+        assert_eq!(p.status(false), Status::Stopped);
+        assert!(!p.begin_start());
+    }
+
+    #[tokio::test]
+    async fn an_exit_during_a_start_waits_for_the_start() {
+        let p = Process::new("c", "", StdioPaths::default());
+        assert!(p.begin_start());
+        let exiting = {
+            let p = p.clone();
+            tokio::spawn(async move { p.set_exited(Exit::now(1)).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(!exiting.is_finished());
+        assert!(p.exit().is_none());
+        p.finish_start(true);
+        assert!(exiting.await.unwrap());
+        assert_eq!(p.status(false), Status::Stopped);
     }
 }

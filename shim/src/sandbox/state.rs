@@ -1,19 +1,20 @@
-//! What a sandbox leaves on the host, persisted in `<sandbox dir>/state.json` as it is
-//! created, so that [`cleanup`] can remove it after the shim died (`containerd-shim-shoji-v2
-//! delete`) without the in-memory [`super::Sandbox`].
+//! The sandbox's ledger: every host resource of the VM, written to `<sandbox dir>/state.json`
+//! *before* the step that creates it, so that [`super::cleanup`] can undo a crash at any
+//! point (`containerd-shim-shoji-v2 delete`, `shoji cleanup`) without the shim's memory.
 use std::{
     path::{Path, PathBuf},
-    time::Duration,
+    sync::Mutex,
 };
 
 use serde::{Deserialize, Serialize};
+use slog::{warn, Logger};
 
-use crate::sharefs;
+use crate::{daemon::PidLedger, host_cgroup::PodCgroup, network::Bridges, procfs};
 
 pub const STATE_FILE: &str = "state.json";
 
-/// A process started for the sandbox. `start_time` (clock ticks since boot, from
-/// /proc/<pid>/stat) tells a recycled pid from ours.
+/// A process started for the sandbox. `start_time` (clock ticks since boot) tells a
+/// recycled pid from ours.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecordedPid {
     pub name: String,
@@ -21,12 +22,27 @@ pub struct RecordedPid {
     pub start_time: u64,
 }
 
+impl RecordedPid {
+    /// True while the recorded process still runs (same pid, same start time).
+    pub fn is_alive(&self) -> bool {
+        procfs::start_time(self.pid).is_some_and(|t| self.start_time == 0 || t == self.start_time)
+    }
+}
+
+/// What the sandbox made on the host, besides its own directory (whose contents go with
+/// it: sockets, logs, and every mount below it, container rootfs and volumes included).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
     pub id: String,
+    /// The pod's host cgroup the shim joined so the VM's processes are born in it.
+    #[serde(default)]
+    pub cgroup: Option<PodCgroup>,
+    /// Taps and tc redirects in the pod's network namespace.
+    #[serde(default)]
+    pub network: Option<Bridges>,
+    /// Processes launched for the VM (VMM, virtiofsd, vsock back-end).
+    #[serde(default)]
     pub pids: Vec<RecordedPid>,
-    /// Host mount points created for containers (rootfs and volumes), in creation order.
-    pub mounts: Vec<PathBuf>,
 }
 
 impl State {
@@ -37,7 +53,7 @@ impl State {
     }
 
     /// Writes atomically (temp file + rename), so a crash never leaves half a file.
-    pub fn write(&self, dir: &Path) -> std::io::Result<()> {
+    fn write(&self, dir: &Path) -> std::io::Result<()> {
         let tmp = dir.join(format!("{STATE_FILE}.tmp"));
         std::fs::write(
             &tmp,
@@ -45,95 +61,75 @@ impl State {
         )?;
         std::fs::rename(tmp, dir.join(STATE_FILE))
     }
+}
 
-    /// Records `pid` (unless already recorded).
-    pub fn add_pid(&mut self, name: &str, pid: u32) {
-        if !self.pids.iter().any(|p| p.pid == pid) {
-            let start_time = start_time(pid).unwrap_or(0);
-            self.pids.push(RecordedPid {
+/// The in-memory state, persisted on every change.
+pub struct Ledger {
+    dir: PathBuf,
+    state: Mutex<State>,
+    log: Logger,
+}
+
+impl Ledger {
+    /// Starts the ledger of sandbox `id` in `dir` (which exists) and writes it.
+    pub fn create(dir: &Path, id: &str, log: &Logger) -> std::io::Result<Ledger> {
+        let state = State {
+            id: id.into(),
+            ..Default::default()
+        };
+        state.write(dir)?;
+        Ok(Ledger {
+            dir: dir.to_path_buf(),
+            state: Mutex::new(state),
+            log: log.clone(),
+        })
+    }
+
+    /// Changes the state and persists it. Call before creating what `change` records: an
+    /// error means the resource must not be created (a crash could not undo it).
+    pub fn record(&self, change: impl FnOnce(&mut State)) -> std::io::Result<()> {
+        let mut state = self.state.lock().unwrap();
+        change(&mut state);
+        state.write(&self.dir)
+    }
+
+    /// Like [`Ledger::record`] for what is already undone: a failed write only means
+    /// cleanup will find it gone.
+    pub fn forget(&self, change: impl FnOnce(&mut State)) {
+        if let Err(e) = self.record(change) {
+            warn!(self.log, "cannot persist the sandbox state"; "error" => %e);
+        }
+    }
+
+    pub fn snapshot(&self) -> State {
+        self.state.lock().unwrap().clone()
+    }
+
+    /// Pids of the recorded processes that still run.
+    pub fn live_pids(&self) -> Vec<u32> {
+        let state = self.state.lock().unwrap();
+        state
+            .pids
+            .iter()
+            .filter(|p| p.is_alive())
+            .map(|p| p.pid)
+            .collect()
+    }
+}
+
+impl PidLedger for Ledger {
+    /// Called right after the fork: the cleanup also finds processes by their command line
+    /// (every daemon names the sandbox directory), so this short window is covered too.
+    fn record(&self, name: &'static str, pid: u32) {
+        let start_time = procfs::start_time(pid).unwrap_or(0);
+        self.forget(|s| {
+            s.pids.push(RecordedPid {
                 name: name.into(),
                 pid,
                 start_time,
-            });
-        }
+            })
+        });
     }
-}
-
-/// Field 22 of /proc/<pid>/stat: the process's start time.
-pub fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may contain spaces; it ends at the last ')'.
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(19)?
-        .parse()
-        .ok()
-}
-
-/// True while the recorded process still runs (same pid, same start time).
-pub fn is_alive(p: &RecordedPid) -> bool {
-    start_time(p.pid).is_some_and(|t| p.start_time == 0 || t == p.start_time)
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum CleanupError {
-    #[error("process {name} ({pid}) of sandbox {id} survived SIGKILL")]
-    Survivor { id: String, name: String, pid: u32 },
-    #[error(transparent)]
-    Mount(#[from] sharefs::MountError),
-    #[error("cannot remove {path}: {source}")]
-    Remove {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-/// Removes whatever sandbox `id` left under `run_dir`: kills its recorded processes,
-/// unmounts everything below its directory and removes the directory. A sandbox that is
-/// already gone is success.
-pub async fn cleanup(run_dir: &Path, id: &str) -> Result<(), CleanupError> {
-    let dir = run_dir.join(id);
-    if let Ok(state) = State::read(&dir) {
-        for p in state.pids.iter().filter(|p| is_alive(p)) {
-            // SAFETY: kill(2); the start time check above makes a recycled pid unlikely.
-            unsafe { libc::kill(p.pid as i32, libc::SIGKILL) };
-        }
-        for p in &state.pids {
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-            while is_alive(p) && !is_zombie(p.pid) {
-                if tokio::time::Instant::now() > deadline {
-                    return Err(CleanupError::Survivor {
-                        id: id.into(),
-                        name: p.name.clone(),
-                        pid: p.pid,
-                    });
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    }
-    sharefs::unmount_tree(&dir)?;
-    match std::fs::remove_dir_all(&dir) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(CleanupError::Remove {
-            path: dir,
-            source: e,
-        }),
-        _ => Ok(()),
-    }
-}
-
-/// A killed child of a dead shim may linger as a zombie until its new parent reaps it: it
-/// holds nothing any more.
-fn is_zombie(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(false)
 }
 
 #[cfg(test)]
@@ -141,44 +137,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn state_round_trips_and_records_start_time() {
+    fn every_change_is_on_disk_before_the_call_returns() {
         let dir = std::env::temp_dir().join(format!("shoji-state-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let mut s = State {
-            id: "x".into(),
-            ..Default::default()
-        };
-        s.add_pid("self", std::process::id());
-        s.add_pid("self", std::process::id());
-        assert_eq!(s.pids.len(), 1);
-        assert!(s.pids[0].start_time > 0);
-        assert!(is_alive(&s.pids[0]));
-        s.write(&dir).unwrap();
-        assert_eq!(State::read(&dir).unwrap(), s);
+        let log = Logger::root(slog::Discard, slog::o!());
+        let ledger = Ledger::create(&dir, "x", &log).unwrap();
+        assert_eq!(State::read(&dir).unwrap().id, "x");
+        PidLedger::record(&ledger, "self", std::process::id());
+        ledger.record(|s| s.id = "y".into()).unwrap();
+        let on_disk = State::read(&dir).unwrap();
+        assert_eq!(on_disk, ledger.snapshot());
+        assert!(on_disk.pids[0].start_time > 0);
+        assert!(on_disk.pids[0].is_alive());
+        assert_eq!(ledger.live_pids(), [std::process::id()]);
         std::fs::remove_dir_all(dir).unwrap();
-    }
-
-    #[tokio::test]
-    async fn cleanup_kills_recorded_processes_and_removes_the_dir() {
-        let run = std::env::temp_dir().join(format!("shoji-cleanup-{}", std::process::id()));
-        let dir = run.join("sb");
-        std::fs::create_dir_all(dir.join("shared/c1")).unwrap();
-        let mut child = std::process::Command::new("sleep")
-            .arg("60")
-            .spawn()
-            .unwrap();
-        let mut s = State {
-            id: "sb".into(),
-            ..Default::default()
-        };
-        s.add_pid("sleep", child.id());
-        s.write(&dir).unwrap();
-        let reaper = std::thread::spawn(move || child.wait().unwrap());
-        cleanup(&run, "sb").await.unwrap();
-        assert!(!reaper.join().unwrap().success());
-        assert!(!dir.exists());
-        // Already gone is success.
-        cleanup(&run, "sb").await.unwrap();
-        std::fs::remove_dir_all(run).unwrap();
     }
 }

@@ -107,10 +107,8 @@ mod tests {
             memory_mib: 256,
             share: Some(ShareDevice {
                 tag: "shoji".into(),
-                shared_dir: "/run/shoji/sb1/shared".into(),
                 socket: "/run/shoji/sb1/virtiofsd.sock".into(),
-                virtiofsd: "/usr/bin/virtiofsd".into(),
-                cache: "auto".into(),
+                backend: tokio::sync::watch::channel(None).1,
             }),
             vsock: VsockDevice {
                 cid: 7,

@@ -1,9 +1,12 @@
 //! What the shim reads from an OCI spec written by containerd: which role the container plays
-//! in its pod (CRI annotations), the pod's size, and which mounts are host paths that have
-//! to travel into the VM through the shared directory.
+//! in its pod (CRI annotations), the sandbox it asks for (size, network namespace, host
+//! cgroup, hostname), and which mounts are host paths that have to travel into the VM
+//! through the shared directory.
 use std::path::PathBuf;
 
 use oci_spec::runtime::{LinuxNamespaceType, Mount as OciMount, Spec};
+
+use crate::{config::Config, sandbox::SandboxConfig};
 
 pub const ANNOTATION_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
 pub const ANNOTATION_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
@@ -72,6 +75,27 @@ pub fn vm_size(spec: &Spec, default: VmSize, memory_overhead_mib: u64) -> VmSize
         vcpus: vcpus.max(1),
         memory_mib,
     }
+}
+
+/// The sandbox a VM-owning container's spec asks for: its size, the pod's network
+/// namespace and host cgroup, and the hostname.
+pub fn sandbox_config(spec: &Spec, container_id: &str, config: Config) -> SandboxConfig {
+    let default = VmSize {
+        vcpus: config.default_vcpus,
+        memory_mib: config.default_memory_mib,
+    };
+    let size = vm_size(spec, default, config.memory_overhead_mib);
+    let mut cfg = SandboxConfig::new(&grouping(spec, container_id), config);
+    cfg.vcpus = size.vcpus;
+    cfg.memory_mib = size.memory_mib;
+    cfg.hostname = spec.hostname().clone();
+    cfg.netns = network_namespace(spec);
+    cfg.cgroup = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.cgroups_path().clone())
+        .and_then(|p| p.to_str().map(String::from));
+    cfg
 }
 
 /// The network namespace CRI created (and CNI populated) for the pod, if the spec joins one.

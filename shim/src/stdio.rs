@@ -45,7 +45,7 @@ impl StdioPaths {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum IoError {
+pub enum StdioError {
     #[error("stdio URI {0:?} is not supported (only FIFO or file paths)")]
     Unsupported(String),
     #[error("cannot open {path}: {source}")]
@@ -69,7 +69,7 @@ impl ProcessIo {
         paths: &StdioPaths,
         streams: Vec<(StreamKind, UnixStream)>,
         log: &Logger,
-    ) -> Result<ProcessIo, IoError> {
+    ) -> Result<ProcessIo, StdioError> {
         let stdin_closed = Arc::new(Notify::new());
         let mut output = JoinSet::new();
         for (kind, conn) in streams {
@@ -122,12 +122,12 @@ impl ProcessIo {
 
 type Sink = Box<dyn AsyncWrite + Send + Unpin>;
 
-async fn open_output(path: &str) -> Result<Sink, IoError> {
+async fn open_output(path: &str) -> Result<Sink, StdioError> {
     if path.is_empty() {
         return Ok(Box::new(tokio::io::sink()));
     }
     let path = plain_path(path)?;
-    let open_err = |source| IoError::Open {
+    let open_err = |source| StdioError::Open {
         path: path.to_string(),
         source,
     };
@@ -183,12 +183,12 @@ async fn open_input(path: &str, closed: &Notify) -> std::io::Result<(pipe::Recei
     Ok((pipe::Receiver::from_file(file)?, close_io))
 }
 
-fn plain_path(uri: &str) -> Result<&str, IoError> {
+fn plain_path(uri: &str) -> Result<&str, StdioError> {
     if let Some(p) = uri.strip_prefix("file://") {
         return Ok(p);
     }
     if uri.contains("://") {
-        return Err(IoError::Unsupported(uri.to_string()));
+        return Err(StdioError::Unsupported(uri.to_string()));
     }
     Ok(uri)
 }
@@ -280,7 +280,7 @@ mod tests {
         assert_eq!(plain_path("file:///a/b").unwrap(), "/a/b");
         assert!(matches!(
             plain_path("binary:///bin/logger"),
-            Err(IoError::Unsupported(_))
+            Err(StdioError::Unsupported(_))
         ));
     }
 

@@ -1,6 +1,7 @@
 //! The OCI runtime spec of a `shoji vm run` container: what containerd would generate for
 //! `ctr run` (default capabilities, namespaces, mounts, masked paths), built from the command.
-use serde_json::{json, Value};
+use oci_spec::runtime::Spec;
+use serde_json::json;
 
 /// containerd's default capability set (oci.defaultUnixCaps).
 pub const DEFAULT_CAPS: &[&str] = &[
@@ -22,14 +23,14 @@ pub const DEFAULT_CAPS: &[&str] = &[
 
 const PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// A complete OCI spec (as JSON) running `args` as root in `/`. `root.path` is a
-/// placeholder: the agent takes the rootfs from the CreateContainer request.
-pub fn container_spec(args: &[String], tty: bool, hostname: &str) -> Value {
+/// A complete OCI spec running `args` as root in `/`. `root.path` is a placeholder: the
+/// agent takes the rootfs from the CreateContainer request.
+pub fn container_spec(args: &[String], tty: bool, hostname: &str) -> Spec {
     let mut env = vec![PATH.to_string()];
     if tty {
         env.push("TERM=xterm".into());
     }
-    json!({
+    let spec = json!({
         "ociVersion": "1.1.0",
         "process": {
             "terminal": tty,
@@ -67,7 +68,8 @@ pub fn container_spec(args: &[String], tty: bool, hostname: &str) -> Value {
                 "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger",
             ],
         },
-    })
+    });
+    serde_json::from_value(spec).expect("the run spec is a valid OCI spec")
 }
 
 #[cfg(test)]
@@ -77,8 +79,7 @@ mod tests {
     #[test]
     fn spec_parses_as_oci_and_carries_the_command() {
         let args = vec!["sh".to_string(), "-c".into(), "echo hi".into()];
-        let v = container_spec(&args, false, "h");
-        let spec: oci_spec::runtime::Spec = serde_json::from_value(v).expect("valid OCI spec");
+        let spec = container_spec(&args, false, "h");
         let process = spec.process().as_ref().unwrap();
         assert_eq!(process.args().as_ref().unwrap(), &args);
         let caps = process.capabilities().as_ref().unwrap();

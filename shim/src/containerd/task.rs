@@ -9,14 +9,15 @@ use containerd_shim_protos::{
     protobuf::MessageField,
     shim_async::Task,
     ttrpc::{self, r#async::TtrpcContext, Code, Status},
-    types::task::ProcessInfo,
+    types::task::{ProcessInfo, Status as TaskStatus},
 };
 use slog::{debug, info, warn, Logger};
 
+use super::{events::timestamp, options, stats};
 use crate::{
-    io::StdioPaths,
-    pod::{config_path_option, CreateRequest, ExecRequest, Pod, PodError},
-    sandbox::Mount,
+    pod::{CreateRequest, Pod, PodError, Status as ProcessStatus},
+    sandbox::{Mount, SandboxError},
+    stdio::StdioPaths,
 };
 
 pub struct TaskService {
@@ -38,12 +39,28 @@ impl TaskService {
             PodError::InvalidArgument(_)
             | PodError::Spec { .. }
             | PodError::Config(_)
-            | PodError::Io(_) => Code::INVALID_ARGUMENT,
+            | PodError::Stdio(_)
+            | PodError::Sandbox(SandboxError::Invalid(_) | SandboxError::InvalidId(_)) => {
+                Code::INVALID_ARGUMENT
+            }
             PodError::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
-            PodError::Unsupported(_) => Code::UNIMPLEMENTED,
-            PodError::Agent(a) => a.code().unwrap_or(Code::INTERNAL),
-            PodError::Sandbox(_) | PodError::Network(_) | PodError::Cgroup(_) => Code::INTERNAL,
+            PodError::Sandbox(SandboxError::Agent(a)) => a.code().unwrap_or(Code::INTERNAL),
+            PodError::Sandbox(_) => Code::INTERNAL,
         };
+        self.status(call, id, code, e.to_string())
+    }
+
+    /// A refusal that is not the pod's business (an unsupported request).
+    fn unsupported(&self, call: &'static str, id: &str, what: &str) -> ttrpc::Error {
+        self.status(
+            call,
+            id,
+            Code::UNIMPLEMENTED,
+            format!("{what} is not supported by shoji"),
+        )
+    }
+
+    fn status(&self, call: &'static str, id: &str, code: Code, e: String) -> ttrpc::Error {
         if code == Code::NOT_FOUND {
             debug!(self.log, "request failed"; "call" => call, "id" => id, "error" => %e);
         } else {
@@ -74,16 +91,13 @@ impl Task for TaskService {
     ) -> TtrpcResult<api::CreateTaskResponse> {
         info!(self.log, "create"; "id" => &req.id, "bundle" => &req.bundle);
         if !req.checkpoint.is_empty() || !req.parent_checkpoint.is_empty() {
-            return Err(self.fail(
-                "create",
-                &req.id,
-                PodError::Unsupported("restoring from a checkpoint"),
-            ));
+            return Err(self.unsupported("create", &req.id, "restoring from a checkpoint"));
         }
-        let config_path = req
-            .options
-            .as_ref()
-            .and_then(|o| config_path_option(&o.type_url, &o.value));
+        let config_path = match req.options.as_ref() {
+            Some(o) => options::config_path(&o.type_url, &o.value)
+                .map_err(|e| self.fail("create", &req.id, PodError::InvalidArgument(e)))?,
+            None => None,
+        };
         let create = CreateRequest {
             id: req.id.clone(),
             bundle: PathBuf::from(&req.bundle),
@@ -139,9 +153,9 @@ impl Task for TaskService {
             .await
             .map_err(|e| self.fail("delete", &req.id, e))?;
         Ok(api::DeleteResponse {
-            pid: self.pod.vmm_pid().await,
+            pid: self.pod.vmm_pid(),
             exit_status: exit.status,
-            exited_at: exit.timestamp(),
+            exited_at: timestamp(&exit),
             ..Default::default()
         })
     }
@@ -153,14 +167,9 @@ impl Task for TaskService {
             .as_ref()
             .map(|s| s.value.clone())
             .unwrap_or_default();
-        let exec = ExecRequest {
-            container_id: req.id.clone(),
-            exec_id: req.exec_id.clone(),
-            stdio: stdio(&req.stdin, &req.stdout, &req.stderr, req.terminal),
-            process_json,
-        };
+        let stdio = stdio(&req.stdin, &req.stdout, &req.stderr, req.terminal);
         self.pod
-            .exec(exec)
+            .exec(&req.id, &req.exec_id, stdio, process_json)
             .await
             .map_err(|e| self.fail("exec", &req.id, e))?;
         Ok(Empty::new())
@@ -174,20 +183,25 @@ impl Task for TaskService {
         let s = self
             .pod
             .state(&req.id, &req.exec_id)
-            .await
             .map_err(|e| self.fail("state", &req.id, e))?;
+        let status = match s.status {
+            ProcessStatus::Created => TaskStatus::CREATED,
+            ProcessStatus::Running => TaskStatus::RUNNING,
+            ProcessStatus::Paused => TaskStatus::PAUSED,
+            ProcessStatus::Stopped => TaskStatus::STOPPED,
+        };
         Ok(api::StateResponse {
             id: req.id,
             exec_id: req.exec_id,
             bundle: s.bundle.display().to_string(),
             pid: s.pid,
-            status: s.status.into(),
+            status: status.into(),
             stdin: s.stdio.stdin,
             stdout: s.stdio.stdout,
             stderr: s.stdio.stderr,
             terminal: s.stdio.terminal,
             exit_status: s.exit.as_ref().map(|e| e.status).unwrap_or_default(),
-            exited_at: s.exit.as_ref().map(|e| e.timestamp()).unwrap_or_default(),
+            exited_at: s.exit.as_ref().map(timestamp).unwrap_or_default(),
             ..Default::default()
         })
     }
@@ -204,7 +218,7 @@ impl Task for TaskService {
             .map_err(|e| self.fail("wait", &req.id, e))?;
         Ok(api::WaitResponse {
             exit_status: exit.status,
-            exited_at: exit.timestamp(),
+            exited_at: timestamp(&exit),
             ..Default::default()
         })
     }
@@ -261,10 +275,10 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::CheckpointTaskRequest,
     ) -> TtrpcResult<Empty> {
-        Err(self.fail(
+        Err(self.unsupported(
             "checkpoint",
             &req.id,
-            PodError::Unsupported("checkpointing a VM-isolated container"),
+            "checkpointing a VM-isolated container",
         ))
     }
 
@@ -305,11 +319,12 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::StatsRequest,
     ) -> TtrpcResult<api::StatsResponse> {
-        let metrics = self
+        let guest = self
             .pod
             .stats(&req.id)
             .await
             .map_err(|e| self.fail("stats", &req.id, e))?;
+        let metrics = guest.as_ref().map(stats::metrics).unwrap_or_default();
         let stats =
             convert_to_any(Box::new(metrics)).map_err(|e| ttrpc::Error::Others(e.to_string()))?;
         Ok(api::StatsResponse {
@@ -325,7 +340,7 @@ impl Task for TaskService {
     ) -> TtrpcResult<api::ConnectResponse> {
         Ok(api::ConnectResponse {
             shim_pid: std::process::id(),
-            task_pid: self.pod.vmm_pid().await,
+            task_pid: self.pod.vmm_pid(),
             version: env!("CARGO_PKG_VERSION").into(),
             ..Default::default()
         })

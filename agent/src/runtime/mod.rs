@@ -1,16 +1,16 @@
-//! Guest-wide state: the containers, their processes, and every lifecycle operation.
+//! The guest's container runtime: the containers, their processes, and every lifecycle
+//! operation.
 //!
 //! The server validates nothing itself; each RPC is one method here. Container verbs that
 //! need libcontainer run in helpers (`container`); cgroup work is direct (`cgroup`).
+mod process;
+
 use std::{
     collections::{HashMap, HashSet},
     fs,
     path::{Path, PathBuf},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc, Mutex,
-    },
-    time::{Duration, SystemTime},
+    sync::{atomic::Ordering, Arc, Mutex},
+    time::Duration,
 };
 
 use libcontainer::oci_spec::runtime::LinuxResources;
@@ -20,16 +20,17 @@ use nix::{
 };
 use shoji_agent_api::types::{ContainerStatsResponse, CreateContainerRequest, ExecProcessRequest};
 use slog::{debug, info, warn};
-use tokio::sync::watch;
 
 use crate::{
     cgroup,
-    container::{self, rootfs, spec, HelperError},
+    container::{self, guest_spec, rootfs, HelperError},
     io::{ConsoleSocket, ProcessIo, DRAIN_AFTER_EXIT},
     logger::log,
     oom::OomWatcher,
     reaper::{Exit, Reaper},
 };
+
+use self::process::{prune_reported_execs, Process};
 
 const CONTAINERS_DIR: &str = "/run/shoji/containers";
 const PTY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -40,7 +41,7 @@ const EXEC_RETENTION: Duration = Duration::from_secs(60);
 
 /// What went wrong, by the ttrpc status code it maps to.
 #[derive(Debug, thiserror::Error)]
-pub enum AgentError {
+pub enum RuntimeError {
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -53,102 +54,18 @@ pub enum AgentError {
     Internal(String),
 }
 
-impl From<spec::SpecError> for AgentError {
-    fn from(e: spec::SpecError) -> Self {
-        AgentError::InvalidArgument(e.to_string())
+impl From<guest_spec::SpecError> for RuntimeError {
+    fn from(e: guest_spec::SpecError) -> Self {
+        RuntimeError::InvalidArgument(e.to_string())
     }
 }
 
-fn internal<E: std::fmt::Display>(context: &str) -> impl FnOnce(E) -> AgentError + '_ {
-    move |e| AgentError::Internal(format!("{context}: {e}"))
+fn internal<E: std::fmt::Display>(context: &str) -> impl FnOnce(E) -> RuntimeError + '_ {
+    move |e| RuntimeError::Internal(format!("{context}: {e}"))
 }
 
-fn helper_err(context: String) -> impl FnOnce(HelperError) -> AgentError {
-    move |e| AgentError::Internal(format!("{context}: {e}"))
-}
-
-/// One process: a container's init (exec_id "") or an exec.
-pub struct Process {
-    exec_id: String,
-    /// Where its files live (the bundle for the init, `execs/<id>` for an exec).
-    dir: PathBuf,
-    pub io: Arc<ProcessIo>,
-    /// The container's ends of the stdio pipes until the process is created (None with a tty).
-    child_stdio: Mutex<Option<crate::io::ChildStdio>>,
-    /// Set once the process exists (the init: at create; an exec: at start).
-    pid: Mutex<Option<i32>>,
-    started: Mutex<bool>,
-    exit: watch::Sender<Option<Exit>>,
-    /// Set once a WaitProcess call returned the exit.
-    reported: AtomicBool,
-}
-
-impl Process {
-    fn new(
-        exec_id: &str,
-        dir: PathBuf,
-        io: ProcessIo,
-        child_stdio: Option<crate::io::ChildStdio>,
-    ) -> Process {
-        Process {
-            exec_id: exec_id.to_string(),
-            dir,
-            io: Arc::new(io),
-            child_stdio: Mutex::new(child_stdio),
-            pid: Mutex::new(None),
-            started: Mutex::new(false),
-            exit: watch::channel(None).0,
-            reported: AtomicBool::new(false),
-        }
-    }
-
-    fn pid(&self) -> Option<i32> {
-        *self.pid.lock().unwrap()
-    }
-
-    fn exited(&self) -> Option<Exit> {
-        *self.exit.borrow()
-    }
-
-    /// Records the pid and follows the process's exit through the reaper.
-    fn set_pid(self: &Arc<Self>, reaper: &Reaper, pid: i32) {
-        *self.pid.lock().unwrap() = Some(pid);
-        let rx = reaper.watch(pid);
-        let p = self.clone();
-        tokio::spawn(async move {
-            if let Ok(exit) = rx.await {
-                p.exit
-                    .send_if_modified(|e| e.is_none() && e.replace(exit).is_none());
-            }
-        });
-    }
-
-    /// A process that never ran gets an exit too, so that nobody waits for it forever.
-    fn mark_gone(&self) {
-        self.io.abandon();
-        let gone = Exit {
-            status: 128 + Signal::SIGKILL as i32,
-            at: SystemTime::now(),
-        };
-        self.exit
-            .send_if_modified(|e| e.is_none() && e.replace(gone).is_none());
-    }
-}
-
-/// Forgets execs whose exit was reported long enough ago: there is no RPC to delete an
-/// exec, and exec probes would otherwise pile up for the container's whole life.
-fn prune_reported_execs(execs: &mut HashMap<String, Arc<Process>>) {
-    let now = SystemTime::now();
-    execs.retain(|_, p| {
-        let old = p
-            .exited()
-            .is_some_and(|e| now.duration_since(e.at).unwrap_or_default() > EXEC_RETENTION);
-        let gone = old && p.reported.load(Ordering::Relaxed);
-        if gone {
-            let _ = fs::remove_dir_all(&p.dir);
-        }
-        !gone
-    });
+fn helper_err(context: String) -> impl FnOnce(HelperError) -> RuntimeError {
+    move |e| RuntimeError::Internal(format!("{context}: {e}"))
 }
 
 pub struct Container {
@@ -161,7 +78,7 @@ pub struct Container {
 }
 
 impl Container {
-    fn process(&self, exec_id: &str) -> Result<Arc<Process>, AgentError> {
+    fn process(&self, exec_id: &str) -> Result<Arc<Process>, RuntimeError> {
         if exec_id.is_empty() {
             return Ok(self.init.clone());
         }
@@ -171,7 +88,7 @@ impl Container {
             .get(exec_id)
             .cloned()
             .ok_or_else(|| {
-                AgentError::NotFound(format!(
+                RuntimeError::NotFound(format!(
                     "container {:?} has no process with exec id {exec_id:?}",
                     self.id
                 ))
@@ -192,7 +109,7 @@ struct Table {
     busy: HashSet<String>,
 }
 
-pub struct Sandbox {
+pub struct Runtime {
     reaper: Arc<Reaper>,
     table: Mutex<Table>,
     pub oom: OomWatcher,
@@ -200,67 +117,67 @@ pub struct Sandbox {
 
 /// Releases a reserved id however the operation ends.
 struct Reservation<'a> {
-    sandbox: &'a Sandbox,
+    runtime: &'a Runtime,
     id: String,
 }
 
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
-        self.sandbox.table.lock().unwrap().busy.remove(&self.id);
+        self.runtime.table.lock().unwrap().busy.remove(&self.id);
     }
 }
 
-impl Sandbox {
-    pub fn new(reaper: Arc<Reaper>, oom: OomWatcher) -> Sandbox {
-        Sandbox {
+impl Runtime {
+    pub fn new(reaper: Arc<Reaper>, oom: OomWatcher) -> Runtime {
+        Runtime {
             reaper,
             table: Mutex::new(Table::default()),
             oom,
         }
     }
 
-    fn container(&self, id: &str) -> Result<Arc<Container>, AgentError> {
+    fn container(&self, id: &str) -> Result<Arc<Container>, RuntimeError> {
         self.table
             .lock()
             .unwrap()
             .containers
             .get(id)
             .cloned()
-            .ok_or_else(|| AgentError::NotFound(format!("no container {id:?}")))
+            .ok_or_else(|| RuntimeError::NotFound(format!("no container {id:?}")))
     }
 
-    pub fn process_io(&self, id: &str, exec_id: &str) -> Result<Arc<ProcessIo>, AgentError> {
+    pub fn process_io(&self, id: &str, exec_id: &str) -> Result<Arc<ProcessIo>, RuntimeError> {
         Ok(self.container(id)?.process(exec_id)?.io.clone())
     }
 
-    fn reserve(&self, id: &str, must_be_new: bool) -> Result<Reservation<'_>, AgentError> {
+    fn reserve(&self, id: &str, must_be_new: bool) -> Result<Reservation<'_>, RuntimeError> {
         let mut t = self.table.lock().unwrap();
         if t.busy.contains(id) {
-            return Err(AgentError::FailedPrecondition(format!(
+            return Err(RuntimeError::FailedPrecondition(format!(
                 "container {id:?} is being created or removed"
             )));
         }
         if must_be_new && t.containers.contains_key(id) {
-            return Err(AgentError::AlreadyExists(format!(
+            return Err(RuntimeError::AlreadyExists(format!(
                 "container {id:?} already exists"
             )));
         }
         t.busy.insert(id.to_string());
         Ok(Reservation {
-            sandbox: self,
+            runtime: self,
             id: id.to_string(),
         })
     }
 
-    pub async fn create_container(&self, req: CreateContainerRequest) -> Result<(), AgentError> {
+    pub async fn create_container(&self, req: CreateContainerRequest) -> Result<(), RuntimeError> {
         let id = req.container_id.as_str();
-        spec::validate_id("container", id)?;
+        guest_spec::validate_id("container", id)?;
         let rootfs_req = req
             .rootfs
             .as_ref()
             .filter(|r| !r.source.is_empty())
             .ok_or_else(|| {
-                AgentError::InvalidArgument("CreateContainer needs rootfs.source".into())
+                RuntimeError::InvalidArgument("CreateContainer needs rootfs.source".into())
             })?;
         let _reservation = self.reserve(id, true)?;
         let dir = Path::new(CONTAINERS_DIR).join(id);
@@ -301,15 +218,15 @@ impl Sandbox {
         req: &CreateContainerRequest,
         source: &Path,
         overlay: bool,
-    ) -> Result<Arc<Container>, AgentError> {
+    ) -> Result<Arc<Container>, RuntimeError> {
         // Parse before mounting anything: bad JSON fails fast.
-        spec::container_spec(&req.spec_json, id, Path::new("/"), req.terminal)?;
+        guest_spec::container_spec(&req.spec_json, id, Path::new("/"), req.terminal)?;
         let rootfs = rootfs::assemble(source, overlay, dir).map_err(|e| match e {
-            rootfs::RootfsError::NoSource(_) => AgentError::InvalidArgument(e.to_string()),
-            e => AgentError::Internal(e.to_string()),
+            rootfs::RootfsError::NoSource(_) => RuntimeError::InvalidArgument(e.to_string()),
+            e => RuntimeError::Internal(e.to_string()),
         })?;
-        let spec = spec::container_spec(&req.spec_json, id, &rootfs, req.terminal)?;
-        spec::check_executable(
+        let spec = guest_spec::container_spec(&req.spec_json, id, &rootfs, req.terminal)?;
+        guest_spec::check_executable(
             &rootfs,
             spec.process()
                 .as_ref()
@@ -360,22 +277,22 @@ impl Sandbox {
         }))
     }
 
-    pub async fn exec_process(&self, req: ExecProcessRequest) -> Result<(), AgentError> {
-        spec::validate_id("exec", &req.exec_id)?;
+    pub async fn exec_process(&self, req: ExecProcessRequest) -> Result<(), RuntimeError> {
+        guest_spec::validate_id("exec", &req.exec_id)?;
         let c = self.container(&req.container_id)?;
         if c.init.exited().is_some() {
-            return Err(AgentError::FailedPrecondition(format!(
+            return Err(RuntimeError::FailedPrecondition(format!(
                 "container {:?} is not running",
                 c.id
             )));
         }
-        let process = spec::exec_process(&req.process_json, req.terminal)?;
-        spec::check_executable(&c.rootfs, &process)?;
+        let process = guest_spec::exec_process(&req.process_json, req.terminal)?;
+        guest_spec::check_executable(&c.rootfs, &process)?;
         let dir = c.dir.join("execs").join(&req.exec_id);
         let mut execs = c.execs.lock().unwrap();
         prune_reported_execs(&mut execs);
         if execs.contains_key(&req.exec_id) {
-            return Err(AgentError::AlreadyExists(format!(
+            return Err(RuntimeError::AlreadyExists(format!(
                 "container {:?} already has an exec {:?}",
                 c.id, req.exec_id
             )));
@@ -396,13 +313,13 @@ impl Sandbox {
         Ok(())
     }
 
-    pub async fn start_process(&self, id: &str, exec_id: &str) -> Result<u32, AgentError> {
+    pub async fn start_process(&self, id: &str, exec_id: &str) -> Result<u32, RuntimeError> {
         let c = self.container(id)?;
         let p = c.process(exec_id)?;
         {
             let mut started = p.started.lock().unwrap();
             if *started {
-                return Err(AgentError::FailedPrecondition(format!(
+                return Err(RuntimeError::FailedPrecondition(format!(
                     "process {id:?}/{exec_id:?} was already started"
                 )));
             }
@@ -427,9 +344,9 @@ impl Sandbox {
         }
     }
 
-    async fn start_init(&self, c: &Container) -> Result<i32, AgentError> {
+    async fn start_init(&self, c: &Container) -> Result<i32, RuntimeError> {
         if let Some(exit) = c.init.exited() {
-            return Err(AgentError::FailedPrecondition(format!(
+            return Err(RuntimeError::FailedPrecondition(format!(
                 "container {:?} exited (status {}) before it was started",
                 c.id, exit.status
             )));
@@ -439,12 +356,12 @@ impl Sandbox {
             .map_err(helper_err(format!("starting container {:?}", c.id)))?;
         c.init
             .pid()
-            .ok_or_else(|| AgentError::Internal("the init has no pid".into()))
+            .ok_or_else(|| RuntimeError::Internal("the init has no pid".into()))
     }
 
-    async fn start_exec(&self, c: &Container, p: &Arc<Process>) -> Result<i32, AgentError> {
+    async fn start_exec(&self, c: &Container, p: &Arc<Process>) -> Result<i32, RuntimeError> {
         if c.init.exited().is_some() {
-            return Err(AgentError::FailedPrecondition(format!(
+            return Err(RuntimeError::FailedPrecondition(format!(
                 "container {:?} is not running",
                 c.id
             )));
@@ -483,7 +400,7 @@ impl Sandbox {
     }
 
     /// The exit of a process, once its output was delivered (or [`DRAIN_AFTER_EXIT`] passed).
-    pub async fn wait_process(&self, id: &str, exec_id: &str) -> Result<Exit, AgentError> {
+    pub async fn wait_process(&self, id: &str, exec_id: &str) -> Result<Exit, RuntimeError> {
         let p = self.container(id)?.process(exec_id)?;
         let mut rx = p.exit.subscribe();
         let exit = rx
@@ -503,14 +420,15 @@ impl Sandbox {
         exec_id: &str,
         signal: u32,
         all: bool,
-    ) -> Result<(), AgentError> {
+    ) -> Result<(), RuntimeError> {
         let c = self.container(id)?;
         let p = c.process(exec_id)?;
-        let sig = Signal::try_from(signal as i32)
-            .map_err(|_| AgentError::InvalidArgument(format!("{signal} is not a signal number")))?;
+        let sig = Signal::try_from(signal as i32).map_err(|_| {
+            RuntimeError::InvalidArgument(format!("{signal} is not a signal number"))
+        })?;
         if all || exec_id.is_empty() {
             if !all && c.init.exited().is_some() {
-                return Err(AgentError::NotFound(format!(
+                return Err(RuntimeError::NotFound(format!(
                     "container {id:?}: process already exited"
                 )));
             }
@@ -524,7 +442,7 @@ impl Sandbox {
                         .is_some_and(|pid| kill(Pid::from_raw(pid), None).is_err())
             };
             return match killed {
-                Err(_) if gone() => Err(AgentError::NotFound(format!(
+                Err(_) if gone() => Err(RuntimeError::NotFound(format!(
                     "container {id:?}: process already exited"
                 ))),
                 r => r.map_err(helper_err(format!("signalling container {id:?}"))),
@@ -532,12 +450,12 @@ impl Sandbox {
         }
         let pid = match (p.pid(), p.exited()) {
             (_, Some(_)) => {
-                return Err(AgentError::NotFound(format!(
+                return Err(RuntimeError::NotFound(format!(
                     "process {id:?}/{exec_id:?} already exited"
                 )))
             }
             (None, None) => {
-                return Err(AgentError::FailedPrecondition(format!(
+                return Err(RuntimeError::FailedPrecondition(format!(
                     "process {id:?}/{exec_id:?} was not started"
                 )))
             }
@@ -552,15 +470,15 @@ impl Sandbox {
         exec_id: &str,
         width: u32,
         height: u32,
-    ) -> Result<(), AgentError> {
+    ) -> Result<(), RuntimeError> {
         let p = self.container(id)?.process(exec_id)?;
         let clamp = |v: u32| v.min(u16::MAX as u32) as u16;
         p.io.resize(clamp(width), clamp(height))
-            .map_err(AgentError::FailedPrecondition)
+            .map_err(RuntimeError::FailedPrecondition)
     }
 
     /// Kills what runs, deletes the container everywhere. Unknown ids are already removed.
-    pub async fn remove_container(&self, id: &str) -> Result<(), AgentError> {
+    pub async fn remove_container(&self, id: &str) -> Result<(), RuntimeError> {
         let _reservation = self.reserve(id, false)?;
         let Some(c) = self.table.lock().unwrap().containers.remove(id) else {
             return Ok(());
@@ -607,26 +525,26 @@ impl Sandbox {
         }
     }
 
-    pub async fn pause(&self, id: &str, frozen: bool) -> Result<(), AgentError> {
+    pub async fn pause(&self, id: &str, frozen: bool) -> Result<(), RuntimeError> {
         let c = self.container(id)?;
         cgroup::freeze(&c.cgroup, frozen)
             .await
             .map_err(internal("freezer"))
     }
 
-    pub fn update(&self, id: &str, resources_json: &[u8]) -> Result<(), AgentError> {
+    pub fn update(&self, id: &str, resources_json: &[u8]) -> Result<(), RuntimeError> {
         let c = self.container(id)?;
         let r: LinuxResources = serde_json::from_slice(resources_json).map_err(|e| {
-            AgentError::InvalidArgument(format!("invalid OCI LinuxResources JSON: {e}"))
+            RuntimeError::InvalidArgument(format!("invalid OCI LinuxResources JSON: {e}"))
         })?;
-        cgroup::update(&c.cgroup, &r).map_err(|e| AgentError::InvalidArgument(e.to_string()))
+        cgroup::update(&c.cgroup, &r).map_err(|e| RuntimeError::InvalidArgument(e.to_string()))
     }
 
-    pub fn pids(&self, id: &str) -> Result<Vec<u32>, AgentError> {
+    pub fn pids(&self, id: &str) -> Result<Vec<u32>, RuntimeError> {
         cgroup::pids(&self.container(id)?.cgroup).map_err(internal("listing processes"))
     }
 
-    pub fn stats(&self, id: &str) -> Result<ContainerStatsResponse, AgentError> {
+    pub fn stats(&self, id: &str) -> Result<ContainerStatsResponse, RuntimeError> {
         cgroup::stats(&self.container(id)?.cgroup).map_err(internal("reading cgroup stats"))
     }
 

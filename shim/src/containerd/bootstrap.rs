@@ -19,20 +19,13 @@ use containerd_shim_protos::api::DeleteResponse;
 use oci_spec::runtime::Spec;
 use slog::{info, warn, Logger};
 
+use super::{events, task::TaskService};
 use crate::{
     config::Config,
-    events::EventSender,
-    logging,
-    pod::{spec, Exit, Pod},
+    logging, oci,
+    pod::{Pod, SandboxLauncher, SANDBOX_DIR_FILE},
     sandbox,
-    task::TaskService,
 };
-
-/// The runtime type containerd knows this shim by.
-pub const RUNTIME_TYPE: &str = "io.containerd.shoji.v2";
-/// File in a pod owner's bundle naming the sandbox directory, for `delete` after a crash
-/// (the run directory may come from a ConfigPath that `delete` is not given).
-pub const SANDBOX_DIR_FILE: &str = "shoji-sandbox-dir";
 
 pub struct ShojiShim {
     started: std::time::Instant,
@@ -91,7 +84,7 @@ impl Shim for ShojiShim {
     }
 
     async fn start_shim(&mut self, opts: StartOpts) -> Result<String, Error> {
-        let grouping = spec::grouping(&read_spec()?, &opts.id);
+        let grouping = oci::grouping(&read_spec()?, &opts.id);
         let address = spawn(opts, &grouping, Vec::new()).await?;
         // containerd reads the shim's address from the bundle (containerd-shim 0.11 does not write it).
         std::fs::write("address", &address)
@@ -101,7 +94,7 @@ impl Shim for ShojiShim {
 
     async fn delete_shim(&mut self) -> Result<DeleteResponse, Error> {
         let owns_vm = match read_spec() {
-            Ok(spec) => !matches!(spec::role(&spec), spec::Role::PodMember { .. }),
+            Ok(spec) => !matches!(oci::role(&spec), oci::Role::PodMember { .. }),
             Err(_) => true,
         };
         if owns_vm {
@@ -129,10 +122,10 @@ impl Shim for ShojiShim {
             }
             let _ = std::fs::remove_file(SANDBOX_DIR_FILE);
         }
-        let exit = Exit::now(128 + libc::SIGKILL as u32);
+        let exit = crate::pod::Exit::now(128 + libc::SIGKILL as u32);
         Ok(DeleteResponse {
             exit_status: exit.status,
-            exited_at: exit.timestamp(),
+            exited_at: events::timestamp(&exit),
             ..Default::default()
         })
     }
@@ -142,8 +135,11 @@ impl Shim for ShojiShim {
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
-        let events = EventSender::start(publisher, self.namespace.clone(), self.log.clone());
-        let pod = Pod::new(&self.namespace, events, self.log.clone(), self.started);
+        let events = events::forward(publisher, self.namespace.clone(), self.log.clone());
+        let launcher = Arc::new(SandboxLauncher {
+            log: self.log.clone(),
+        });
+        let pod = Pod::new(launcher, events, self.log.clone(), self.started);
         TaskService::new(pod, self.exit.clone(), self.log.clone())
     }
 }

@@ -1,0 +1,384 @@
+//! The boot sequence of a sandbox, holding what was made so far so that a failure at any
+//! step undoes exactly that (the ledger already names it for a crash).
+use std::{path::Path, sync::Arc};
+
+use shoji_agent_api::{CMDLINE_HOSTNAME, CMDLINE_LOG_LEVEL, CMDLINE_SHARE_TAG};
+use slog::{info, warn, Logger};
+use tokio::sync::watch;
+
+use super::{
+    cleanup, state::Ledger, validate_id, BootTimes, Result, Sandbox, SandboxConfig, SandboxError,
+    SHARE_TAG,
+};
+use crate::{
+    agent_client::{AgentClient, ReadyListener},
+    config::{AccelChoice, Config},
+    daemon::{self, ExitWatch},
+    host_cgroup::{self, PodCgroup, Previous},
+    hypervisor::{
+        self, clh::ClhOptions, describe_status, qemu::QemuOptions, Accel, DriverOptions,
+        Hypervisor, HypervisorKind, ShareDevice, VmExit, VmSpec, VsockDevice,
+    },
+    logtail, network,
+    sharefs::{SharedDir, Virtiofsd, VirtiofsdOptions},
+};
+
+/// The guest CID. Each VM has its own vsock back-end, so every VM can use the same one.
+const GUEST_CID: u32 = 3;
+/// Lines of the guest console quoted in a start-up error.
+const CONSOLE_TAIL: usize = 12;
+
+pub(super) async fn boot(cfg: SandboxConfig, log: Logger) -> Result<Sandbox> {
+    validate_id("sandbox id", &cfg.id)?;
+    if let Some(h) = &cfg.hostname {
+        validate_hostname(h)?;
+    }
+    let c = &cfg.config;
+    for (what, path) in [("guest kernel", &c.kernel), ("guest initramfs", &c.initrd)] {
+        if !path.is_file() {
+            return Err(SandboxError::Missing {
+                what,
+                path: path.clone(),
+            });
+        }
+    }
+    let dir = cfg.dir();
+    std::fs::create_dir_all(&c.run_dir).map_err(io(format!("create {}", c.run_dir.display())))?;
+    match std::fs::create_dir(&dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(SandboxError::Exists {
+                id: cfg.id.clone(),
+                dir,
+            })
+        }
+        r => r.map_err(io(format!("create {}", dir.display())))?,
+    }
+    let log = log.new(slog::o!("sandbox" => cfg.id.clone()));
+    let ledger = match Ledger::create(&dir, &cfg.id, &log) {
+        Ok(l) => Arc::new(l),
+        Err(e) => {
+            let _ = std::fs::remove_dir(&dir);
+            return Err(io(format!("write the state file in {}", dir.display()))(e));
+        }
+    };
+    let mut boot = Boot {
+        ledger,
+        log: log.clone(),
+        cgroup_previous: None,
+        shared: None,
+        virtiofsd: None,
+        driver: None,
+    };
+    match boot.run(&cfg, &dir).await {
+        Ok((agent, end, boot_times)) => {
+            let driver = boot.driver.take().expect("driver");
+            let (kind, accel, vmm_pid) = (
+                driver.kind(),
+                driver.capabilities().accel,
+                driver.pid().unwrap_or(0),
+            );
+            Ok(Sandbox {
+                id: cfg.id.clone(),
+                dir,
+                log,
+                shutdown_grace: c.timeouts.shutdown,
+                agent,
+                ledger: boot.ledger.clone(),
+                shared: boot.shared.take().expect("shared dir"),
+                virtiofsd: boot.virtiofsd.take().expect("virtiofsd"),
+                vm: tokio::sync::Mutex::new(Some(driver)),
+                cgroup_previous: std::sync::Mutex::new(boot.cgroup_previous.take()),
+                kind,
+                accel,
+                vmm_pid,
+                end,
+                boot_times,
+            })
+        }
+        Err(e) => {
+            warn!(log, "sandbox start failed, tearing down"; "error" => %e);
+            boot.undo(&dir).await;
+            Err(e)
+        }
+    }
+}
+
+/// What the boot made so far.
+struct Boot {
+    ledger: Arc<Ledger>,
+    log: Logger,
+    cgroup_previous: Option<Previous>,
+    shared: Option<SharedDir>,
+    virtiofsd: Option<Virtiofsd>,
+    driver: Option<Box<dyn Hypervisor>>,
+}
+
+impl Boot {
+    async fn run(
+        &mut self,
+        cfg: &SandboxConfig,
+        dir: &Path,
+    ) -> Result<(AgentClient, watch::Receiver<Option<VmExit>>, BootTimes)> {
+        let c = &cfg.config;
+        let started = tokio::time::Instant::now();
+        let record = |e| io(format!("record in {}", dir.display()))(e);
+
+        // The VMM and its daemons are born in the pod cgroup: the shim joins it first.
+        if let Some(path) = cfg.cgroup.as_deref().filter(|p| host_cgroup::supported(p)) {
+            let cgroup = PodCgroup::plan(path)?;
+            self.ledger
+                .record(|s| s.cgroup = Some(cgroup.clone()))
+                .map_err(record)?;
+            self.cgroup_previous = Some(cgroup.enter(std::process::id()).await?);
+        }
+        let network = match &cfg.netns {
+            Some(netns) => {
+                let net = network::discover(netns).await?;
+                self.ledger
+                    .record(|s| s.network = Some(net.bridges.clone()))
+                    .map_err(record)?;
+                network::setup(&net.bridges).await?;
+                Some(net)
+            }
+            None => None,
+        };
+        let shared = self
+            .shared
+            .insert(SharedDir::create(&dir.join("shared"), &dir.join("export"))?);
+        let vsock = dir.join("vsock.sock");
+        let ready = ReadyListener::bind(&vsock)?;
+        let virtiofsd = self.virtiofsd.insert(Virtiofsd::spawn(
+            &VirtiofsdOptions {
+                binary: c.virtiofsd.path.clone(),
+                cache: c.virtiofsd.cache.clone(),
+                shared_dir: shared.export().to_path_buf(),
+                socket: dir.join("virtiofsd.sock"),
+                log: dir.join("virtiofsd.log"),
+            },
+            self.ledger.as_ref(),
+        )?);
+        let spec = VmSpec {
+            id: cfg.id.clone(),
+            dir: dir.to_path_buf(),
+            kernel: c.kernel.clone(),
+            initrd: c.initrd.clone(),
+            kernel_args: kernel_args(cfg),
+            vcpus: cfg.vcpus,
+            max_vcpus: cfg.vcpus,
+            memory_mib: cfg.memory_mib,
+            share: Some(ShareDevice {
+                tag: SHARE_TAG.into(),
+                socket: dir.join("virtiofsd.sock"),
+                backend: virtiofsd.exit_watch(),
+            }),
+            vsock: VsockDevice {
+                cid: GUEST_CID,
+                socket: vsock.clone(),
+            },
+            nets: network
+                .as_ref()
+                .map(|n| n.devices.clone())
+                .unwrap_or_default(),
+            console_log: dir.join("console.log"),
+        };
+        let driver = self.driver.insert(hypervisor::new(
+            driver_options(c),
+            self.ledger.clone(),
+            &self.log,
+        ));
+        // virtiofsd comes up while the driver prepares its own back-ends.
+        driver.prepare(&spec).await?;
+        virtiofsd.ready(c.timeouts.vm_start).await?;
+        let daemons_ready = started.elapsed();
+        driver.start().await?;
+        let vmm_running = started.elapsed();
+        let mut end = watch_end(
+            driver.exit_watch(),
+            virtiofsd.exit_watch(),
+            dir.join("virtiofsd.log"),
+        );
+
+        let timeout = c.timeouts.agent_ready;
+        let console = || logtail::quoted(&spec.console_log, CONSOLE_TAIL);
+        tokio::select! {
+            r = ready.wait_ready(timeout) => {
+                if r.is_err() {
+                    return Err(SandboxError::NotReady { timeout, console: console() });
+                }
+            }
+            exit = end.wait_for(Option::is_some) => {
+                let exit = exit.ok().and_then(|e| e.clone()).unwrap_or_else(|| VmExit {
+                    status: None,
+                    reason: "unknown".into(),
+                });
+                return Err(SandboxError::VmExited { exit, console: console() });
+            }
+        }
+        drop(ready);
+        let times = BootTimes {
+            daemons_ready,
+            vmm_running,
+            agent_ready: started.elapsed(),
+        };
+        let agent = AgentClient::connect(&vsock, c.timeouts.agent_call).await?;
+        if let Some(net) = network {
+            agent.configure_network(net.guest).await?;
+        }
+        info!(self.log, "sandbox ready"; "agent_ready_ms" => times.agent_ready.as_millis() as u64,
+            "daemons_ready_ms" => times.daemons_ready.as_millis() as u64,
+            "vmm_running_ms" => times.vmm_running.as_millis() as u64,
+            "hypervisor" => ?driver.kind(), "accel" => ?driver.capabilities().accel);
+        Ok((agent, end, times))
+    }
+
+    /// Undoes a failed boot: processes first (gracelessly), then every host resource.
+    async fn undo(&mut self, dir: &Path) {
+        if let Some(mut driver) = self.driver.take() {
+            let _ = driver.stop(std::time::Duration::ZERO).await;
+        }
+        if let Some(virtiofsd) = self.virtiofsd.take() {
+            virtiofsd.stop(std::time::Duration::ZERO).await;
+        }
+        if let Some(shared) = &self.shared {
+            shared.close();
+        }
+        let state = self.ledger.snapshot();
+        if let (Some(cg), Some(previous)) = (&state.cgroup, &self.cgroup_previous) {
+            cg.leave(std::process::id(), previous);
+        }
+        if let Err(e) = cleanup::release(dir, &state).await {
+            warn!(self.log, "teardown after a failed start is incomplete"; "error" => %e);
+        }
+    }
+}
+
+/// The VM's end as the sandbox sees it: the driver's (VMM or its back-ends) or virtiofsd's
+/// exit, whichever comes first.
+fn watch_end(
+    driver: watch::Receiver<Option<VmExit>>,
+    virtiofsd: ExitWatch,
+    virtiofsd_log: std::path::PathBuf,
+) -> watch::Receiver<Option<VmExit>> {
+    let (tx, rx) = watch::channel(None);
+    tokio::spawn(async move {
+        let exit = tokio::select! {
+            biased;
+            e = hypervisor::wait_exit(driver) => e,
+            status = daemon::wait_exit(virtiofsd) => VmExit {
+                status,
+                reason: format!(
+                    "virtiofsd exited ({}): {}",
+                    describe_status(status),
+                    logtail::last_line(&virtiofsd_log)
+                ),
+            },
+        };
+        let _ = tx.send(Some(exit));
+    });
+    rx
+}
+
+/// The driver for the configured hypervisor, and how it runs its VMM.
+fn driver_options(c: &Config) -> DriverOptions {
+    match c.hypervisor {
+        HypervisorKind::Qemu => {
+            let (accel, accel_reason) = match c.qemu.accel {
+                AccelChoice::Kvm => (Accel::Kvm, "configured (qemu.accel = \"kvm\")".to_string()),
+                AccelChoice::Tcg => (Accel::Tcg, "configured (qemu.accel = \"tcg\")".to_string()),
+                AccelChoice::Auto => {
+                    let probe = crate::kvm::probe();
+                    let accel = if probe.usable { Accel::Kvm } else { Accel::Tcg };
+                    (accel, probe.reason.clone())
+                }
+            };
+            DriverOptions::Qemu(QemuOptions {
+                binary: c.qemu.path.clone(),
+                vhost_vsock: c.vhost_device_vsock.path.clone(),
+                accel,
+                accel_reason,
+                tcg_tb_size_mib: c.qemu.tcg_tb_size_mib,
+                start_timeout: c.timeouts.vm_start,
+            })
+        }
+        HypervisorKind::Clh => DriverOptions::Clh(ClhOptions {
+            start_timeout: c.timeouts.vm_start,
+            ..ClhOptions::new(c.clh.path.clone())
+        }),
+    }
+}
+
+/// The driver adds console, panic and timer arguments; these tell the agent what to mount
+/// and log.
+fn kernel_args(cfg: &SandboxConfig) -> Vec<String> {
+    let hostname = cfg
+        .hostname
+        .clone()
+        .unwrap_or_else(|| cfg.id.chars().take(12).collect());
+    let mut args = vec![
+        format!("{CMDLINE_SHARE_TAG}={SHARE_TAG}"),
+        format!("{CMDLINE_LOG_LEVEL}={}", cfg.config.log_level),
+        format!("{CMDLINE_HOSTNAME}={hostname}"),
+    ];
+    args.extend(cfg.config.kernel_args.iter().cloned());
+    args.extend(cfg.kernel_args.iter().cloned());
+    args
+}
+
+/// The hostname travels on the kernel command line: a space or a quote would inject kernel
+/// arguments. RFC 1123 labels, as Kubernetes requires.
+fn validate_hostname(h: &str) -> Result<()> {
+    let ok = !h.is_empty()
+        && h.len() <= 64
+        && h.split('.').all(|label| {
+            !label.is_empty()
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(SandboxError::Invalid(format!(
+            "hostname {:?} is not a valid host name (1-64 characters, letters, digits, '-' and '.')",
+            h.chars().take(80).collect::<String>()
+        )))
+    }
+}
+
+fn io(context: String) -> impl FnOnce(std::io::Error) -> SandboxError {
+    move |source| SandboxError::Io { context, source }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_args_name_share_log_and_hostname() {
+        let mut cfg = SandboxConfig::new("0123456789abcdef", Config::default());
+        cfg.kernel_args.push("x=1".into());
+        let args = kernel_args(&cfg);
+        assert_eq!(args[0], "shoji.share=shoji");
+        assert_eq!(args[1], "shoji.log=info");
+        assert_eq!(args[2], "shoji.hostname=0123456789ab");
+        assert_eq!(args.last().unwrap(), "x=1");
+    }
+
+    #[test]
+    fn hostnames_that_would_inject_kernel_arguments_are_refused() {
+        for good in ["a", "pod-1", "web.default", &"a".repeat(63)] {
+            validate_hostname(good).unwrap();
+        }
+        for bad in [
+            "",
+            "a b",
+            "a init=/bin/sh",
+            "-a",
+            "a..b",
+            "a\"b",
+            &"a".repeat(65),
+        ] {
+            assert!(validate_hostname(bad).is_err(), "{bad:?}");
+        }
+    }
+}

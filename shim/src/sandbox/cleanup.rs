@@ -1,0 +1,156 @@
+//! Undoing a sandbox: one path for a failed boot, an orderly stop (after its graceful part)
+//! and the crash cleanup of `containerd-shim-shoji-v2 delete` / `shoji cleanup`. Every step
+//! treats "already gone" as done, so it can run any number of times.
+use std::{path::Path, time::Duration};
+
+use super::{
+    state::{RecordedPid, State},
+    validate_id, IdError,
+};
+use crate::{
+    host_cgroup::CgroupError,
+    network, procfs,
+    sharefs::{self, MountError},
+};
+
+/// How long killed processes get to disappear.
+const KILL_WAIT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CleanupError {
+    #[error(transparent)]
+    InvalidId(#[from] IdError),
+    #[error("process {name} ({pid}) of the sandbox survived SIGKILL")]
+    Survivor { name: String, pid: u32 },
+    #[error(transparent)]
+    Mount(#[from] MountError),
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+}
+
+/// Removes whatever sandbox `id` left under `run_dir` after its shim died: kills its
+/// processes, unmounts everything below its directory, removes its taps and host cgroup and
+/// the directory. A sandbox that is already gone is success.
+pub async fn cleanup(run_dir: &Path, id: &str) -> Result<(), CleanupError> {
+    validate_id("sandbox id", id)?;
+    let dir = run_dir.join(id);
+    let state = State::read(&dir).unwrap_or_else(|_| State {
+        id: id.into(),
+        ..Default::default()
+    });
+    release(&dir, &state).await
+}
+
+/// Removes everything `state` records and the sandbox directory `dir`. Every step runs even
+/// when an earlier one failed; the first error is returned.
+pub(super) async fn release(dir: &Path, state: &State) -> Result<(), CleanupError> {
+    let mut first = Ok(());
+    let mut keep = |r: Result<(), CleanupError>| {
+        if first.is_ok() {
+            first = r;
+        }
+    };
+    keep(kill_processes(dir, &state.pids).await);
+    keep(sharefs::unmount_tree(dir).map_err(Into::into));
+    if let Some(bridges) = &state.network {
+        network::teardown(bridges).await;
+    }
+    if let Some(cgroup) = &state.cgroup {
+        keep(cgroup.remove().await.map_err(Into::into));
+    }
+    keep(sharefs::remove_tree(dir).map_err(Into::into));
+    first
+}
+
+/// SIGKILLs the recorded processes that still run, and any process whose command line names
+/// the sandbox directory (a daemon launched a moment before a crash, not yet recorded),
+/// then waits for them to be gone.
+async fn kill_processes(dir: &Path, recorded: &[RecordedPid]) -> Result<(), CleanupError> {
+    let marker = format!("{}/", dir.display());
+    let me = std::process::id();
+    let mut victims: Vec<(String, u32)> = recorded
+        .iter()
+        .filter(|p| p.is_alive())
+        .map(|p| (p.name.clone(), p.pid))
+        .collect();
+    for pid in procfs::all_pids() {
+        if pid != me
+            && !victims.iter().any(|(_, p)| *p == pid)
+            && procfs::cmdline(pid).is_some_and(|c| c.contains(&marker))
+        {
+            victims.push((procfs::name(pid).unwrap_or_default(), pid));
+        }
+    }
+    for (_, pid) in &victims {
+        // SAFETY: kill(2); the start time or command line was checked just now.
+        unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+    }
+    let deadline = tokio::time::Instant::now() + KILL_WAIT;
+    for (name, pid) in victims {
+        while procfs::stat(pid).is_some_and(|s| s.state != 'Z') {
+            if tokio::time::Instant::now() > deadline {
+                return Err(CleanupError::Survivor { name, pid });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn cleanup_kills_recorded_and_unrecorded_processes_and_removes_the_dir() {
+        let run = std::env::temp_dir().join(format!("shoji-cleanup-{}", std::process::id()));
+        let dir = run.join("sb");
+        std::fs::create_dir_all(dir.join("shared/c1")).unwrap();
+        let recorded = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        // Launched but never recorded: found by the directory in its command line.
+        std::fs::write(dir.join("console.log"), b"").unwrap();
+        let unrecorded = std::process::Command::new("tail")
+            .arg("-f")
+            .arg(dir.join("console.log"))
+            .spawn()
+            .unwrap();
+        let state = State {
+            id: "sb".into(),
+            pids: vec![RecordedPid {
+                name: "sleep".into(),
+                pid: recorded.id(),
+                start_time: procfs::start_time(recorded.id()).unwrap(),
+            }],
+            ..Default::default()
+        };
+        std::fs::write(dir.join("state.json"), serde_json::to_vec(&state).unwrap()).unwrap();
+        let reapers: Vec<_> = [recorded, unrecorded]
+            .into_iter()
+            .map(|mut c| std::thread::spawn(move || c.wait().unwrap()))
+            .collect();
+        cleanup(&run, "sb").await.unwrap();
+        for r in reapers {
+            assert!(!r.join().unwrap().success());
+        }
+        assert!(!dir.exists());
+        // Already gone is success.
+        cleanup(&run, "sb").await.unwrap();
+        std::fs::remove_dir_all(run).unwrap();
+    }
+
+    #[tokio::test]
+    async fn ids_that_name_other_directories_are_refused_and_nothing_is_deleted() {
+        let run = std::env::temp_dir().join(format!("shoji-cleanup-bad-{}", std::process::id()));
+        std::fs::create_dir_all(run.join("inner")).unwrap();
+        std::fs::write(run.join("sibling"), b"keep").unwrap();
+        for bad in ["..", "", "/", ".", "../x", "a/b", &"a".repeat(65)] {
+            let err = cleanup(&run.join("inner"), bad).await.unwrap_err();
+            assert!(matches!(err, CleanupError::InvalidId(_)), "{bad:?}: {err}");
+        }
+        assert!(run.join("sibling").exists());
+        std::fs::remove_dir_all(run).unwrap();
+    }
+}
