@@ -209,8 +209,9 @@ async fn shim_killed_mid_boot(version: Version) {
     let run = async {
         let scratch = tempfile::tempdir()?;
         let shoji = ShojiRuntime::new(&hanging_vmm_config(scratch.path()));
-        let env = Env::start(version, &shoji.runtime, None).await?;
+        // Made first: the leak baseline includes the test's own namespace.
         let netns = PodNetns::new(if version == Version::V2 { "2" } else { "17" });
+        let env = Env::start(version, &shoji.runtime, None).await?;
         let r = async {
             let run_dir = &env.runtime.run_dirs[0];
             let config = env
