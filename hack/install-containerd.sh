@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Unpack containerd 1.7 (Debian trixie) and 2.x (Debian sid) side by side, without touching the system's
-# packages or apt lists (REFERENCE §3: adding a newer suite system-wide once upgraded libc6 and more).
+# packages or apt lists (adding a newer suite system-wide once upgraded libc6 and more).
 #
 # Result: ${SHOJI_CACHE:-/var/cache/shoji}/containerd/<version>/usr/bin/{containerd,ctr,...} plus symlinks
 # ${SHOJI_CACHE}/containerd/{1.7,2} -> <version>. Debian bookworm's 1.6 stays at /usr/bin/containerd.

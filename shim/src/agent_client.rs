@@ -1,6 +1,6 @@
 //! The host's link to shoji-agent: readiness, hybrid-vsock dialing and the typed ttrpc client.
 //!
-//! Order matters (REFERENCE §2): bind a [`ReadyListener`] *before* the VMM starts, wait for
+//! Order matters: bind a [`ReadyListener`] *before* the VMM starts, wait for
 //! the agent's announcement, and only then dial ([`AgentClient::connect`]). A host `CONNECT`
 //! that reaches vhost-device-vsock while the device is still starting can wedge it for the
 //! life of the VM; the announcement is also the fastest readiness signal (no polling).

@@ -1,7 +1,7 @@
 //! Can this host's KVM run an ordinary guest?
 //!
 //! `/dev/kvm` existing is not enough: a nested host may offer KVM through PVM, which only
-//! runs PVM-enabled guest kernels (an ordinary guest makes no progress, REFERENCE §1). So
+//! runs PVM-enabled guest kernels (an ordinary guest makes no progress). So
 //! the probe runs what every guest kernel does early: 64-bit mode with paging, and an
 //! exception taken through an IDT (`int3` → a handler that writes a port). Plain real- or
 //! long-mode code runs under PVM too; exception delivery is where it fails (measured:

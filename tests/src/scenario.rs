@@ -171,6 +171,28 @@ impl Env {
     }
 }
 
+/// Runs a test body with an upper bound, so a hang fails instead of stalling CI; panics with
+/// the body's error.
+pub async fn within(limit: Duration, body: impl std::future::Future<Output = Result<()>>) {
+    match tokio::time::timeout(limit, body).await {
+        Ok(r) => r.unwrap_or_else(|e| panic!("{e}")),
+        Err(_) => panic!("test exceeded {limit:?}"),
+    }
+}
+
+/// The pid of the shim serving sandboxes under `run_dir` (its environment names the run dir).
+pub fn find_shim(run_dir: &std::path::Path) -> Option<i32> {
+    let marker = format!("SHOJI_RUN_DIR={}", run_dir.display());
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let exe = std::fs::read_link(e.path().join("exe")).ok()?;
+        let env = std::fs::read(e.path().join("environ")).ok()?;
+        let is_shim = exe.file_name()? == "containerd-shim-shoji-v2";
+        let ours = env.split(|b| *b == 0).any(|v| v == marker.as_bytes());
+        (is_shim && ours).then_some(pid)
+    })
+}
+
 fn check(cond: bool, what: impl FnOnce() -> String) -> Result<()> {
     if cond {
         Ok(())

@@ -184,19 +184,6 @@ async fn wait_all_gone(run_dir: &Path, id: &str, state: &State, netns: &PodNetns
     }
 }
 
-/// The pid of the shim serving sandboxes under `run_dir` (its environment names the run dir).
-fn find_shim(run_dir: &Path) -> Option<i32> {
-    let marker = format!("SHOJI_RUN_DIR={}", run_dir.display());
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
-        let exe = std::fs::read_link(e.path().join("exe")).ok()?;
-        let env = std::fs::read(e.path().join("environ")).ok()?;
-        let is_shim = exe.file_name()? == "containerd-shim-shoji-v2";
-        let ours = env.split(|b| *b == 0).any(|v| v == marker.as_bytes());
-        (is_shim && ours).then_some(pid)
-    })
-}
-
 fn sigkill(pid: i32) -> Result {
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
@@ -236,7 +223,7 @@ async fn shim_killed_mid_boot(version: Version) {
                 .kill_on_drop(true);
             let ctr = ctr.spawn()?;
             let state = wait_mid_boot(run_dir, "crash1", &netns).await?;
-            sigkill(find_shim(run_dir).ok_or("no shim process found")?)?;
+            sigkill(scenario::find_shim(run_dir).ok_or("no shim process found")?)?;
             let out =
                 tokio::time::timeout(Duration::from_secs(60), ctr.wait_with_output()).await??;
             check(!out.status.success(), || {
@@ -263,10 +250,7 @@ async fn shim_killed_mid_boot(version: Version) {
         .await;
         env.conclude(r).await
     };
-    match tokio::time::timeout(TEST_LIMIT, run).await {
-        Ok(r) => r.unwrap_or_else(|e| panic!("{e}")),
-        Err(_) => panic!("test exceeded {TEST_LIMIT:?}"),
-    }
+    scenario::within(TEST_LIMIT, run).await
 }
 
 #[tokio::test]
@@ -321,10 +305,7 @@ async fn owner_killed_mid_boot_is_cleaned_by_shoji_cleanup() {
         check(cg.created.iter().all(|d| !d.exists()), || {
             format!("cgroup dirs left: {:?}", cg.created)
         })?;
-        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+        Ok(())
     };
-    match tokio::time::timeout(TEST_LIMIT, run).await {
-        Ok(r) => r.unwrap_or_else(|e| panic!("{e}")),
-        Err(_) => panic!("test exceeded {TEST_LIMIT:?}"),
-    }
+    scenario::within(TEST_LIMIT, run).await
 }

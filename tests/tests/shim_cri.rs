@@ -30,10 +30,7 @@ async fn with_pods(version: Version, net: u8, scenario: impl AsyncFnOnce(&Env) -
         let r = scenario(&env).await;
         env.conclude(r).await
     };
-    match tokio::time::timeout(TEST_LIMIT, run).await {
-        Ok(r) => r.unwrap_or_else(|e| panic!("{e}")),
-        Err(_) => panic!("test exceeded {TEST_LIMIT:?}"),
-    }
+    scenario::within(TEST_LIMIT, run).await
 }
 
 #[tokio::test]

@@ -2,11 +2,7 @@
 //! container runs in a real microVM. Each test starts its own containerd and ends with the
 //! leak check of `Env::finish` (no task or container left, no VMM, virtiofsd, mount, socket
 //! or directory on the host).
-use std::{
-    path::{Path, PathBuf},
-    process::Stdio,
-    time::Duration,
-};
+use std::{path::PathBuf, process::Stdio, time::Duration};
 
 use sha2::{Digest, Sha256};
 use shoji_tests::{
@@ -30,20 +26,13 @@ fn check(cond: bool, what: impl FnOnce() -> String) -> Result {
     }
 }
 
-async fn bounded(f: impl std::future::Future<Output = Result>) {
-    match tokio::time::timeout(TEST_LIMIT, f).await {
-        Ok(r) => r.unwrap_or_else(|e| panic!("{e}")),
-        Err(_) => panic!("test exceeded {TEST_LIMIT:?}"),
-    }
-}
-
 /// Runs `scenario` in a fresh containerd `version` with shoji, then the leak check.
 async fn with_env<F, Fut>(version: Version, extra_config: &str, scenario: F)
 where
     F: FnOnce(Env) -> Fut,
     Fut: std::future::Future<Output = (Env, Result)>,
 {
-    bounded(async {
+    scenario::within(TEST_LIMIT, async {
         let shoji = ShojiRuntime::new(extra_config);
         let env = Env::start(version, &shoji.runtime, None).await?;
         let (env, r) = scenario(env).await;
@@ -388,7 +377,7 @@ async fn vmm_killed_ends_the_task(env: Env) -> (Env, Result) {
 async fn shim_killed_is_cleaned_up(env: Env) -> (Env, Result) {
     let r = async {
         run_detached(&env, "shimkill", &["sleep", "1000"]).await?;
-        let shim = find_shim(&env.runtime.run_dirs[0]).ok_or("no shim process found")?;
+        let shim = scenario::find_shim(&env.runtime.run_dirs[0]).ok_or("no shim process found")?;
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(shim),
             nix::sys::signal::Signal::SIGKILL,
@@ -418,19 +407,6 @@ async fn shim_killed_is_cleaned_up(env: Env) -> (Env, Result) {
     .await;
     remove(&env, "shimkill").await;
     (env, r)
-}
-
-/// The pid of the shim serving sandboxes under `run_dir` (its environment names the run dir).
-fn find_shim(run_dir: &Path) -> Option<i32> {
-    let marker = format!("SHOJI_RUN_DIR={}", run_dir.display());
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
-        let exe = std::fs::read_link(e.path().join("exe")).ok()?;
-        let env = std::fs::read(e.path().join("environ")).ok()?;
-        let is_shim = exe.file_name()? == "containerd-shim-shoji-v2";
-        let ours = env.split(|b| *b == 0).any(|v| v == marker.as_bytes());
-        (is_shim && ours).then_some(pid)
-    })
 }
 
 const BAD_KERNEL: &str = "kernel = \"/nonexistent/vmlinux\"";

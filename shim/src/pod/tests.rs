@@ -105,6 +105,15 @@ impl World {
         self.pod.start("c", "").await.unwrap();
     }
 
+    /// Exec `e1` in container `c`, started.
+    async fn started_exec(&self) {
+        self.pod
+            .exec("c", "e1", StdioPaths::default(), exec_spec())
+            .await
+            .unwrap();
+        self.pod.start("c", "e1").await.unwrap();
+    }
+
     /// Events so far, as (kind, id) pairs.
     fn drain(&mut self) -> Vec<(&'static str, String)> {
         let mut out = Vec::new();
@@ -210,11 +219,7 @@ async fn a_member_without_its_pod_is_refused() {
 async fn vm_death_ends_every_process_with_255_and_releases_the_vm() {
     let mut w = World::new(Duration::ZERO);
     w.running_pod().await;
-    w.pod
-        .exec("c", "e1", StdioPaths::default(), exec_spec())
-        .await
-        .unwrap();
-    w.pod.start("c", "e1").await.unwrap();
+    w.started_exec().await;
     w.vm.die("virtiofsd exited");
     for (c, e) in [("p", ""), ("c", ""), ("c", "e1")] {
         assert_eq!(w.wait(c, e).await, VM_GONE_STATUS, "{c}/{e}");
@@ -258,11 +263,7 @@ async fn the_pause_container_is_killed_and_waited_without_the_guest() {
 async fn an_exec_may_exit_before_its_init() {
     let mut w = World::new(Duration::ZERO);
     w.running_pod().await;
-    w.pod
-        .exec("c", "e1", StdioPaths::default(), exec_spec())
-        .await
-        .unwrap();
-    w.pod.start("c", "e1").await.unwrap();
+    w.started_exec().await;
     // An exec id is unique within its container.
     assert!(matches!(
         w.pod
