@@ -122,10 +122,6 @@ impl Daemon {
         })
     }
 
-    pub fn name(&self) -> &'static str {
-        self.name
-    }
-
     pub fn pid(&self) -> u32 {
         self.pid
     }

@@ -64,10 +64,6 @@ impl Env {
         }
     }
 
-    fn virtiofsd_pid(&self) -> u32 {
-        self.virtiofsd.lock().unwrap().as_ref().unwrap().pid()
-    }
-
     async fn stop_virtiofsd(&self) {
         let v = self.virtiofsd.lock().unwrap().take();
         if let Some(v) = v {
@@ -494,9 +490,7 @@ async fn dead_virtiofsd_is_caught_before_vm_boot() {
     let spec = env.spec();
     let mut vm = env.driver();
     vm.prepare(&spec).await.unwrap();
-    // SAFETY: kill(2) of the virtiofsd this test started.
-    unsafe { libc::kill(env.virtiofsd_pid() as i32, libc::SIGKILL) };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    env.stop_virtiofsd().await;
     let t = Instant::now();
     let err = vm.start().await.unwrap_err();
     assert!(

@@ -7,7 +7,9 @@
 //! has one waiter task that turns the guest's exit into the process's exit and a TaskExit
 //! event (after its output was copied out); a VM that ends ends every process.
 mod container;
+mod error;
 pub mod event;
+mod monitor;
 pub mod process;
 pub mod vm;
 
@@ -20,7 +22,7 @@ use std::{
     collections::HashMap,
     path::PathBuf,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use oci_spec::runtime::{LinuxResources, Process as OciProcess, Spec};
@@ -29,6 +31,7 @@ use slog::{info, warn, Logger};
 
 use self::container::{Container, Kind};
 pub use self::{
+    error::{PodError, Result},
     event::{Event, EventSender},
     process::{Exit, Process, Status},
     vm::{PodVm, SandboxLauncher, VmLauncher},
@@ -36,53 +39,16 @@ pub use self::{
 use crate::{
     config::Config,
     oci::{self, Role},
-    sandbox::{ContainerRequest, ExecRequest, Mount, SandboxError},
-    stdio::{ProcessIo, StdioError, StdioPaths},
+    sandbox::{ContainerRequest, ExecRequest, Mount},
+    stdio::{ProcessIo, StdioPaths},
 };
 
 /// Exit status reported for processes that were running when their VM went away.
 pub const VM_GONE_STATUS: u32 = 255;
-/// How long a process's output may still be copied out after the guest reported its exit.
-const OUTPUT_DRAIN: Duration = Duration::from_secs(5);
-/// OOM events of one container closer together than this are one event for containerd
-/// (the guest decides how often they come; it must not flood the event queue).
-const OOM_EVENT_GAP: Duration = Duration::from_secs(1);
 /// File in a VM owner's bundle naming the sandbox directory, for
 /// `containerd-shim-shoji-v2 delete` after a crash (the run directory may come from a
 /// ConfigPath that `delete` is not given). Written before the VM boots.
 pub const SANDBOX_DIR_FILE: &str = "shoji-sandbox-dir";
-
-#[derive(Debug, thiserror::Error)]
-pub enum PodError {
-    #[error("container {0} not found")]
-    ContainerNotFound(String),
-    #[error("process {exec_id} of container {container_id} not found")]
-    ProcessNotFound {
-        container_id: String,
-        exec_id: String,
-    },
-    #[error("container {0} already exists")]
-    ContainerExists(String),
-    #[error("exec {exec_id} already exists in container {container_id}")]
-    ExecExists {
-        container_id: String,
-        exec_id: String,
-    },
-    #[error("{0}")]
-    InvalidArgument(String),
-    #[error("{0}")]
-    FailedPrecondition(String),
-    #[error("cannot read the OCI spec {path}: {why}")]
-    Spec { path: PathBuf, why: String },
-    #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
-    #[error(transparent)]
-    Sandbox(#[from] SandboxError),
-    #[error(transparent)]
-    Stdio(#[from] StdioError),
-}
-
-pub type Result<T, E = PodError> = std::result::Result<T, E>;
 
 /// What containerd asks for in Create.
 pub struct CreateRequest {
@@ -378,100 +344,6 @@ impl Pod {
             tokio::spawn(self.clone().wait_process(vm, process));
         }
         Ok(pid)
-    }
-
-    /// The waiter of one process: exit from the guest, then its output, then TaskExit.
-    async fn wait_process(self: Arc<Self>, vm: Arc<dyn PodVm>, process: Arc<Process>) {
-        let exit = match vm
-            .wait_process(&process.container_id, &process.exec_id)
-            .await
-        {
-            Ok(exit) => exit,
-            Err(e) => {
-                // The VM watcher reports processes of a VM that ended; anything else is logged.
-                warn!(self.log, "waiting for a process failed"; "container" => &process.container_id, "exec" => &process.exec_id, "error" => %e);
-                Exit::now(VM_GONE_STATUS)
-            }
-        };
-        if let Some(io) = process.io() {
-            if tokio::time::timeout(OUTPUT_DRAIN, io.wait_output())
-                .await
-                .is_err()
-            {
-                warn!(self.log, "output still open after exit, not waiting longer"; "container" => &process.container_id);
-            }
-        }
-        self.report_exit(&process, exit, vm.pid()).await;
-    }
-
-    async fn report_exit(&self, process: &Process, exit: Exit, pid: u32) {
-        if process.set_exited(exit.clone()).await {
-            self.emit(Event::Exit {
-                container_id: process.container_id.clone(),
-                id: process.event_id().to_string(),
-                pid,
-                exit,
-            });
-        }
-    }
-
-    /// Ends every process of a VM that ended, then releases what the VM held on the host.
-    async fn watch_vm(self: Arc<Self>, vm: Arc<dyn PodVm>) {
-        let exit = vm.wait_exit().await;
-        let open: Vec<_> = self
-            .containers
-            .lock()
-            .unwrap()
-            .values()
-            .flat_map(|c| c.all_processes())
-            .filter(|p| p.exit().is_none())
-            .collect();
-        if !open.is_empty() {
-            warn!(self.log, "the pod's VM ended"; "reason" => &exit.reason, "status" => ?exit.status, "processes" => open.len());
-        }
-        for p in open {
-            self.report_exit(&p, Exit::now(VM_GONE_STATUS), vm.pid())
-                .await;
-        }
-        if let Err(e) = vm.stop().await {
-            warn!(self.log, "releasing the ended VM failed"; "error" => %e);
-        }
-    }
-
-    /// Forwards the guest's OOM events for containers of this pod, at most one per
-    /// container per [`OOM_EVENT_GAP`]; ids the pod does not have are dropped.
-    async fn forward_ooms(self: Arc<Self>, vm: Arc<dyn PodVm>) {
-        loop {
-            let container_id = tokio::select! {
-                _ = vm.wait_exit() => return,
-                r = vm.next_oom() => match r {
-                    Ok(id) => id,
-                    Err(e) => {
-                        // Normal when the VM shuts down: the agent closes its connection first.
-                        info!(self.log, "OOM event stream ended"; "error" => %e);
-                        return;
-                    }
-                },
-            };
-            let known = self
-                .container(&container_id)
-                .is_ok_and(|c| c.kind == Kind::Guest);
-            if !known {
-                warn!(self.log, "the guest reported an OOM kill in an unknown container, dropped";
-                    "container" => container_id.chars().take(80).collect::<String>());
-                continue;
-            }
-            let now = Instant::now();
-            let mut last = self.last_oom.lock().unwrap();
-            if last
-                .get(&container_id)
-                .is_some_and(|t| now.duration_since(*t) < OOM_EVENT_GAP)
-            {
-                continue;
-            }
-            last.insert(container_id.clone(), now);
-            self.emit(Event::Oom { container_id });
-        }
     }
 
     /// Exec: adds a process to a running container; Start runs it.

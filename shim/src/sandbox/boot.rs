@@ -72,13 +72,8 @@ pub(super) async fn boot(cfg: SandboxConfig, log: Logger) -> Result<Sandbox> {
     match boot.run(&cfg, &dir).await {
         Ok((agent, end, boot_times)) => {
             let driver = boot.driver.take().expect("driver");
-            let (kind, accel, vmm_pid) = (
-                driver.kind(),
-                driver.capabilities().accel,
-                driver.pid().unwrap_or(0),
-            );
+            let vmm_pid = driver.pid().unwrap_or(0);
             Ok(Sandbox {
-                id: cfg.id.clone(),
                 dir,
                 log,
                 shutdown_grace: c.timeouts.shutdown,
@@ -88,8 +83,6 @@ pub(super) async fn boot(cfg: SandboxConfig, log: Logger) -> Result<Sandbox> {
                 virtiofsd: boot.virtiofsd.take().expect("virtiofsd"),
                 vm: tokio::sync::Mutex::new(Some(driver)),
                 cgroup_previous: std::sync::Mutex::new(boot.cgroup_previous.take()),
-                kind,
-                accel,
                 vmm_pid,
                 end,
                 boot_times,

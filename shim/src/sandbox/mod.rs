@@ -34,7 +34,7 @@ use crate::{
     config::Config,
     daemon::DaemonError,
     host_cgroup::{CgroupError, Previous},
-    hypervisor::{self, Accel, Hypervisor, HypervisorError, HypervisorKind, VmExit},
+    hypervisor::{self, Hypervisor, HypervisorError, VmExit},
     network::NetworkError,
     sharefs::{MountError, SharedDir, Virtiofsd},
 };
@@ -155,7 +155,6 @@ pub struct BootTimes {
 
 /// A running sandbox VM. All methods take `&self`: share it behind an `Arc`.
 pub struct Sandbox {
-    id: String,
     dir: PathBuf,
     log: Logger,
     shutdown_grace: Duration,
@@ -167,8 +166,6 @@ pub struct Sandbox {
     vm: tokio::sync::Mutex<Option<Box<dyn Hypervisor>>>,
     /// Where the shim was before it joined the pod cgroup.
     cgroup_previous: Mutex<Option<Previous>>,
-    kind: HypervisorKind,
-    accel: Accel,
     vmm_pid: u32,
     /// The VM's end: the VMM, a device back-end or virtiofsd exited, or stop ran.
     end: watch::Receiver<Option<VmExit>>,
@@ -179,10 +176,6 @@ impl Sandbox {
     /// Boots the sandbox's VM and connects to its agent. On error nothing is left behind.
     pub async fn start(cfg: SandboxConfig, log: Logger) -> Result<Sandbox> {
         boot::boot(cfg, log).await
-    }
-
-    pub fn id(&self) -> &str {
-        &self.id
     }
 
     /// The sandbox's host directory (`<run dir>/<id>`).
@@ -196,10 +189,6 @@ impl Sandbox {
 
     pub fn agent(&self) -> &AgentClient {
         &self.agent
-    }
-
-    pub fn hypervisor(&self) -> (HypervisorKind, Accel) {
-        (self.kind, self.accel)
     }
 
     /// Host pids of the VM's processes (VMM, back-ends, virtiofsd) that still run.

@@ -55,10 +55,6 @@ impl Virtiofsd {
             .await
     }
 
-    pub fn pid(&self) -> u32 {
-        self.daemon.pid()
-    }
-
     pub fn exit_watch(&self) -> ExitWatch {
         self.daemon.exit_watch()
     }
