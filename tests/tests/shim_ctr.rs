@@ -132,9 +132,16 @@ async fn run_detached(env: &Env, id: &str, cmd: &[&str]) -> Result {
 
 /// Kills, deletes and removes container `id`, whatever state it is in.
 async fn remove(env: &Env, id: &str) {
-    let _ = ctr(env, &["task", "kill", "-s", "SIGKILL", id]).await;
-    let _ = wait_status(env, id, "STOPPED").await;
-    let _ = ctr(env, &["task", "delete", id]).await;
+    let listed = ctr(env, &["task", "ls"]).await.is_ok_and(|o| {
+        o.stdout
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(id))
+    });
+    if listed {
+        let _ = ctr(env, &["task", "kill", "-s", "SIGKILL", id]).await;
+        let _ = wait_status(env, id, "STOPPED").await;
+        let _ = ctr(env, &["task", "delete", id]).await;
+    }
     let _ = ctr(env, &["container", "rm", id]).await;
 }
 

@@ -117,6 +117,10 @@ mod tests {
             .arg(dir.join("console.log"))
             .spawn()
             .unwrap();
+        // Right after the spawn, the new image's command line can still read empty.
+        while !procfs::cmdline(unrecorded.id()).is_some_and(|c| c.contains("console.log")) {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         let state = State {
             id: "sb".into(),
             pids: vec![RecordedPid {

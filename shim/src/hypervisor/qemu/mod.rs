@@ -233,12 +233,22 @@ impl Qemu {
                     last_line(&reason_log)
                 ),
             });
+        // Not probed by connecting: the QMP server takes one client at a time, and a probe's
+        // hang-up can reset the next connection.
         let socket = qmp_socket.clone();
         vmm.wait_ready("QMP socket", self.opts.start_timeout, move || {
-            std::os::unix::net::UnixStream::connect(&socket).is_ok()
+            socket.exists()
         })
         .await?;
-        let status = qmp::command(&qmp_socket, "query-status").await?;
+        let status = loop {
+            match qmp::command(&qmp_socket, "query-status").await {
+                // Bound but not yet listening.
+                Err(HypervisorError::Io { .. }) if vmm.exited().is_none() => {
+                    tokio::time::sleep(Duration::from_millis(5)).await
+                }
+                r => break r?,
+            }
+        };
         match status.get("status").and_then(Value::as_str) {
             Some("running") => Ok(()),
             other => Err(HypervisorError::Api {
