@@ -17,7 +17,7 @@ use nix::{
     unistd::{chdir, chroot, fexecve, sethostname, sync},
 };
 use shoji_agent_api::{CMDLINE_HOSTNAME, CMDLINE_LOG_LEVEL, CMDLINE_SHARE_TAG, GUEST_SHARE_DIR};
-use slog::{error, info, warn};
+use slog::{error, warn};
 
 use crate::{cgroup, logger::log, network, server};
 
@@ -120,10 +120,7 @@ pub fn run() -> ! {
         times.init_ms = ms_since(started);
         server::serve(times).await
     });
-    match result {
-        Ok(()) => info!(log(), "shutdown requested, powering off"),
-        Err(e) => error!(log(), "agent server failed, powering off"; "error" => %e),
-    }
+    error!(log(), "agent server failed, powering off"; "error" => %result);
     power_off()
 }
 

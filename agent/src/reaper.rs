@@ -3,11 +3,13 @@
 //!
 //! A process may exit before anybody asked for it (a helper that finishes quickly, a
 //! container process that dies at once): its status waits in the `unclaimed` table until
-//! [`Reaper::watch`] takes it. Orphans nobody ever asks for are evicted oldest first.
+//! [`Reaper::watch`] takes it. Orphans nobody ever asks for are evicted oldest first, and an
+//! unclaimed exit older than the process being watched belongs to an earlier process with
+//! the same (reused) pid: it is dropped, not handed out.
 use std::{
     collections::{HashMap, VecDeque},
     sync::{Arc, Mutex},
-    time::SystemTime,
+    time::{Instant, SystemTime},
 };
 
 use nix::{
@@ -46,7 +48,8 @@ fn exit_status(ws: WaitStatus) -> Option<(Pid, i32)> {
 #[derive(Default)]
 struct Tables {
     waiters: HashMap<i32, oneshot::Sender<Exit>>,
-    unclaimed: HashMap<i32, Exit>,
+    /// Exits nobody waited for yet, with when they were reaped.
+    unclaimed: HashMap<i32, (Exit, Instant)>,
     unclaimed_order: VecDeque<i32>,
 }
 
@@ -107,7 +110,7 @@ impl Reaper {
             Some(tx) => drop(tx.send(exit)),
             None => {
                 debug!(log(), "reaped unclaimed process"; "pid" => pid, "status" => exit.status);
-                if t.unclaimed.insert(pid, exit).is_none() {
+                if t.unclaimed.insert(pid, (exit, Instant::now())).is_none() {
                     t.unclaimed_order.push_back(pid);
                 }
                 while t.unclaimed_order.len() > UNCLAIMED_MAX {
@@ -119,19 +122,21 @@ impl Reaper {
         }
     }
 
-    /// Resolves with the exit of `pid`, even if it was reaped before this call.
-    pub fn watch(&self, pid: i32) -> oneshot::Receiver<Exit> {
+    /// Resolves with the exit of process `pid`, even if it was reaped before this call.
+    /// `born`: a moment before the process was created; an exit reaped earlier was another
+    /// process's.
+    pub fn watch(&self, pid: i32, born: Instant) -> oneshot::Receiver<Exit> {
         let (tx, rx) = oneshot::channel();
         let mut t = self.tables.lock().unwrap();
-        match t.unclaimed.remove(&pid) {
-            Some(exit) => {
-                t.unclaimed_order.retain(|p| *p != pid);
+        if let Some((exit, reaped)) = t.unclaimed.remove(&pid) {
+            t.unclaimed_order.retain(|p| *p != pid);
+            if reaped >= born {
                 let _ = tx.send(exit);
+                return rx;
             }
-            None => {
-                t.waiters.insert(pid, tx);
-            }
+            debug!(log(), "dropped the stale exit of a reused pid"; "pid" => pid);
         }
+        t.waiters.insert(pid, tx);
         rx
     }
 }
@@ -153,18 +158,30 @@ mod tests {
     }
 
     #[test]
-    fn exit_before_watch_is_kept() {
+    fn exit_before_watch_is_kept_and_a_reused_pid_gets_no_stale_exit() {
         let r = Reaper::default();
         let exit = Exit {
             status: 1,
             at: SystemTime::now(),
         };
+        let born = Instant::now();
         r.record(42, exit);
-        assert_eq!(r.watch(42).try_recv().unwrap(), exit);
+        assert_eq!(r.watch(42, born).try_recv().unwrap(), exit);
         // Claimed once only.
-        let mut rx = r.watch(42);
+        let mut rx = r.watch(42, born);
         assert!(rx.try_recv().is_err());
         r.record(42, exit);
         assert_eq!(rx.try_recv().unwrap(), exit);
+        // An orphan with pid 43 exits unclaimed; later a new process gets pid 43.
+        r.record(43, exit);
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let mut rx = r.watch(43, Instant::now());
+        assert!(
+            rx.try_recv().is_err(),
+            "the old process's exit was handed out"
+        );
+        let second = Exit { status: 0, ..exit };
+        r.record(43, second);
+        assert_eq!(rx.try_recv().unwrap(), second);
     }
 }

@@ -27,8 +27,6 @@ use crate::{
 /// How long the agent keeps trying to announce itself.
 const READY_ATTEMPTS: u32 = 100;
 const READY_RETRY: Duration = Duration::from_millis(50);
-/// Lets the Shutdown reply leave before the power-off.
-const SHUTDOWN_DELAY: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -42,15 +40,8 @@ pub enum ServeError {
     Io(std::io::Error),
 }
 
-/// Why the agent stops.
-enum Stop {
-    Requested,
-    Failed(ServeError),
-}
-
 struct Service {
     runtime: Arc<Runtime>,
-    stop: mpsc::UnboundedSender<Stop>,
 }
 
 type Res<T> = ttrpc::Result<T>;
@@ -219,15 +210,6 @@ impl Agent for Service {
         });
         done("ConfigureNetwork", r).map(|_| Empty::new())
     }
-
-    async fn shutdown(&self, _: &TtrpcContext, _: Empty) -> Res<Empty> {
-        let stop = self.stop.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(SHUTDOWN_DELAY).await;
-            let _ = stop.send(Stop::Requested);
-        });
-        Ok(Empty::new())
-    }
 }
 
 /// Connects to the host and says the agent is ready; retried briefly.
@@ -251,24 +233,34 @@ fn uptime_ms() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Serves until Shutdown (Ok) or until a listener fails (Err).
-pub async fn serve(boot: BootTimes) -> Result<(), ServeError> {
-    let reaper = Reaper::start().map_err(ServeError::Reaper)?;
-    let oom = OomWatcher::start().map_err(ServeError::Oom)?;
+/// Serves until a listener fails. The VM is stopped from the host (the VMM is ended with
+/// everything in it), so there is no orderly way out.
+pub async fn serve(boot: BootTimes) -> ServeError {
+    let reaper = match Reaper::start() {
+        Ok(r) => r,
+        Err(e) => return ServeError::Reaper(e),
+    };
+    let oom = match OomWatcher::start() {
+        Ok(o) => o,
+        Err(e) => return ServeError::Oom(e),
+    };
     let runtime = Arc::new(Runtime::new(reaper, oom));
-    let (stop_tx, mut stop_rx) = mpsc::unbounded_channel();
-
+    let (fail_tx, mut fail_rx) = mpsc::unbounded_channel();
     let service = Arc::new(Service {
         runtime: runtime.clone(),
-        stop: stop_tx.clone(),
     });
-    let mut server = ttrpc::r#async::Server::new()
-        .bind(&format!("vsock://-1:{AGENT_PORT}"))?
-        .register_service(create_agent(service));
-    server.start().await?;
-
-    let listener =
-        VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, IO_PORT)).map_err(ServeError::Io)?;
+    let server = ttrpc::r#async::Server::new().bind(&format!("vsock://-1:{AGENT_PORT}"));
+    let mut server = match server {
+        Ok(s) => s.register_service(create_agent(service)),
+        Err(e) => return e.into(),
+    };
+    if let Err(e) = server.start().await {
+        return e.into();
+    }
+    let listener = match VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, IO_PORT)) {
+        Ok(l) => l,
+        Err(e) => return ServeError::Io(e),
+    };
     let rt = runtime.clone();
     tokio::spawn(async move {
         loop {
@@ -284,7 +276,7 @@ pub async fn serve(boot: BootTimes) -> Result<(), ServeError> {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Err(e) => {
-                    let _ = stop_tx.send(Stop::Failed(ServeError::Io(e)));
+                    let _ = fail_tx.send(ServeError::Io(e));
                     return;
                 }
             }
@@ -300,11 +292,7 @@ pub async fn serve(boot: BootTimes) -> Result<(), ServeError> {
         error!(log(), "could not announce readiness to the host"; "port" => READY_PORT);
     }
 
-    let stop = stop_rx.recv().await;
-    runtime.kill_everything();
+    let failed = fail_rx.recv().await;
     let _ = server.shutdown().await;
-    match stop {
-        Some(Stop::Failed(e)) => Err(e),
-        Some(Stop::Requested) | None => Ok(()),
-    }
+    failed.unwrap_or(ServeError::Io(std::io::ErrorKind::BrokenPipe.into()))
 }

@@ -434,16 +434,6 @@ impl AgentClient {
         .map(drop)
     }
 
-    /// Asks the guest to sync and power off; returns before the power-off. `timeout` is
-    /// usually shorter than the call timeout: the caller stops the VMM either way.
-    pub async fn shutdown(&self, timeout: Duration) -> Result<()> {
-        self.call("Shutdown", timeout, |c, ctx| async move {
-            c.shutdown(ctx, &Empty::new()).await
-        })
-        .await
-        .map(drop)
-    }
-
     /// Opens one stdio stream of a process (see [`shoji_agent_api::stream`]): after this
     /// returns, stdout/stderr/tty output can be read raw and stdin written in frames.
     /// Attach before StartProcess so no output is missed.

@@ -52,9 +52,7 @@ impl fmt::Display for Check {
 /// Runs every check against `cfg`.
 pub async fn run(cfg: &Config) -> Vec<Check> {
     let needs_clh = cfg.hypervisor == HypervisorKind::Clh;
-    let kvm = tokio::task::spawn_blocking(kvm::probe)
-        .await
-        .expect("KVM probe panicked");
+    let kvm = kvm::probe_async().await;
     let mut checks = vec![Check {
         name: "accelerator",
         verdict: if kvm.usable {

@@ -7,8 +7,12 @@
 //! long-mode code runs under PVM too; exception delivery is where it fails (measured:
 //! `KVM_EXIT_INTERNAL_ERROR`). The probe runs in a forked child through the raw ioctls, so a
 //! vCPU that never returns can be killed; the result is cached for the life of the process.
+//!
+//! The child reports its verdict through a pipe, not its exit status: inside the shim the
+//! containerd-shim framework reaps every child on SIGCHLD, and a status collected by
+//! `waitpid` would be lost to it (the probe then wrongly reported TCG on KVM hosts).
 use std::{
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
     sync::OnceLock,
     time::{Duration, Instant},
 };
@@ -23,10 +27,18 @@ pub struct KvmProbe {
 /// How long the probe guest may take before KVM is declared unusable.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The cached verdict (the first call runs the probe, at most [`PROBE_TIMEOUT`]).
+/// The cached verdict (the first call runs the probe, at most [`PROBE_TIMEOUT`]). Blocks:
+/// from async code use [`probe_async`].
 pub fn probe() -> &'static KvmProbe {
     static PROBE: OnceLock<KvmProbe> = OnceLock::new();
     PROBE.get_or_init(run_probe)
+}
+
+/// [`probe`] off the async workers.
+pub async fn probe_async() -> &'static KvmProbe {
+    tokio::task::spawn_blocking(probe)
+        .await
+        .expect("the KVM probe does not panic")
 }
 
 fn unusable(reason: impl Into<String>) -> KvmProbe {
@@ -87,6 +99,16 @@ fn run_probe() -> KvmProbe {
     }
     drop(kvm);
 
+    let mut fds = [0; 2];
+    // SAFETY: pipe2(2) fills two fds.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return unusable(format!(
+            "pipe for the KVM probe failed: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: fresh descriptors we own.
+    let (rx, tx) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     // SAFETY: the child only makes raw system calls (no allocation, no locks) and _exits.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
@@ -96,44 +118,57 @@ fn run_probe() -> KvmProbe {
         ));
     }
     if pid == 0 {
-        // SAFETY: in the forked child; see probe_guest.
-        unsafe { libc::_exit(probe_guest()) };
+        // SAFETY: in the forked child; see probe_guest. One byte: the verdict.
+        unsafe {
+            let code = probe_guest() as u8;
+            libc::write(tx.as_raw_fd(), (&code as *const u8).cast(), 1);
+            libc::_exit(0)
+        };
     }
+    drop(tx);
     let started = Instant::now();
-    loop {
-        let mut status = 0;
-        // SAFETY: waitpid on our own child.
-        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-        if r == pid {
-            return verdict(status, started.elapsed());
-        }
-        if r < 0 {
-            // Reaped by someone else (a SIGCHLD reaper): the verdict is lost.
-            return unusable("the KVM probe's exit status was taken by another reaper");
-        }
-        if started.elapsed() > PROBE_TIMEOUT {
-            // SAFETY: kill + wait on our own child.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-                libc::waitpid(pid, &mut status, 0);
-            }
-            return unusable(format!(
-                "a test guest made no progress under KVM within {PROBE_TIMEOUT:?} \
-                 (this KVM cannot run ordinary guests, e.g. PVM)"
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(5));
+    let answer = read_byte(&rx, PROBE_TIMEOUT);
+    // SAFETY: kill(2) of our own child; whoever reaps it, the verdict is already in hand.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    reap_if_ours(pid);
+    match answer {
+        Some(code) => verdict(code as i32, started.elapsed()),
+        None if started.elapsed() >= PROBE_TIMEOUT => unusable(format!(
+            "a test guest made no progress under KVM within {PROBE_TIMEOUT:?} \
+             (this KVM cannot run ordinary guests, e.g. PVM)"
+        )),
+        None => unusable("the KVM probe died before it could answer"),
     }
 }
 
-fn verdict(status: i32, took: Duration) -> KvmProbe {
-    if libc::WIFSIGNALED(status) {
-        return unusable(format!(
-            "the KVM probe died of signal {}",
-            libc::WTERMSIG(status)
-        ));
+/// One byte from `fd` within `timeout`; `None` on timeout or end of file.
+fn read_byte(fd: &OwnedFd, timeout: Duration) -> Option<u8> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut pfd = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+    let ms = PollTimeout::try_from(timeout.as_millis() as i32).ok()?;
+    if poll(&mut pfd, ms).ok()? == 0 {
+        return None;
     }
-    let code = libc::WEXITSTATUS(status);
+    let mut byte = 0u8;
+    // SAFETY: read(2) of one byte into a local.
+    let n = unsafe { libc::read(fd.as_raw_fd(), (&mut byte as *mut u8).cast(), 1) };
+    (n == 1).then_some(byte)
+}
+
+/// Collects the killed child unless a SIGCHLD reaper (the shim's) takes it.
+fn reap_if_ours(pid: i32) {
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < deadline {
+        let mut status = 0;
+        // SAFETY: waitpid on our own child; ECHILD means another reaper collected it.
+        match unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } {
+            0 => std::thread::sleep(Duration::from_millis(2)),
+            _ => return,
+        }
+    }
+}
+
+fn verdict(code: i32, took: Duration) -> KvmProbe {
     let step = match code {
         0 => {
             return KvmProbe {
@@ -301,4 +336,40 @@ fn long_mode_sregs(s: &mut [u8; 312]) {
     put64(s, 240, PML4 as u64); // cr3
     put64(s, 248, 0x20); // cr4: PAE
     put64(s, 264, 0x500); // efer: LME | LMA
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Inside the shim a SIGCHLD reaper (the containerd-shim framework's) collects every
+    /// child: the verdict must not depend on who reaps the probe.
+    #[test]
+    fn the_verdict_is_the_same_under_a_waitpid_reaper() {
+        let without = run_probe();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reaper = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let mut status = 0;
+                    // SAFETY: waitpid(-1) reaps any child of this test process.
+                    unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            })
+        };
+        let with = run_probe();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        reaper.join().unwrap();
+        assert!(!with.reason.contains("reaper"), "{}", with.reason);
+        assert_eq!(
+            with.usable, without.usable,
+            "{} / {}",
+            with.reason, without.reason
+        );
+        // The cause is the same (the probe's own timing differs).
+        let cause = |r: &str| r.split(" (").next().unwrap_or(r).to_string();
+        assert_eq!(cause(&with.reason), cause(&without.reason));
+    }
 }

@@ -14,7 +14,6 @@
 //! [`FD_STDERR`] (never 0–2, which are the helper's own /dev/null); a tty arrives as the pty
 //! master over libcontainer's console socket, which the agent listens on.
 pub mod create;
-pub mod delete;
 pub mod exec;
 pub mod guest_spec;
 pub mod helper;
@@ -122,13 +121,14 @@ pub async fn run_helper(
             Ok(())
         });
     }
+    let born = std::time::Instant::now();
     let child = cmd
         .spawn()
         .map_err(|source| HelperError::Spawn { verb, source })?;
     let pid = child.id() as i32;
     // The reaper collects the exit; never wait on `child`.
     drop(child);
-    let exit = match tokio::time::timeout(timeout, reaper.watch(pid)).await {
+    let exit = match tokio::time::timeout(timeout, reaper.watch(pid, born)).await {
         Ok(Ok(exit)) => exit,
         Ok(Err(_)) => unreachable!("the reaper never drops a waiter"),
         Err(_) => {

@@ -6,7 +6,7 @@
 mod process;
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     fs,
     path::{Path, PathBuf},
     sync::{atomic::Ordering, Arc, Mutex},
@@ -19,7 +19,7 @@ use nix::{
     unistd::Pid,
 };
 use shoji_agent_api::types::{ContainerStatsResponse, CreateContainerRequest, ExecProcessRequest};
-use slog::{debug, info, warn};
+use slog::{debug, warn};
 
 use crate::{
     cgroup,
@@ -105,26 +105,15 @@ impl Container {
 #[derive(Default)]
 struct Table {
     containers: HashMap<String, Arc<Container>>,
-    /// Ids being created or removed: a second request for them must not interleave.
-    busy: HashSet<String>,
+    /// One lock per container id, held while it is created or removed: a removal waits for
+    /// a create of the same id to finish instead of failing or interleaving with it.
+    locks: HashMap<String, Arc<tokio::sync::Mutex<()>>>,
 }
 
 pub struct Runtime {
     reaper: Arc<Reaper>,
     table: Mutex<Table>,
     pub oom: OomWatcher,
-}
-
-/// Releases a reserved id however the operation ends.
-struct Reservation<'a> {
-    runtime: &'a Runtime,
-    id: String,
-}
-
-impl Drop for Reservation<'_> {
-    fn drop(&mut self) {
-        self.runtime.table.lock().unwrap().busy.remove(&self.id);
-    }
 }
 
 impl Runtime {
@@ -150,26 +139,49 @@ impl Runtime {
         Ok(self.container(id)?.process(exec_id)?.io.clone())
     }
 
-    fn reserve(&self, id: &str, must_be_new: bool) -> Result<Reservation<'_>, RuntimeError> {
-        let mut t = self.table.lock().unwrap();
-        if t.busy.contains(id) {
-            return Err(RuntimeError::FailedPrecondition(format!(
-                "container {id:?} is being created or removed"
-            )));
-        }
-        if must_be_new && t.containers.contains_key(id) {
-            return Err(RuntimeError::AlreadyExists(format!(
-                "container {id:?} already exists"
-            )));
-        }
-        t.busy.insert(id.to_string());
-        Ok(Reservation {
-            runtime: self,
-            id: id.to_string(),
-        })
+    /// Takes container `id`'s lock (waiting for a create or removal of it to finish).
+    async fn lock(&self, id: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self
+            .table
+            .lock()
+            .unwrap()
+            .locks
+            .entry(id.to_string())
+            .or_default()
+            .clone();
+        lock.lock_owned().await
     }
 
-    pub async fn create_container(&self, req: CreateContainerRequest) -> Result<(), RuntimeError> {
+    /// Forgets `id`'s lock once nobody else holds or waits for it.
+    fn unlock(&self, id: &str, guard: tokio::sync::OwnedMutexGuard<()>) {
+        let mut t = self.table.lock().unwrap();
+        drop(guard);
+        if t.locks.get(id).is_some_and(|l| Arc::strong_count(l) == 1)
+            && !t.containers.contains_key(id)
+        {
+            t.locks.remove(id);
+        }
+    }
+
+    /// Creates a container (its init exists, not yet running). Runs to its end even if the
+    /// caller stops waiting (a ttrpc deadline): a half-made container would leak.
+    pub async fn create_container(
+        self: &Arc<Self>,
+        req: CreateContainerRequest,
+    ) -> Result<(), RuntimeError> {
+        let runtime = self.clone();
+        tokio::spawn(async move {
+            let id = req.container_id.clone();
+            let guard = runtime.lock(&id).await;
+            let created = runtime.create_locked(&req).await;
+            runtime.unlock(&id, guard);
+            created
+        })
+        .await
+        .map_err(internal("the create task"))?
+    }
+
+    async fn create_locked(&self, req: &CreateContainerRequest) -> Result<(), RuntimeError> {
         let id = req.container_id.as_str();
         guest_spec::validate_id("container", id)?;
         let rootfs_req = req
@@ -179,7 +191,11 @@ impl Runtime {
             .ok_or_else(|| {
                 RuntimeError::InvalidArgument("CreateContainer needs rootfs.source".into())
             })?;
-        let _reservation = self.reserve(id, true)?;
+        if self.table.lock().unwrap().containers.contains_key(id) {
+            return Err(RuntimeError::AlreadyExists(format!(
+                "container {id:?} already exists"
+            )));
+        }
         let dir = Path::new(CONTAINERS_DIR).join(id);
         // A leftover of an earlier failed attempt must not leak into this one.
         rootfs::teardown(&dir).map_err(internal("cleaning up an old container directory"))?;
@@ -188,7 +204,7 @@ impl Runtime {
             .create_in(
                 id,
                 &dir,
-                &req,
+                req,
                 Path::new(&rootfs_req.source),
                 rootfs_req.guest_overlay,
             )
@@ -245,6 +261,7 @@ impl Runtime {
             let (pio, child) = ProcessIo::pipes(req.stdin).map_err(internal("stdio pipes"))?;
             (pio, Some(child), None)
         };
+        let born = std::time::Instant::now();
         let pid = container::create::create(
             &self.reaper,
             id,
@@ -257,7 +274,7 @@ impl Runtime {
         // The container holds its ends now; ours must go so that EOF can happen.
         drop(child);
         let init = Arc::new(Process::new("", dir.to_path_buf(), pio, None));
-        init.set_pid(&self.reaper, pid);
+        init.set_pid(&self.reaper, pid, born);
         if let Some(console) = console {
             let master = console
                 .receive(PTY_TIMEOUT)
@@ -372,6 +389,7 @@ impl Runtime {
         } else {
             None
         };
+        let born = std::time::Instant::now();
         let pid = container::exec::exec(
             &self.reaper,
             &c.id,
@@ -387,7 +405,7 @@ impl Runtime {
         drop(child);
         // libcontainer has read it; it can be large (the argument list).
         let _ = fs::remove_file(p.dir.join("process.json"));
-        p.set_pid(&self.reaper, pid);
+        p.set_pid(&self.reaper, pid, born);
         if let Some(console) = console {
             let master = console
                 .receive(PTY_TIMEOUT)
@@ -478,42 +496,54 @@ impl Runtime {
     }
 
     /// Kills what runs, deletes the container everywhere. Unknown ids are already removed.
-    pub async fn remove_container(&self, id: &str) -> Result<(), RuntimeError> {
-        let _reservation = self.reserve(id, false)?;
-        let Some(c) = self.table.lock().unwrap().containers.remove(id) else {
-            return Ok(());
-        };
-        self.destroy(id, &c.dir).await;
-        for p in c.processes() {
-            p.mark_gone();
-        }
-        // Wait for the init's reaping so no exit arrives for a container that no longer exists.
-        let mut rx = c.init.exit.subscribe();
-        if c.init.pid().is_some()
-            && tokio::time::timeout(KILL_WAIT, rx.wait_for(|e| e.is_some()))
-                .await
-                .is_err()
-        {
-            warn!(log(), "container init did not die"; "container" => id);
-        }
-        debug!(log(), "container removed"; "container" => id);
-        Ok(())
+    /// Waits for a create of the same id to finish first, and runs to its end even if the
+    /// caller stops waiting.
+    pub async fn remove_container(self: &Arc<Self>, id: &str) -> Result<(), RuntimeError> {
+        let runtime = self.clone();
+        let id = id.to_string();
+        tokio::spawn(async move {
+            let guard = runtime.lock(&id).await;
+            let removed = runtime.table.lock().unwrap().containers.remove(&id);
+            if let Some(c) = removed {
+                runtime.destroy(&id, &c.dir).await;
+                for p in c.processes() {
+                    p.mark_gone();
+                }
+                // Wait for the init's reaping so no exit arrives for a container that no
+                // longer exists.
+                let mut rx = c.init.exit.subscribe();
+                if c.init.pid().is_some()
+                    && tokio::time::timeout(KILL_WAIT, rx.wait_for(|e| e.is_some()))
+                        .await
+                        .is_err()
+                {
+                    warn!(log(), "container init did not die"; "container" => &id);
+                }
+                debug!(log(), "container removed"; "container" => &id);
+            }
+            runtime.unlock(&id, guard);
+        })
+        .await
+        .map_err(internal("the removal task"))
     }
 
     /// Best-effort teardown of everything a container may own; logs what it cannot undo.
+    /// No libcontainer helper: once every process of the cgroup is gone, what libcontainer
+    /// keeps is its state directory, so killing, the cgroup and the files are done here.
     async fn destroy(&self, id: &str, dir: &Path) {
         self.oom.unwatch(id);
         let cg = cgroup::dir(id);
         if let Err(e) = cgroup::kill_all(&cg) {
             warn!(log(), "killing the container's processes failed"; "container" => id, "error" => %e);
         }
-        if dir.exists() {
-            if let Err(e) = container::delete::delete(&self.reaper, id, dir).await {
-                warn!(log(), "libcontainer delete failed"; "container" => id, "error" => %e);
-            }
-        }
         if let Err(e) = cgroup::remove(&cg).await {
             warn!(log(), "removing the cgroup failed"; "container" => id, "error" => %e);
+        }
+        match fs::remove_dir_all(Path::new(container::STATE_ROOT).join(id)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                warn!(log(), "removing libcontainer's state failed"; "container" => id, "error" => %e)
+            }
+            _ => {}
         }
         if let Err(e) = rootfs::teardown(dir) {
             warn!(log(), "removing the container's files failed"; "container" => id, "error" => %e);
@@ -546,21 +576,5 @@ impl Runtime {
 
     pub fn stats(&self, id: &str) -> Result<ContainerStatsResponse, RuntimeError> {
         cgroup::stats(&self.container(id)?.cgroup).map_err(internal("reading cgroup stats"))
-    }
-
-    /// Kills every container (before power-off), without waiting for cleanup.
-    pub fn kill_everything(&self) {
-        let ids: Vec<String> = self
-            .table
-            .lock()
-            .unwrap()
-            .containers
-            .keys()
-            .cloned()
-            .collect();
-        for id in ids {
-            let _ = cgroup::kill_all(&cgroup::dir(&id));
-        }
-        info!(log(), "killed all containers");
     }
 }

@@ -8,7 +8,7 @@ use std::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
     },
-    time::SystemTime,
+    time::{Instant, SystemTime},
 };
 
 use nix::sys::signal::Signal;
@@ -63,10 +63,11 @@ impl Process {
         *self.exit.borrow()
     }
 
-    /// Records the pid and follows the process's exit through the reaper.
-    pub(super) fn set_pid(self: &Arc<Self>, reaper: &Reaper, pid: i32) {
+    /// Records the pid and follows the process's exit through the reaper. `born`: a moment
+    /// before the process was created.
+    pub(super) fn set_pid(self: &Arc<Self>, reaper: &Reaper, pid: i32, born: Instant) {
         *self.pid.lock().unwrap() = Some(pid);
-        let rx = reaper.watch(pid);
+        let rx = reaper.watch(pid, born);
         let p = self.clone();
         tokio::spawn(async move {
             if let Ok(exit) = rx.await {

@@ -142,7 +142,7 @@ impl Clh {
         let vmm = Daemon::spawn("cloud-hypervisor", cmd, &files.stdio, self.ledger.as_ref())?;
         info!(self.log, "cloud-hypervisor launched"; "pid" => vmm.pid(), "api_socket" => %api_socket.display());
         let reason_files = files.clone();
-        self.end.watch(vmm.exit_watch(), move |status| {
+        self.end.watch_vmm(vmm.exit_watch(), move |status| {
             reason_files.exit_reason(status)
         });
         let vmm = self.vmm.insert(vmm);

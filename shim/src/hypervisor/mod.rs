@@ -216,6 +216,9 @@ pub async fn wait_exit(mut exit: watch::Receiver<Option<VmExit>>) -> VmExit {
     }
 }
 
+/// How long a back-end's exit waits for the VMM's before it is reported as the VM's end.
+pub(crate) const BACKEND_GRACE: Duration = Duration::from_millis(200);
+
 /// A VM's end, published once by whoever sees it first: the driver stopping the VM, or a
 /// watcher of a process the VM cannot live without.
 #[derive(Clone)]
@@ -267,16 +270,38 @@ impl VmEnd {
         });
     }
 
-    /// Publishes the VM's end when `process` exits, explained by `reason(status)` unless the
+    /// Publishes the VM's end when the VMM exits, explained by `reason(status)` unless the
     /// end was planned.
-    pub(crate) fn watch(
+    pub(crate) fn watch_vmm(
+        &self,
+        vmm: ExitWatch,
+        reason: impl FnOnce(Option<i32>) -> String + Send + 'static,
+    ) {
+        self.watch(vmm, Duration::ZERO, reason)
+    }
+
+    /// Like [`VmEnd::watch_vmm`] for a back-end the VM cannot live without. A back-end also
+    /// leaves when the VMM dies: the VMM's own exit, if it comes within [`BACKEND_GRACE`], is
+    /// the one reported.
+    pub(crate) fn watch_backend(
+        &self,
+        backend: ExitWatch,
+        reason: impl FnOnce(Option<i32>) -> String + Send + 'static,
+    ) {
+        self.watch(backend, BACKEND_GRACE, reason)
+    }
+
+    fn watch(
         &self,
         process: ExitWatch,
+        grace: Duration,
         reason: impl FnOnce(Option<i32>) -> String + Send + 'static,
     ) {
         let end = self.clone();
         tokio::spawn(async move {
             let status = crate::daemon::wait_exit(process).await;
+            let mut published = end.tx.subscribe();
+            let _ = tokio::time::timeout(grace, published.wait_for(Option::is_some)).await;
             let planned = end.planned.lock().unwrap().clone();
             end.set(VmExit {
                 status,

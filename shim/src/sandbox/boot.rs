@@ -17,7 +17,7 @@ use crate::{
     host_cgroup::{self, PodCgroup, Previous},
     hypervisor::{
         self, clh::ClhOptions, describe_status, qemu::QemuOptions, Accel, DriverOptions,
-        Hypervisor, HypervisorKind, ShareDevice, VmExit, VmSpec, VsockDevice,
+        Hypervisor, HypervisorKind, ShareDevice, VmExit, VmSpec, VsockDevice, BACKEND_GRACE,
     },
     logtail, network,
     sharefs::{SharedDir, Virtiofsd, VirtiofsdOptions},
@@ -175,7 +175,7 @@ impl Boot {
             console_log: dir.join("console.log"),
         };
         let driver = self.driver.insert(hypervisor::new(
-            driver_options(c),
+            driver_options(c).await,
             self.ledger.clone(),
             &self.log,
         ));
@@ -246,7 +246,8 @@ impl Boot {
 }
 
 /// The VM's end as the sandbox sees it: the driver's (VMM or its back-ends) or virtiofsd's
-/// exit, whichever comes first.
+/// exit, whichever comes first (virtiofsd also leaves when the VMM dies: then the VMM's end,
+/// if it follows within the back-end grace, is the one reported).
 fn watch_end(
     driver: watch::Receiver<Option<VmExit>>,
     virtiofsd: ExitWatch,
@@ -256,15 +257,18 @@ fn watch_end(
     tokio::spawn(async move {
         let exit = tokio::select! {
             biased;
-            e = hypervisor::wait_exit(driver) => e,
-            status = daemon::wait_exit(virtiofsd) => VmExit {
-                status,
-                reason: format!(
-                    "virtiofsd exited ({}): {}",
-                    describe_status(status),
-                    logtail::last_line(&virtiofsd_log)
-                ),
-            },
+            e = hypervisor::wait_exit(driver.clone()) => e,
+            status = daemon::wait_exit(virtiofsd) => {
+                let vmm = tokio::time::timeout(BACKEND_GRACE, hypervisor::wait_exit(driver));
+                vmm.await.unwrap_or_else(|_| VmExit {
+                    status,
+                    reason: format!(
+                        "virtiofsd exited ({}): {}",
+                        describe_status(status),
+                        logtail::last_line(&virtiofsd_log)
+                    ),
+                })
+            }
         };
         let _ = tx.send(Some(exit));
     });
@@ -272,14 +276,14 @@ fn watch_end(
 }
 
 /// The driver for the configured hypervisor, and how it runs its VMM.
-fn driver_options(c: &Config) -> DriverOptions {
+async fn driver_options(c: &Config) -> DriverOptions {
     match c.hypervisor {
         HypervisorKind::Qemu => {
             let (accel, accel_reason) = match c.qemu.accel {
                 AccelChoice::Kvm => (Accel::Kvm, "configured (qemu.accel = \"kvm\")".to_string()),
                 AccelChoice::Tcg => (Accel::Tcg, "configured (qemu.accel = \"tcg\")".to_string()),
                 AccelChoice::Auto => {
-                    let probe = crate::kvm::probe();
+                    let probe = crate::kvm::probe_async().await;
                     let accel = if probe.usable { Accel::Kvm } else { Accel::Tcg };
                     (accel, probe.reason.clone())
                 }

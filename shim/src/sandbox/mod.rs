@@ -8,7 +8,8 @@
 //! agent → pod network configured in the guest. Every resource is recorded in the ledger
 //! ([`state`]) before it is made; any failure undoes what was made ([`cleanup`]).
 //! Containers: [`container`] (mounts → CreateContainer → stdio → start → wait → remove).
-//! Stop: agent Shutdown → VMM → virtiofsd → the same undo as a failed boot.
+//! Stop: VMM → virtiofsd → the same undo as a failed boot (nothing in the guest is cleaned
+//! up piece by piece: the VM goes whole).
 mod boot;
 mod cleanup;
 mod container;
@@ -41,8 +42,6 @@ use crate::{
 
 /// The virtio-fs tag of the shared directory.
 pub const SHARE_TAG: &str = "shoji";
-/// How long the agent gets to acknowledge Shutdown before the VMM is stopped anyway.
-const SHUTDOWN_CALL: Duration = Duration::from_secs(2);
 
 /// What one sandbox is made of.
 #[derive(Debug, Clone)]
@@ -208,28 +207,15 @@ impl Sandbox {
         hypervisor::wait_exit(self.end.clone()).await
     }
 
-    /// Stops everything: agent Shutdown (short timeout) → VMM → virtiofsd → mounts → taps →
-    /// pod cgroup → the sandbox directory. Idempotent; whatever is already gone counts as
-    /// done.
+    /// Stops everything: VMM → virtiofsd → mounts → taps → pod cgroup → the sandbox
+    /// directory. Idempotent; whatever is already gone counts as done.
     pub async fn stop(&self) -> Result<()> {
         let mut vm = self.vm.lock().await;
         let Some(mut driver) = vm.take() else {
             return Ok(());
         };
-        if self.end.borrow().is_none() {
-            match self.agent.shutdown(SHUTDOWN_CALL).await {
-                // Let the guest finish its power-off before the VMM is told to quit.
-                Ok(()) => {
-                    let mut end = self.end.clone();
-                    let _ =
-                        tokio::time::timeout(self.shutdown_grace, end.wait_for(Option::is_some))
-                            .await;
-                }
-                Err(e) => {
-                    info!(self.log, "agent shutdown call failed, stopping the VMM anyway"; "error" => %e)
-                }
-            }
-        }
+        // Nothing in the guest is cleaned up piece by piece: the VM goes whole. Writes of the
+        // containers reached the host already (virtio-fs is write-through).
         let stopped = driver.stop(self.shutdown_grace).await;
         self.virtiofsd.stop(Duration::from_secs(1)).await;
         self.release().await?;

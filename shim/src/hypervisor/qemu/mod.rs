@@ -202,7 +202,7 @@ impl Qemu {
                 std::os::unix::net::UnixStream::connect(&socket).is_ok()
             })
             .await?;
-        self.end.watch(daemon.exit_watch(), move |status| {
+        self.end.watch_backend(daemon.exit_watch(), move |status| {
             format!(
                 "vhost-device-vsock exited ({}): {}",
                 describe_status(status),
@@ -225,7 +225,7 @@ impl Qemu {
         let vmm = self.vmm.insert(vmm?);
         let reason_log = log.clone();
         self.end
-            .watch(vmm.exit_watch(), move |status| match status {
+            .watch_vmm(vmm.exit_watch(), move |status| match status {
                 Some(0) => "the guest powered off".into(),
                 _ => format!(
                     "QEMU exited ({}): {}",
