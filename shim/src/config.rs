@@ -18,6 +18,36 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/shoji/config.toml";
 pub const DEFAULT_RUN_DIR: &str = "/run/shoji";
 /// Build cache of the guest kernel and initramfs when `$SHOJI_CACHE` is not set.
 pub const DEFAULT_CACHE_DIR: &str = "/var/cache/shoji";
+/// Bounds of the VM-size settings: what the VMMs and the guest kernel (NR_CPUS 64) accept.
+const MAX_VCPUS: u32 = 64;
+const MIN_MEMORY_MIB: u64 = 64;
+const MAX_MEMORY_MIB: u64 = 1 << 20;
+/// No timeout is longer than an hour: a bound, and far from any arithmetic overflow.
+const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// The host's CPUs (the default `max_vcpus`).
+fn host_cpus() -> u32 {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get() as u32)
+        .clamp(1, MAX_VCPUS)
+}
+
+/// The host's memory in MiB (the default `max_memory_mib`), from /proc/meminfo.
+fn host_memory_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))?
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .map_or(1024, |kib| kib / 1024)
+        .clamp(MIN_MEMORY_MIB, MAX_MEMORY_MIB)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -53,6 +83,12 @@ pub struct Config {
     pub default_memory_mib: u64,
     /// Memory (MiB) added to a pod's declared memory limit for the guest kernel and agent.
     pub memory_overhead_mib: u64,
+    /// The most vCPUs a sandbox may have; a pod asking for more is refused (default: the
+    /// host's CPUs).
+    pub max_vcpus: u32,
+    /// The most memory (MiB, overhead included) a sandbox may have; a pod asking for more is
+    /// refused (default: the host's memory).
+    pub max_memory_mib: u64,
     /// Extra guest kernel arguments, appended to the driver's own.
     pub kernel_args: Vec<String>,
     /// Log level of the shim and the agent: error, warn, info or debug.
@@ -156,6 +192,8 @@ impl Default for Config {
             default_vcpus: 1,
             default_memory_mib: 256,
             memory_overhead_mib: 64,
+            max_vcpus: host_cpus(),
+            max_memory_mib: host_memory_mib(),
             kernel_args: Vec::new(),
             log_level: "info".into(),
             run_dir: PathBuf::from(DEFAULT_RUN_DIR),
@@ -234,9 +272,21 @@ impl Config {
 
     /// Parses and validates TOML text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
-        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: origin.into(),
-            message: e.message().to_string(),
+        let cfg: Config = toml::from_str(text).map_err(|e| {
+            // The message alone may not name the key ("invalid value: integer `-1`"): quote
+            // the line it is about.
+            let line = e.span().map(|span| {
+                let start = text[..span.start].rfind('\n').map_or(0, |i| i + 1);
+                let end = text[span.start..]
+                    .find('\n')
+                    .map_or(text.len(), |i| span.start + i);
+                let number = text[..span.start].matches('\n').count() + 1;
+                format!(" (line {number}: `{}`)", text[start..end].trim())
+            });
+            ConfigError::Parse {
+                path: origin.into(),
+                message: format!("{}{}", e.message().trim(), line.unwrap_or_default()),
+            }
         })?;
         cfg.validate(origin)?;
         Ok(cfg)
@@ -250,18 +300,45 @@ impl Config {
                 message,
             })
         };
-        if !(1..=255).contains(&self.default_vcpus) {
+        if !(1..=MAX_VCPUS).contains(&self.max_vcpus) {
             return invalid(
-                "default_vcpus",
-                format!("{} is not within 1..=255", self.default_vcpus),
+                "max_vcpus",
+                format!("{} is not within 1..={MAX_VCPUS}", self.max_vcpus),
             );
         }
-        if self.default_memory_mib < 64 {
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.max_memory_mib) {
+            return invalid(
+                "max_memory_mib",
+                format!(
+                    "{} MiB is not within {MIN_MEMORY_MIB}..={MAX_MEMORY_MIB}",
+                    self.max_memory_mib
+                ),
+            );
+        }
+        if !(1..=self.max_vcpus).contains(&self.default_vcpus) {
+            return invalid(
+                "default_vcpus",
+                format!(
+                    "{} is not within 1..={} (max_vcpus)",
+                    self.default_vcpus, self.max_vcpus
+                ),
+            );
+        }
+        if !(MIN_MEMORY_MIB..=self.max_memory_mib).contains(&self.default_memory_mib) {
             return invalid(
                 "default_memory_mib",
                 format!(
-                    "{} MiB is below the 64 MiB minimum",
-                    self.default_memory_mib
+                    "{} MiB is not within {MIN_MEMORY_MIB}..={} (max_memory_mib)",
+                    self.default_memory_mib, self.max_memory_mib
+                ),
+            );
+        }
+        if self.memory_overhead_mib > self.max_memory_mib {
+            return invalid(
+                "memory_overhead_mib",
+                format!(
+                    "{} MiB is above max_memory_mib ({} MiB)",
+                    self.memory_overhead_mib, self.max_memory_mib
                 ),
             );
         }
@@ -300,8 +377,15 @@ impl Config {
             ("timeouts.agent_call_ms", t.agent_call),
             ("timeouts.shutdown_ms", t.shutdown),
         ] {
-            if d.is_zero() {
-                return invalid(key, "must be greater than 0".into());
+            if d.is_zero() || d > MAX_TIMEOUT {
+                return invalid(
+                    key,
+                    format!(
+                        "{} ms is not within 1..={} ms",
+                        d.as_millis(),
+                        MAX_TIMEOUT.as_millis()
+                    ),
+                );
             }
         }
         Ok(())
@@ -418,6 +502,28 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("agent_call_ms"), "{err}");
+        let err = parse("[timeouts]\nshutdown_ms = 18446744073709551615")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("shutdown_ms") && err.contains("3600000"),
+            "{err}"
+        );
+        let err = parse("max_vcpus = 0").unwrap_err().to_string();
+        assert!(err.contains("max_vcpus"), "{err}");
+        let err = parse("max_vcpus = 2\ndefault_vcpus = 4")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("default_vcpus") && err.contains("max_vcpus"),
+            "{err}"
+        );
+        let err = parse("max_memory_mib = 1024\ndefault_memory_mib = 2048")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("default_memory_mib"), "{err}");
+        let err = parse("default_vcpus = -1").unwrap_err().to_string();
+        assert!(err.contains("default_vcpus"), "{err}");
     }
 
     #[test]

@@ -49,6 +49,11 @@ pub fn grouping(spec: &Spec, container_id: &str) -> String {
         .to_string()
 }
 
+/// A spec asking for something shoji refuses, with the field and the limit named.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SpecError(String);
+
 /// The VM size of a pod: from the pod's summed limits when kubelet declared them, plus the
 /// guest's own overhead; the configured defaults otherwise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,34 +62,74 @@ pub struct VmSize {
     pub memory_mib: u64,
 }
 
-pub fn vm_size(spec: &Spec, default: VmSize, memory_overhead_mib: u64) -> VmSize {
-    let num = |key| {
-        annotation(spec, key)
-            .and_then(|v| v.parse::<i64>().ok())
-            .filter(|v| *v > 0)
+/// CFS bandwidth periods the kernel accepts (1 ms to 1 s), in microseconds.
+const CPU_PERIOD_US: std::ops::RangeInclusive<i64> = 1_000..=1_000_000;
+
+/// A numeric sandbox annotation: absent, `0` or negative mean "no limit" (as CRI sends them).
+fn limit(spec: &Spec, key: &str) -> Result<Option<u64>, SpecError> {
+    let Some(v) = annotation(spec, key) else {
+        return Ok(None);
     };
-    let vcpus = match (num(ANNOTATION_CPU_QUOTA), num(ANNOTATION_CPU_PERIOD)) {
-        (Some(quota), Some(period)) => ((quota + period - 1) / period) as u32,
-        _ => default.vcpus,
+    let n: i64 = v.trim().parse().map_err(|_| {
+        SpecError(format!(
+            "annotation {key}={:?} is not an integer",
+            v.chars().take(40).collect::<String>()
+        ))
+    })?;
+    Ok((n > 0).then_some(n as u64))
+}
+
+/// The VM a pod's spec asks for, within the configured maxima.
+pub fn vm_size(spec: &Spec, config: &Config) -> Result<VmSize, SpecError> {
+    let vcpus = match (
+        limit(spec, ANNOTATION_CPU_QUOTA)?,
+        limit(spec, ANNOTATION_CPU_PERIOD)?,
+    ) {
+        (Some(quota), Some(period)) => {
+            if !CPU_PERIOD_US.contains(&(period as i64)) {
+                return Err(SpecError(format!(
+                    "annotation {ANNOTATION_CPU_PERIOD}={period} is outside {}..={} µs",
+                    CPU_PERIOD_US.start(),
+                    CPU_PERIOD_US.end()
+                )));
+            }
+            quota.div_ceil(period)
+        }
+        _ => config.default_vcpus.into(),
     };
-    let memory_mib = match num(ANNOTATION_MEMORY) {
-        Some(bytes) => (bytes as u64).div_ceil(1 << 20) + memory_overhead_mib,
-        None => default.memory_mib,
-    };
-    VmSize {
-        vcpus: vcpus.max(1),
-        memory_mib,
+    if vcpus > config.max_vcpus.into() {
+        return Err(SpecError(format!(
+            "the pod's CPU limit needs {vcpus} vCPUs, above max_vcpus = {} (shoji configuration)",
+            config.max_vcpus
+        )));
     }
+    let memory_mib = match limit(spec, ANNOTATION_MEMORY)? {
+        Some(bytes) => bytes
+            .div_ceil(1 << 20)
+            .saturating_add(config.memory_overhead_mib),
+        None => config.default_memory_mib,
+    };
+    if memory_mib > config.max_memory_mib {
+        return Err(SpecError(format!(
+            "the pod's memory limit needs a {memory_mib} MiB VM (with {} MiB for the guest), \
+             above max_memory_mib = {} (shoji configuration)",
+            config.memory_overhead_mib, config.max_memory_mib
+        )));
+    }
+    Ok(VmSize {
+        vcpus: (vcpus as u32).max(1),
+        memory_mib,
+    })
 }
 
 /// The sandbox a VM-owning container's spec asks for: its size, the pod's network
 /// namespace and host cgroup, and the hostname.
-pub fn sandbox_config(spec: &Spec, container_id: &str, config: Config) -> SandboxConfig {
-    let default = VmSize {
-        vcpus: config.default_vcpus,
-        memory_mib: config.default_memory_mib,
-    };
-    let size = vm_size(spec, default, config.memory_overhead_mib);
+pub fn sandbox_config(
+    spec: &Spec,
+    container_id: &str,
+    config: Config,
+) -> Result<SandboxConfig, SpecError> {
+    let size = vm_size(spec, &config)?;
     let mut cfg = SandboxConfig::new(&grouping(spec, container_id), config);
     cfg.vcpus = size.vcpus;
     cfg.memory_mib = size.memory_mib;
@@ -94,8 +139,8 @@ pub fn sandbox_config(spec: &Spec, container_id: &str, config: Config) -> Sandbo
         .linux()
         .as_ref()
         .and_then(|l| l.cgroups_path().clone())
-        .and_then(|p| p.to_str().map(String::from));
-    cfg
+        .map(|p| p.to_string_lossy().into_owned());
+    Ok(cfg)
 }
 
 /// The network namespace CRI created (and CNI populated) for the pod, if the spec joins one.
@@ -114,12 +159,6 @@ pub fn is_host_bind(m: &OciMount) -> bool {
         .as_ref()
         .is_some_and(|o| o.iter().any(|o| o == "bind" || o == "rbind"));
     m.typ().as_deref() == Some("bind") || bind_opt
-}
-
-pub fn is_read_only(m: &OciMount) -> bool {
-    m.options()
-        .as_ref()
-        .is_some_and(|o| o.iter().any(|o| o == "ro"))
 }
 
 #[cfg(test)]
@@ -161,19 +200,27 @@ mod tests {
     }
 
     #[test]
-    fn vm_size_from_pod_limits() {
+    fn vm_size_from_pod_limits_within_the_maxima() {
+        let c = Config {
+            default_vcpus: 1,
+            default_memory_mib: 256,
+            memory_overhead_mib: 64,
+            max_vcpus: 8,
+            max_memory_mib: 16384,
+            ..Config::default()
+        };
         let d = VmSize {
             vcpus: 1,
             memory_mib: 256,
         };
-        assert_eq!(vm_size(&spec(&[]), d, 64), d);
+        assert_eq!(vm_size(&spec(&[]), &c).unwrap(), d);
         let s = spec(&[
             (ANNOTATION_CPU_QUOTA, "150000"),
             (ANNOTATION_CPU_PERIOD, "100000"),
             (ANNOTATION_MEMORY, "268435456"),
         ]);
         assert_eq!(
-            vm_size(&s, d, 64),
+            vm_size(&s, &c).unwrap(),
             VmSize {
                 vcpus: 2,
                 memory_mib: 320
@@ -185,6 +232,38 @@ mod tests {
             (ANNOTATION_CPU_PERIOD, "100000"),
             (ANNOTATION_MEMORY, "0"),
         ]);
-        assert_eq!(vm_size(&s, d, 64), d);
+        assert_eq!(vm_size(&s, &c).unwrap(), d);
+        let refused = |a: &[(&str, &str)], want: &str| {
+            let err = vm_size(&spec(a), &c).unwrap_err().to_string();
+            assert!(err.contains(want), "{a:?}: {err}");
+        };
+        refused(
+            &[(ANNOTATION_MEMORY, "107374182400")],
+            "max_memory_mib = 16384",
+        );
+        refused(
+            &[(ANNOTATION_MEMORY, "18446744073709551615")],
+            "not an integer",
+        );
+        refused(
+            &[(ANNOTATION_MEMORY, "9223372036854775807")],
+            "max_memory_mib",
+        );
+        refused(&[(ANNOTATION_MEMORY, "lots")], "not an integer");
+        refused(
+            &[
+                (ANNOTATION_CPU_QUOTA, "9223372036854775807"),
+                (ANNOTATION_CPU_PERIOD, "100000"),
+            ],
+            "max_vcpus = 8",
+        );
+        refused(
+            &[
+                (ANNOTATION_CPU_QUOTA, "100000"),
+                (ANNOTATION_CPU_PERIOD, "1"),
+            ],
+            "outside 1000..=1000000",
+        );
+        refused(&[(ANNOTATION_CPU_QUOTA, "1e9")], "not an integer");
     }
 }

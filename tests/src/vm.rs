@@ -127,18 +127,31 @@ pub fn busybox_rootfs() -> PathBuf {
 /// An initramfs whose /init is busybox sleeping forever: a guest that boots but never
 /// announces an agent. Built once into the system temp dir.
 pub fn silent_initrd() -> PathBuf {
-    let out = std::env::temp_dir().join("shoji-test-silent-initrd.img");
+    busybox_initrd(
+        "silent",
+        "/bin/busybox echo 'not an agent'\nexec /bin/busybox sleep 100000",
+    )
+}
+
+/// An initramfs whose /init writes to the console as fast as it can and never announces an
+/// agent: a guest flooding its console.
+pub fn flood_initrd() -> PathBuf {
+    busybox_initrd(
+        "flood",
+        "exec /bin/busybox yes 'flood flood flood flood flood flood flood flood flood flood'",
+    )
+}
+
+/// An initramfs with busybox and `/init` running `script` (busybox sh). Built once per name.
+fn busybox_initrd(name: &str, script: &str) -> PathBuf {
+    let out = std::env::temp_dir().join(format!("shoji-test-{name}-initrd.img"));
     if out.exists() {
         return out;
     }
-    let dir = std::env::temp_dir().join(format!("shoji-test-silent-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("shoji-test-{name}-{}", std::process::id()));
     std::fs::create_dir_all(dir.join("bin")).unwrap();
     std::fs::copy(shoji::cli::rootfs::BUSYBOX, dir.join("bin/busybox")).unwrap();
-    std::fs::write(
-        dir.join("init"),
-        "#!/bin/busybox sh\n/bin/busybox echo 'not an agent'\nexec /bin/busybox sleep 100000\n",
-    )
-    .unwrap();
+    std::fs::write(dir.join("init"), format!("#!/bin/busybox sh\n{script}\n")).unwrap();
     std::process::Command::new("chmod")
         .args(["755"])
         .arg(dir.join("init"))
@@ -156,7 +169,7 @@ pub fn silent_initrd() -> PathBuf {
         .unwrap();
     assert!(
         status.success(),
-        "building the silent initramfs (needs cpio and gzip)"
+        "building the {name} initramfs (needs cpio and gzip)"
     );
     std::fs::rename(&tmp, &out).unwrap();
     std::fs::remove_dir_all(dir).unwrap();

@@ -325,6 +325,8 @@ async fn boot_sequence_bodies_tap_fds_resize_and_stop() {
             &format!("{sb}/clh.log"),
             "--event-monitor",
             &format!("path={sb}/clh-events.json"),
+            "--seccomp",
+            "true",
         ]
     );
     assert_eq!(

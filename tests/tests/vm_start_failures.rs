@@ -5,7 +5,7 @@ use std::{
 };
 
 use shoji::sandbox::{Sandbox, SandboxError};
-use shoji_tests::vm::{silent_initrd, TestEnv};
+use shoji_tests::vm::{flood_initrd, silent_initrd, TestEnv};
 
 #[tokio::test]
 async fn missing_kernel_is_named() {
@@ -83,5 +83,41 @@ async fn invalid_id_is_refused() {
         .err()
         .expect("must fail");
     assert!(matches!(err, SandboxError::InvalidId { .. }), "{err}");
+    env.assert_no_leak().await;
+}
+
+/// A guest writing to its console as fast as it can (about 1 MB/s under TCG) cannot fill the
+/// host: console.log is started over whenever it passes its cap, keeping its last part in
+/// console.log.1.
+#[tokio::test]
+async fn a_flooding_console_stays_under_its_cap() {
+    const CAP: u64 = shoji::sandbox::CONSOLE_MAX;
+    let env = TestEnv::new("flood").await;
+    let mut cfg = env.sandbox_config("flood");
+    cfg.config.initrd = flood_initrd();
+    cfg.config.timeouts.agent_ready = Duration::from_secs(8);
+    let console = cfg.dir().join("console.log");
+    let previous = cfg.dir().join("console.log.1");
+    let start = tokio::spawn(Sandbox::start(cfg, env.log.clone()));
+    let (mut largest, mut rotated) = (0, false);
+    while !start.is_finished() {
+        largest = largest.max(std::fs::metadata(&console).map_or(0, |m| m.len()));
+        rotated |= previous.exists();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let err = start
+        .await
+        .unwrap()
+        .err()
+        .expect("the flood never announces an agent");
+    assert!(matches!(err, SandboxError::NotReady { .. }), "{err}");
+    assert!(
+        rotated,
+        "the guest never filled its console (largest {largest} bytes)"
+    );
+    assert!(
+        largest <= CAP + CAP / 2,
+        "console.log reached {largest} bytes (cap {CAP})"
+    );
     env.assert_no_leak().await;
 }

@@ -135,7 +135,9 @@ impl Clh {
             .arg("--log-file")
             .arg(&files.log)
             .arg("--event-monitor")
-            .arg(format!("path={}", files.events.display()));
+            .arg(format!("path={}", files.events.display()))
+            // Its own default, stated: the VMM runs under its seccomp filter.
+            .args(["--seccomp", "true"]);
         if let Some(ns) = netns {
             enter_netns_on_exec(&mut cmd, ns)?;
         }

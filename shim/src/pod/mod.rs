@@ -223,7 +223,8 @@ impl Pod {
         }
         let booted = async {
             let config = Config::load_from(req.config_path.as_deref())?;
-            let cfg = oci::sandbox_config(spec, &req.id, config);
+            let cfg = oci::sandbox_config(spec, &req.id, config)
+                .map_err(|e| PodError::InvalidArgument(e.to_string()))?;
             // Lets `containerd-shim-shoji-v2 delete` find the VM if this shim dies from here on.
             std::fs::write(
                 req.bundle.join(SANDBOX_DIR_FILE),

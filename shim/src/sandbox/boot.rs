@@ -7,8 +7,8 @@ use slog::{info, warn, Logger};
 use tokio::sync::watch;
 
 use super::{
-    cleanup, state::Ledger, validate_id, BootTimes, Result, Sandbox, SandboxConfig, SandboxError,
-    SHARE_TAG,
+    cleanup, console, state::Ledger, validate_id, BootTimes, Result, Sandbox, SandboxConfig,
+    SandboxError, SHARE_TAG,
 };
 use crate::{
     agent_client::{AgentClient, ReadyListener},
@@ -190,6 +190,7 @@ impl Boot {
             virtiofsd.exit_watch(),
             dir.join("virtiofsd.log"),
         );
+        console::bound(spec.console_log.clone(), end.clone());
 
         let timeout = c.timeouts.agent_ready;
         let console = || logtail::quoted(&spec.console_log, CONSOLE_TAIL);

@@ -13,7 +13,7 @@ use shoji_agent_api::{
 use tokio::net::UnixStream;
 
 use super::{validate_id, Result, Sandbox, SandboxError};
-use crate::oci;
+use crate::{oci, sharefs::BindMode};
 
 /// A containerd-style mount: how one layer of a container's rootfs is mounted on the host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -179,8 +179,8 @@ impl Sandbox {
                             why: "not a directory".into(),
                         });
                     }
-                    let ro = m.options.iter().any(|o| o == "ro");
-                    self.shared.bind(src, &rel, ro)?;
+                    self.shared
+                        .bind(src, &rel, BindMode::from_options(&m.options))?;
                 }
                 fstype => {
                     self.shared.mount_fs(fstype, &m.source, &rel, &m.options)?;
@@ -216,7 +216,9 @@ impl Sandbox {
                 let rel = Path::new(container_id)
                     .join("volumes")
                     .join(format!("m{i}"));
-                self.shared.bind(&source, &rel, oci::is_read_only(&m))?;
+                let options = m.options().clone().unwrap_or_default();
+                self.shared
+                    .bind(&source, &rel, BindMode::from_options(&options))?;
                 m.set_source(Some(PathBuf::from(guest_path(&rel))));
             }
             rewritten.push(m);

@@ -12,6 +12,7 @@
 //! up piece by piece: the VM goes whole).
 mod boot;
 mod cleanup;
+mod console;
 mod container;
 mod state;
 
@@ -27,6 +28,7 @@ use tokio::sync::watch;
 use self::state::Ledger;
 pub use self::{
     cleanup::{cleanup, CleanupError},
+    console::CONSOLE_MAX,
     container::{ContainerRequest, ExecRequest, Mount},
     state::{RecordedPid, State, STATE_FILE},
 };

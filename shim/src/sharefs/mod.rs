@@ -15,9 +15,9 @@ use std::{
 
 use nix::mount::{mount, MsFlags};
 
-use self::mounts::{make_mountpoint, mount_err, split_options};
+use self::mounts::{make_mountpoint, mount_err, restrict, split_options};
 pub use self::{
-    mounts::{mounts_under, remove_tree, unmount, unmount_tree, MountError},
+    mounts::{mounts_under, remove_tree, unmount, unmount_tree, BindMode, MountError, ReadOnly},
     virtiofsd::{Virtiofsd, VirtiofsdOptions},
 };
 
@@ -88,9 +88,9 @@ impl SharedDir {
         Ok(target)
     }
 
-    /// Bind-mounts `source` (a directory or a file) at `rel` under the shared directory,
-    /// read-only if asked. Returns the host target.
-    pub fn bind(&self, source: &Path, rel: &Path, read_only: bool) -> Result<PathBuf, MountError> {
+    /// Bind-mounts `source` (a directory or a file) at `rel` under the shared directory as
+    /// `mode` says, always nosuid and nodev on the host. Returns the host target.
+    pub fn bind(&self, source: &Path, rel: &Path, mode: BindMode) -> Result<PathBuf, MountError> {
         let target = self.open_target(rel)?;
         let is_dir = source
             .metadata()
@@ -101,15 +101,15 @@ impl SharedDir {
             })?
             .is_dir();
         make_mountpoint(&target, is_dir)?;
-        let flags = MsFlags::MS_BIND | MsFlags::MS_REC;
+        let mut flags = MsFlags::MS_BIND;
+        if mode.recursive {
+            flags |= MsFlags::MS_REC;
+        }
         mount(Some(source), &target, None::<&str>, flags, None::<&str>)
             .map_err(mount_err(format!("bind {}", source.display()), &target))?;
-        if read_only {
-            let ro = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
-            if let Err(e) = mount(None::<&str>, &target, None::<&str>, ro, None::<&str>) {
-                let _ = unmount(&target);
-                return Err(mount_err("remount read-only", &target)(e));
-            }
+        if let Err(e) = restrict(&target, mode.read_only) {
+            let _ = unmount_tree(&target);
+            return Err(e);
         }
         Ok(target)
     }
@@ -126,6 +126,7 @@ impl SharedDir {
         let target = self.open_target(rel)?;
         make_mountpoint(&target, true)?;
         let (flags, data) = split_options(options);
+        let flags = flags | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
         mount(
             Some(source),
             &target,
@@ -149,5 +150,51 @@ impl SharedDir {
     /// outlive the unmount.
     pub fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `ro` makes the bind read-only and leaves the mounts below it as they are (runc's
+    /// behaviour); `rro` makes all of them read-only; a plain `bind` does not bring them.
+    #[test]
+    fn read_only_binds_follow_ro_rro_and_recursion() {
+        let base = std::env::temp_dir().join(format!("shoji-sharefs-{}", std::process::id()));
+        let src = base.join("src");
+        std::fs::create_dir_all(src.join("sub")).unwrap();
+        let none = None::<&str>;
+        mount(
+            Some("tmpfs"),
+            &src.join("sub"),
+            Some("tmpfs"),
+            MsFlags::empty(),
+            none,
+        )
+        .unwrap();
+        let shared = SharedDir::create(&base.join("shared"), &base.join("export")).unwrap();
+        let writable = |p: &Path| std::fs::write(p.join("probe"), b"x").is_ok();
+        let bind = |rel: &str, opts: &[&str]| {
+            let opts: Vec<String> = opts.iter().map(|s| s.to_string()).collect();
+            shared
+                .bind(&src, Path::new(rel), BindMode::from_options(&opts))
+                .unwrap()
+        };
+        let ro = bind("ro", &["rbind", "ro"]);
+        assert!(!writable(&ro));
+        assert!(writable(&ro.join("sub")));
+        let rro = bind("rro", &["rbind", "rro"]);
+        assert!(!writable(&rro));
+        assert!(!writable(&rro.join("sub")));
+        let flat = bind("flat", &["bind"]);
+        assert!(writable(&flat));
+        assert!(!mounts_under(&flat).iter().any(|m| m.ends_with("sub")));
+        shared.close();
+        assert!(shared
+            .bind(&src, Path::new("late"), BindMode::from_options(&[]))
+            .is_err());
+        unmount_tree(&base).unwrap();
+        remove_tree(&base).unwrap();
     }
 }

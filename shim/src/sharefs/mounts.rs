@@ -72,6 +72,94 @@ pub(super) fn split_options(options: &[String]) -> (MsFlags, String) {
     (flags, data.join(","))
 }
 
+/// How a host path is bind-mounted for the guest, from the OCI mount's options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BindMode {
+    /// `rbind`: the mounts below the source come along.
+    pub recursive: bool,
+    pub read_only: ReadOnly,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadOnly {
+    No,
+    /// `ro`: the bind itself; mounts below it keep their own flags (as runc does).
+    Top,
+    /// `rro`: the bind and every mount below it.
+    Recursive,
+}
+
+impl BindMode {
+    /// From OCI mount options (`bind`/`rbind`, `ro`/`rro`/`rw`).
+    pub fn from_options(options: &[String]) -> BindMode {
+        let has = |o: &str| options.iter().any(|x| x == o);
+        BindMode {
+            recursive: has("rbind"),
+            read_only: if has("rro") {
+                ReadOnly::Recursive
+            } else if has("ro") {
+                ReadOnly::Top
+            } else {
+                ReadOnly::No
+            },
+        }
+    }
+}
+
+/// The host side of a bind never runs setuid programs or opens devices the guest could
+/// have made (nosuid, nodev on it and everything below it), and is read-only as asked.
+pub(super) fn restrict(target: &Path, read_only: ReadOnly) -> Result<(), MountError> {
+    const MOUNT_ATTR_RDONLY: u64 = 0x1;
+    const MOUNT_ATTR_NOSUID: u64 = 0x2;
+    const MOUNT_ATTR_NODEV: u64 = 0x4;
+    /// `struct mount_attr` of mount_setattr(2).
+    #[repr(C)]
+    struct MountAttr {
+        attr_set: u64,
+        attr_clr: u64,
+        propagation: u64,
+        userns_fd: u64,
+    }
+    let mut set = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV;
+    if read_only == ReadOnly::Recursive {
+        set |= MOUNT_ATTR_RDONLY;
+    }
+    let attr = MountAttr {
+        attr_set: set,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    let path = std::ffi::CString::new(target.as_os_str().as_encoded_bytes())
+        .map_err(|e| io_err("restrict", target)(std::io::Error::other(e)))?;
+    // SAFETY: mount_setattr(2) reads a mount_attr of the size given, which lives for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            libc::AT_RECURSIVE as libc::c_uint,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if rc != 0 {
+        return Err(io_err("mount_setattr nosuid,nodev", target)(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    if read_only == ReadOnly::Top {
+        let ro = MsFlags::MS_BIND
+            | MsFlags::MS_REMOUNT
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV;
+        nix::mount::mount(None::<&str>, target, None::<&str>, ro, None::<&str>)
+            .map_err(mount_err("remount read-only", target))?;
+    }
+    Ok(())
+}
+
 /// Unmounts one mount point: a plain unmount first, a lazy one when busy (virtiofsd holds
 /// inodes until the guest lets go). Not mounted or gone counts as success.
 pub fn unmount(target: &Path) -> Result<(), MountError> {
@@ -193,6 +281,28 @@ mod tests {
         assert!(precious.join("keep").exists());
         remove_tree(&tree).unwrap();
         remove_tree(&base).unwrap();
+    }
+
+    #[test]
+    fn bind_modes_follow_the_oci_options() {
+        let m = |o: &[&str]| {
+            BindMode::from_options(&o.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        };
+        assert_eq!(
+            m(&["rbind", "ro"]),
+            BindMode {
+                recursive: true,
+                read_only: ReadOnly::Top
+            }
+        );
+        assert_eq!(
+            m(&["bind", "rro"]),
+            BindMode {
+                recursive: false,
+                read_only: ReadOnly::Recursive
+            }
+        );
+        assert_eq!(m(&["rw"]).read_only, ReadOnly::No);
     }
 
     #[test]

@@ -36,6 +36,10 @@ impl Virtiofsd {
             .arg(format!("--cache={}", opts.cache))
             .args([
                 "--sandbox=namespace",
+                // Its default, stated: a system call outside its filter kills it.
+                "--seccomp=kill",
+                // The guest cannot make device nodes or file capabilities on the host.
+                "--modcaps=-mknod:-setfcap",
                 "--thread-pool-size=1",
                 "--announce-submounts",
                 "--xattr",

@@ -115,6 +115,8 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
             "--api-socket" => args.api_socket = path_opt(&value),
             "--log-file" => args.log_file = Some(PathBuf::from(value)),
             "--event-monitor" => args.event_monitor = Some(path_opt(&value)),
+            // CH's seccomp filter: true (its default), false or log. The fake has none.
+            "--seccomp" if ["true", "false", "log"].contains(&value.as_str()) => {}
             "--fake-record" => args.record = Some(PathBuf::from(value)),
             "--fake-fs-wait-ms" => args.fs_wait = millis(&value)?,
             "--fake-hang" => {

@@ -90,6 +90,12 @@ impl Qemu {
             ]),
         };
         let memory = format!("{}M", spec.memory_mib);
+        // QEMU's seccomp filter: no obsolete system calls, no set*id, no spawning, no
+        // scheduler or resource changes.
+        cmd.args([
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        ]);
         cmd.args(["-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on"])
             .args(["-smp", &spec.vcpus.to_string(), "-m", &memory])
             .args([
@@ -104,8 +110,13 @@ impl Qemu {
                 "-nodefaults",
                 "-no-user-config",
             ])
-            .arg("-serial")
-            .arg(format!("file:{}", spec.console_log.display()))
+            // Appending, so that the sandbox can start the file over when it is full.
+            .arg("-chardev")
+            .arg(format!(
+                "file,id=console,path={},append=on",
+                spec.console_log.display()
+            ))
+            .args(["-serial", "chardev:console"])
             .arg("-kernel")
             .arg(&spec.kernel)
             .arg("-initrd")
