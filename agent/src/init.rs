@@ -237,8 +237,8 @@ fn mount_share(tag: &str) -> Result<(), String> {
 /// Flushes filesystems and powers the VM off.
 pub fn power_off() -> ! {
     sync();
-    // Give the console a moment to drain the last log line.
-    std::thread::sleep(Duration::from_millis(10));
+    // The log's writer thread gets a moment for the last lines.
+    std::thread::sleep(Duration::from_millis(100));
     let e = reboot(RebootMode::RB_POWER_OFF).unwrap_err();
     panic!("shoji-agent: power-off failed: {e}");
 }

@@ -1,11 +1,10 @@
 //! The agent's log: slog JSON lines on the serial console (the host keeps them in console.log).
 //!
 //! Quiet at the default level (info): boot timing, readiness, failures. Per-request detail is debug.
-use std::{
-    fs::OpenOptions,
-    io::Write,
-    sync::{Mutex, OnceLock},
-};
+//! Lines go through a bounded queue to a writer thread, so a slow console (a serial port under
+//! emulation, a guest kernel flooding it) never stalls a request: when the queue is full,
+//! lines are dropped and the drop is reported.
+use std::{fs::OpenOptions, io::Write, sync::OnceLock};
 
 use slog::{o, Drain, Level, Logger};
 
@@ -23,7 +22,11 @@ fn console() -> Box<dyn Write + Send> {
 pub fn init(level: &str) {
     let level = level.parse::<Level>().unwrap_or(Level::Info);
     let drain = slog_json::Json::new(console()).add_default_keys().build();
-    let drain = Mutex::new(drain).map(slog::Fuse);
+    let drain = slog_async::Async::new(drain.fuse())
+        .chan_size(1024)
+        .overflow_strategy(slog_async::OverflowStrategy::DropAndReport)
+        .build()
+        .fuse();
     let drain = slog::LevelFilter::new(drain, level).fuse();
     let _ = LOGGER.set(Logger::root(drain, o!("component" => "shoji-agent")));
 }

@@ -93,6 +93,18 @@ impl AgentError {
 
 pub type Result<T, E = AgentError> = std::result::Result<T, E>;
 
+/// Most characters of a guest's error message kept: the guest is untrusted, and its text
+/// ends up in containerd's errors and the shim's log.
+const GUEST_MESSAGE_MAX: usize = 1024;
+
+fn bounded(message: &str) -> String {
+    let mut m: String = message.chars().take(GUEST_MESSAGE_MAX).collect();
+    if m.len() < message.len() {
+        m.push_str(" [cut]");
+    }
+    m
+}
+
 /// Listens on `<vsock socket>_1026` for the agent's `SHOJI-AGENT-READY` line. The socket
 /// file is removed when this is dropped.
 pub struct ReadyListener {
@@ -228,7 +240,7 @@ impl AgentClient {
             Ok(Err(ttrpc::Error::RpcStatus(s))) => Err(AgentError::Rpc {
                 call,
                 code: s.code(),
-                message: s.message().to_string(),
+                message: bounded(s.message()),
             }),
             Ok(Err(ttrpc::Error::Others(m))) if m.starts_with("Receive packet timeout") => {
                 Err(AgentError::Timeout { call, timeout })
@@ -560,6 +572,13 @@ mod tests {
         );
         server.await.unwrap();
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn guest_messages_are_bounded() {
+        assert_eq!(bounded("no such container"), "no such container");
+        let long = bounded(&"x".repeat(1 << 20));
+        assert!(long.len() < GUEST_MESSAGE_MAX + 10 && long.ends_with("[cut]"));
     }
 
     #[tokio::test]

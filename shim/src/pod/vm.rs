@@ -101,11 +101,11 @@ impl PodVm for Sandbox {
 
     async fn wait_process(&self, container_id: &str, exec_id: &str) -> Result<Exit> {
         let w = Sandbox::wait_process(self, container_id, exec_id).await?;
-        Ok(Exit {
-            status: w.exit_status as u32,
-            at_secs: w.exited_at_secs,
-            at_nanos: w.exited_at_nanos,
-        })
+        Ok(guest_exit(
+            w.exit_status,
+            w.exited_at_secs,
+            w.exited_at_nanos,
+        ))
     }
 
     async fn signal_process(
@@ -163,5 +163,31 @@ impl PodVm for Sandbox {
 
     async fn stop(&self) -> Result<()> {
         Sandbox::stop(self).await
+    }
+}
+
+/// An exit as the guest reports it, bounded: a process's status is 0..=255 (an exit code,
+/// or 128 + a signal); anything else from a broken or hostile agent reads as 255.
+fn guest_exit(status: i32, secs: i64, nanos: u32) -> Exit {
+    Exit {
+        status: u32::try_from(status)
+            .ok()
+            .filter(|s| *s <= 255)
+            .unwrap_or(255),
+        at_secs: secs,
+        at_nanos: nanos.min(999_999_999),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn guest_exits_are_bounded() {
+        assert_eq!(super::guest_exit(3, 1, 2).status, 3);
+        assert_eq!(super::guest_exit(137, 1, 2).status, 137);
+        for bogus in [-1, 256, i32::MAX, i32::MIN] {
+            assert_eq!(super::guest_exit(bogus, 1, 2).status, 255, "{bogus}");
+        }
+        assert_eq!(super::guest_exit(0, 1, u32::MAX).at_nanos, 999_999_999);
     }
 }
