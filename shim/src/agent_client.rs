@@ -29,6 +29,10 @@ use ttrpc::{context, Code};
 /// How long one long-poll call (WaitProcess, WaitOomEvent) stays open before it is
 /// re-issued. Between two polls the agent's health is checked, so a dead agent is noticed.
 pub const LONG_POLL: Duration = Duration::from_secs(30);
+/// How often [`AgentClient::wait_broken`] checks the link.
+const LINK_CHECK: Duration = Duration::from_millis(500);
+/// Health calls in a row that may go unanswered before the link counts as lost.
+const LINK_MISSES: u32 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -246,6 +250,25 @@ impl AgentClient {
                 Err(AgentError::Timeout { call, timeout })
             }
             Ok(Err(source)) => Err(AgentError::Transport { call, source }),
+        }
+    }
+
+    /// Resolves when the link to the agent is lost: the connection broke, or [`LINK_MISSES`]
+    /// Health calls in a row went unanswered. Returns the last error.
+    pub async fn wait_broken(&self) -> AgentError {
+        let mut misses = 0;
+        loop {
+            tokio::time::sleep(LINK_CHECK).await;
+            match self.health().await {
+                Ok(_) => misses = 0,
+                Err(e @ AgentError::Timeout { .. }) => {
+                    misses += 1;
+                    if misses >= LINK_MISSES {
+                        return e;
+                    }
+                }
+                Err(e) => return e,
+            }
         }
     }
 
@@ -570,6 +593,33 @@ mod tests {
             matches!(err, AgentError::Handshake { port: 1024, .. }),
             "{err}"
         );
+        server.await.unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A link that breaks (the peer closes the connection) is noticed at the next check.
+    #[tokio::test]
+    async fn a_broken_link_is_noticed() {
+        let dir = std::env::temp_dir().join(format!("shoji-link-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("vsock.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let server = tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            stream::read_line(&mut conn, 64).await.unwrap();
+            conn.write_all(b"OK 1024\n").await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            drop(conn);
+        });
+        let agent = AgentClient::connect(&sock, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        let err = tokio::time::timeout(Duration::from_secs(5), agent.wait_broken())
+            .await
+            .expect("the broken link was not noticed");
+        assert!(matches!(err, AgentError::Transport { .. }), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(2));
         server.await.unwrap();
         std::fs::remove_dir_all(dir).unwrap();
     }

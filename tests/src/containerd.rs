@@ -244,6 +244,8 @@ pub struct Containerd {
     dir: Option<tempfile::TempDir>,
     address: PathBuf,
     log: PathBuf,
+    /// How containerd is launched (again, by `restart`).
+    launch: Launch,
     child: tokio::process::Child,
     _lock: Flock<File>,
 }
@@ -277,39 +279,45 @@ impl Containerd {
         fs::write(&config, version.config(&params)).map_err(io_err("write config.toml"))?;
         let address = params.grpc.to_path_buf();
         let log = d.join("containerd.log");
-        let log_file = File::create(&log).map_err(io_err("create containerd.log"))?;
 
         let mut path = vec![version.bin_dir()];
         path.extend(opts.shim_dir.iter().cloned());
         path.extend(std::env::split_paths(
             &std::env::var_os("PATH").unwrap_or_default(),
         ));
-        let mut cmd = Command::new(&bin);
-        cmd.arg("--config")
-            .arg(&config)
-            .arg("--log-level")
-            .arg("debug")
-            .env(
-                "PATH",
-                std::env::join_paths(path).expect("PATH entries without ':'"),
-            )
-            .envs(opts.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().map_err(io_err("dup log fd"))?)
-            .stderr(log_file);
-        let child = cmd
-            .spawn()
-            .map_err(io_err(format!("spawn {}", bin.display())))?;
+        let launch = Launch {
+            bin,
+            config,
+            path: std::env::join_paths(path).expect("PATH entries without ':'"),
+            env: opts.env.clone(),
+        };
+        let child = launch.spawn(&log)?;
         let mut ctrd = Containerd {
             version,
             dir: Some(dir),
             address,
             log,
+            launch,
             child,
             _lock: lock,
         };
         ctrd.wait_ready(Duration::from_secs(30)).await?;
         Ok(ctrd)
+    }
+
+    /// Stops containerd (SIGTERM: its shims and their tasks keep running, as on a node) and
+    /// starts it again on the same state; returns once it answers.
+    pub async fn restart(&mut self) -> Result<(), Error> {
+        let _ = kill(
+            Pid::from_raw(self.child.id().expect("containerd runs") as i32),
+            Signal::SIGTERM,
+        );
+        tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .map_err(|_| io_err("stop containerd")(std::io::ErrorKind::TimedOut.into()))?
+            .map_err(io_err("wait containerd"))?;
+        self.child = self.launch.spawn(&self.log)?;
+        self.wait_ready(Duration::from_secs(30)).await
     }
 
     async fn wait_ready(&mut self, limit: Duration) -> Result<(), Error> {
@@ -600,6 +608,36 @@ fn run_bounded(
         std::thread::sleep(Duration::from_millis(20));
     }
     child.wait_with_output()
+}
+
+/// The containerd command line of one test instance.
+struct Launch {
+    bin: PathBuf,
+    config: PathBuf,
+    path: std::ffi::OsString,
+    env: Vec<(String, String)>,
+}
+
+impl Launch {
+    /// Spawns containerd with stdout and stderr appended to `log`.
+    fn spawn(&self, log: &Path) -> Result<tokio::process::Child, Error> {
+        let log_file = File::options()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(io_err("open containerd.log"))?;
+        Command::new(&self.bin)
+            .arg("--config")
+            .arg(&self.config)
+            .args(["--log-level", "debug"])
+            .env("PATH", &self.path)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().map_err(io_err("dup log fd"))?)
+            .stderr(log_file)
+            .spawn()
+            .map_err(io_err(format!("spawn {}", self.bin.display())))
+    }
 }
 
 fn teardown(

@@ -70,6 +70,15 @@ pub struct LeakError {
 }
 
 impl Leaks {
+    /// How many objects leaked.
+    pub fn count(&self) -> usize {
+        self.processes.len()
+            + self.mounts.len()
+            + self.links.len()
+            + self.netns.len()
+            + self.run_entries.len()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.processes.is_empty()
             && self.mounts.is_empty()

@@ -142,6 +142,19 @@ impl Env {
         Ok(Cri::connect(self.ctrd.address(), self.runtime.call_timeout).await?)
     }
 
+    /// What the runtime left on the host since `Env::start` (after waiting up to 10 s for
+    /// processes to exit), while everything keeps running.
+    pub async fn leaks(&self) -> crate::leaks::Leaks {
+        match self
+            .baseline
+            .assert_clean(&self.scope, Duration::from_secs(10))
+            .await
+        {
+            Ok(()) => crate::leaks::Leaks::default(),
+            Err(e) => e.leaks,
+        }
+    }
+
     /// Leak checks while containerd still runs (what the runtime itself cleaned up), then teardown.
     pub async fn finish(self) -> Result<()> {
         let checked = async {

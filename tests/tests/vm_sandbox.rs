@@ -387,3 +387,51 @@ async fn vmm_death_is_reported_and_stop_still_cleans_up() {
     assert!(err.is_err());
     finish(env, sandbox).await;
 }
+
+/// A CreateContainer whose caller gave up (its deadline passed while the guest was still
+/// creating) still completes in the guest, and the RemoveContainer that follows waits for it
+/// and removes it whole: the id is free again, nothing of it is left in the guest.
+#[tokio::test]
+async fn a_create_cut_off_by_its_deadline_is_removed_whole() {
+    use shoji::agent_client::{AgentClient, AgentError};
+    use shoji_agent_api::types::{CreateContainerRequest, Rootfs};
+    let env = TestEnv::new("cutoff").await;
+    let sandbox = env.start("cutoff").await;
+    // A container whose rootfs mount serves the cut-off one as its lower layer.
+    create_container(&sandbox, "base", &["true"], false)
+        .await
+        .unwrap();
+    let impatient =
+        AgentClient::connect(&sandbox.dir().join("vsock.sock"), Duration::from_millis(50))
+            .await
+            .unwrap();
+    let spec = shoji::cli::run_spec::container_spec(&["true".to_string()], false, "x");
+    let request = CreateContainerRequest {
+        container_id: "cut".into(),
+        spec_json: serde_json::to_vec(&spec).unwrap(),
+        rootfs: Some(Rootfs {
+            source: "/run/shoji/shared/base/rootfs".into(),
+            guest_overlay: true,
+            ..Default::default()
+        })
+        .into(),
+        stdin: true,
+        ..Default::default()
+    };
+    let err = impatient
+        .create_container(request.clone())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, AgentError::Timeout { .. }), "{err}");
+    // The removal waits for the create still running in the guest, then removes it.
+    sandbox.agent().remove_container("cut").await.unwrap();
+    let err = sandbox.agent().container_stats("cut").await.unwrap_err();
+    assert!(err.is_not_found(), "{err}");
+    // The id is free: a new create of it works and runs.
+    sandbox.agent().create_container(request).await.unwrap();
+    let out = run_process(&sandbox, "cut", "", b"", false).await;
+    assert_eq!(out.status, 0, "{}", out.stderr());
+    sandbox.agent().remove_container("cut").await.unwrap();
+    remove_container(&sandbox, "base").await;
+    finish(env, sandbox).await;
+}

@@ -237,7 +237,9 @@ mod tests {
     #[tokio::test]
     async fn an_oversized_frame_is_refused_before_it_is_read() {
         let (mut a, mut b) = tokio::io::duplex(64);
-        tokio::io::AsyncWriteExt::write_u32(&mut a, u32::MAX).await.unwrap();
+        tokio::io::AsyncWriteExt::write_u32(&mut a, u32::MAX)
+            .await
+            .unwrap();
         let mut buf = Vec::new();
         let err = read_frame(&mut b, &mut buf).await.unwrap_err();
         assert!(matches!(err, StreamError::FrameTooLarge(u32::MAX)), "{err}");

@@ -10,6 +10,7 @@
 //! Drivers: [`qemu`] (microvm, virtio-mmio, vhost-user back-ends; KVM or TCG) and [`clh`]
 //! (Cloud Hypervisor over its REST API; the production backend on KVM hosts).
 use std::{
+    future::Future,
     path::PathBuf,
     sync::{Arc, Mutex},
     time::Duration,
@@ -297,15 +298,32 @@ impl VmEnd {
         grace: Duration,
         reason: impl FnOnce(Option<i32>) -> String + Send + 'static,
     ) {
+        self.on(grace, async move {
+            let status = crate::daemon::wait_exit(process).await;
+            VmExit {
+                status,
+                reason: reason(status),
+            }
+        })
+    }
+
+    /// Publishes another end's exit as this one's (a driver's end in the sandbox's).
+    pub(crate) fn follow(&self, other: watch::Receiver<Option<VmExit>>) {
+        self.on(Duration::ZERO, wait_exit(other))
+    }
+
+    /// Publishes the VM's end when `ended` resolves, unless another end is published within
+    /// `grace` of it (the cause rather than a consequence), or the end was planned.
+    pub(crate) fn on(&self, grace: Duration, ended: impl Future<Output = VmExit> + Send + 'static) {
         let end = self.clone();
         tokio::spawn(async move {
-            let status = crate::daemon::wait_exit(process).await;
+            let exit = ended.await;
             let mut published = end.tx.subscribe();
             let _ = tokio::time::timeout(grace, published.wait_for(Option::is_some)).await;
             let planned = end.planned.lock().unwrap().clone();
             end.set(VmExit {
-                status,
-                reason: planned.unwrap_or_else(|| reason(status)),
+                reason: planned.unwrap_or(exit.reason),
+                ..exit
             });
         });
     }

@@ -54,6 +54,12 @@ impl Pod {
     /// Ends every process of a VM that ended, then releases what the VM held on the host.
     pub(super) async fn watch_vm(self: Arc<Self>, vm: Arc<dyn PodVm>) {
         let exit = vm.wait_exit().await;
+        // What the guest was still asked is moot: ending the VM first makes calls in flight
+        // (a Start waiting on a dead virtiofsd) fail at once instead of at their timeout.
+        let stopping = tokio::spawn({
+            let vm = vm.clone();
+            async move { vm.stop().await }
+        });
         let open: Vec<_> = self
             .containers
             .lock()
@@ -65,12 +71,18 @@ impl Pod {
         if !open.is_empty() {
             warn!(self.log, "the pod's VM ended"; "reason" => &exit.reason, "status" => ?exit.status, "processes" => open.len());
         }
+        // Side by side: one process whose Start is still unwinding holds back no other.
+        let mut reports = tokio::task::JoinSet::new();
         for p in open {
-            self.report_exit(&p, Exit::now(VM_GONE_STATUS), vm.pid())
-                .await;
+            let pod = self.clone();
+            let pid = vm.pid();
+            reports.spawn(async move { pod.report_exit(&p, Exit::now(VM_GONE_STATUS), pid).await });
         }
-        if let Err(e) = vm.stop().await {
-            warn!(self.log, "releasing the ended VM failed"; "error" => %e);
+        while reports.join_next().await.is_some() {}
+        match stopping.await {
+            Ok(Err(e)) => warn!(self.log, "releasing the ended VM failed"; "error" => %e),
+            Err(e) => warn!(self.log, "releasing the ended VM panicked"; "error" => %e),
+            Ok(Ok(())) => {}
         }
     }
 

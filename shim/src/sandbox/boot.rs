@@ -13,11 +13,10 @@ use super::{
 use crate::{
     agent_client::{AgentClient, ReadyListener},
     config::{AccelChoice, Config},
-    daemon::{self, ExitWatch},
     host_cgroup::{self, PodCgroup, Previous},
     hypervisor::{
         self, clh::ClhOptions, describe_status, qemu::QemuOptions, Accel, DriverOptions,
-        Hypervisor, HypervisorKind, ShareDevice, VmExit, VmSpec, VsockDevice, BACKEND_GRACE,
+        Hypervisor, HypervisorKind, ShareDevice, VmEnd, VmExit, VmSpec, VsockDevice, BACKEND_GRACE,
     },
     logtail, network,
     sharefs::{SharedDir, Virtiofsd, VirtiofsdOptions},
@@ -185,11 +184,19 @@ impl Boot {
         let daemons_ready = started.elapsed();
         driver.start().await?;
         let vmm_running = started.elapsed();
-        let mut end = watch_end(
-            driver.exit_watch(),
-            virtiofsd.exit_watch(),
-            dir.join("virtiofsd.log"),
-        );
+        // The VM's end as the sandbox sees it: the driver's (VMM or its back-ends),
+        // virtiofsd's, or the agent link's, whichever comes first.
+        let vm_end = VmEnd::new();
+        vm_end.follow(driver.exit_watch());
+        let virtiofsd_log = dir.join("virtiofsd.log");
+        vm_end.watch_backend(virtiofsd.exit_watch(), move |status| {
+            format!(
+                "virtiofsd exited ({}): {}",
+                describe_status(status),
+                logtail::last_line(&virtiofsd_log)
+            )
+        });
+        let mut end = vm_end.subscribe();
         console::bound(spec.console_log.clone(), end.clone());
 
         let timeout = c.timeouts.agent_ready;
@@ -215,6 +222,16 @@ impl Boot {
             agent_ready: started.elapsed(),
         };
         let agent = AgentClient::connect(&vsock, c.timeouts.agent_call).await?;
+        let link = agent.clone();
+        vm_end.on(BACKEND_GRACE, async move {
+            VmExit {
+                status: None,
+                reason: format!(
+                    "the link to the agent was lost: {}",
+                    link.wait_broken().await
+                ),
+            }
+        });
         if let Some(net) = network {
             agent.configure_network(net.guest).await?;
         }
@@ -244,36 +261,6 @@ impl Boot {
             warn!(self.log, "teardown after a failed start is incomplete"; "error" => %e);
         }
     }
-}
-
-/// The VM's end as the sandbox sees it: the driver's (VMM or its back-ends) or virtiofsd's
-/// exit, whichever comes first (virtiofsd also leaves when the VMM dies: then the VMM's end,
-/// if it follows within the back-end grace, is the one reported).
-fn watch_end(
-    driver: watch::Receiver<Option<VmExit>>,
-    virtiofsd: ExitWatch,
-    virtiofsd_log: std::path::PathBuf,
-) -> watch::Receiver<Option<VmExit>> {
-    let (tx, rx) = watch::channel(None);
-    tokio::spawn(async move {
-        let exit = tokio::select! {
-            biased;
-            e = hypervisor::wait_exit(driver.clone()) => e,
-            status = daemon::wait_exit(virtiofsd) => {
-                let vmm = tokio::time::timeout(BACKEND_GRACE, hypervisor::wait_exit(driver));
-                vmm.await.unwrap_or_else(|_| VmExit {
-                    status,
-                    reason: format!(
-                        "virtiofsd exited ({}): {}",
-                        describe_status(status),
-                        logtail::last_line(&virtiofsd_log)
-                    ),
-                })
-            }
-        };
-        let _ = tx.send(Some(exit));
-    });
-    rx
 }
 
 /// The driver for the configured hypervisor, and how it runs its VMM.
