@@ -419,7 +419,7 @@ impl Pod {
 
     /// Kill: signals a process (or, with `all`, every process of the container).
     pub async fn kill(
-        &self,
+        self: &Arc<Self>,
         container_id: &str,
         exec_id: &str,
         signal: u32,
@@ -434,10 +434,16 @@ impl Pod {
         if process.exit().is_some() {
             return Err(not_found());
         }
+        let _answering = process.signalling();
         if container.kind == Kind::PodSandbox {
-            // The pause container stands for the pod: any terminating signal ends it.
-            self.report_exit(&process, Exit::now(128 + signal), self.vmm_pid())
-                .await;
+            // The pause container stands for the pod: any terminating signal ends it (the
+            // exit is recorded once this call has answered).
+            let pod = self.clone();
+            let pid = self.vmm_pid();
+            tokio::spawn(async move {
+                pod.report_exit(&process, Exit::now(128 + signal), pid)
+                    .await
+            });
             return Ok(());
         }
         match self

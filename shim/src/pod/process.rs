@@ -57,6 +57,19 @@ pub struct Process {
     phase: watch::Sender<Phase>,
     io: Mutex<Option<Arc<ProcessIo>>>,
     exit_tx: watch::Sender<Option<Exit>>,
+    /// Kill calls in flight. An exit they cause is recorded (and published) once they have
+    /// answered: containerd closes its connection for a task when it handles its exit, and a
+    /// Kill still waiting for its answer on it would fail with "ttrpc: closed".
+    signals: Arc<watch::Sender<u32>>,
+}
+
+/// A Kill in flight; the count goes down when it is dropped.
+pub struct Signalling(Arc<watch::Sender<u32>>);
+
+impl Drop for Signalling {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
 }
 
 impl Process {
@@ -68,6 +81,7 @@ impl Process {
             phase: watch::channel(Phase::Created).0,
             io: Mutex::new(None),
             exit_tx: watch::channel(None).0,
+            signals: Arc::new(watch::channel(0).0),
         })
     }
 
@@ -128,11 +142,19 @@ impl Process {
         self.phase() == Phase::Created
     }
 
-    /// Records the exit, once a start on its way has finished. Returns false if the process
-    /// had already exited (the first exit wins).
+    /// Marks a Kill in flight until the returned guard is dropped.
+    pub fn signalling(&self) -> Signalling {
+        self.signals.send_modify(|n| *n += 1);
+        Signalling(self.signals.clone())
+    }
+
+    /// Records the exit, once a start or kill on its way has finished. Returns false if the
+    /// process had already exited (the first exit wins).
     pub async fn set_exited(&self, exit: Exit) -> bool {
         let mut phase = self.phase.subscribe();
         let _ = phase.wait_for(|p| *p != Phase::Starting).await;
+        let mut signals = self.signals.subscribe();
+        let _ = signals.wait_for(|n| *n == 0).await;
         let stopped = self.phase.send_if_modified(|p| {
             let first = *p != Phase::Stopped;
             *p = Phase::Stopped;
@@ -191,6 +213,25 @@ mod tests {
         assert_eq!(p.exit().unwrap().status, 7);
         assert_eq!(p.status(false), Status::Stopped);
         assert!(!p.begin_start());
+    }
+
+    #[tokio::test]
+    async fn an_exit_during_a_kill_waits_for_the_kill_to_answer() {
+        let p = Process::new("c", "", StdioPaths::default());
+        p.begin_start();
+        p.finish_start(true);
+        let kill = p.signalling();
+        let exiting = {
+            let p = p.clone();
+            tokio::spawn(async move { p.set_exited(Exit::now(137)).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(
+            p.exit().is_none(),
+            "the exit went out before the kill answered"
+        );
+        drop(kill);
+        assert!(exiting.await.unwrap());
     }
 
     #[tokio::test]

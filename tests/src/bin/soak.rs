@@ -180,7 +180,10 @@ async fn main() {
                 batch.push(s)
             }
             Err(e) => {
-                failure = Some(format!("cycle {n}: {e}"));
+                failure = Some(format!(
+                    "cycle {n}: {e}\n--- containerd log tail ---\n{}",
+                    env.ctrd.log_tail()
+                ));
                 break;
             }
         }
