@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Container start-up side by side through a private containerd: `ctr run --rm <busybox> true` and CRI
-# RunPodSandbox+CreateContainer+StartContainer (+ StopPodSandbox+RemovePodSandbox), min/median/max of N runs
-# and the ratio to runc. shoji is included when its shim binary exists.
+# runc and shoji side by side through a private containerd, in one run: `ctr run --rm true`, CRI
+# pod start / ExecSync / stop+remove / 10 pods at once, a container's stdout throughput, dd in its
+# filesystem and in a volume (and on the host), idle memory and pod density; min/median/max of N
+# runs and the ratio to runc, the shim's start-up breakdown, and docs/benchmarks.svg (the ratios).
+# shoji is included when its shim binary exists (built here for the chosen profile).
 #
 #   hack/bench-ctr.sh [--containerd 1.7|2] [--runs N] [--profile debug|release] [--shoji-config FILE]
 #
@@ -20,6 +22,11 @@ while [ $# -gt 0 ]; do
 done
 
 target="${CARGO_TARGET_DIR:-$PWD/target}"
+if [ "$profile" = release ]; then
+    cargo build -q --release -p shoji-shim --bins
+else
+    cargo build -q -p shoji-shim --bins
+fi
 runtimes=(runc)
 shim="$target/$profile/containerd-shim-shoji-v2"
 if [ -x "$shim" ]; then
@@ -30,4 +37,4 @@ else
 fi
 
 cargo build -q --release -p shoji-tests --bin bench-ctr
-exec "$target/release/bench-ctr" "${pass[@]}" "${runtimes[@]}"
+exec "$target/release/bench-ctr" --plot docs/benchmarks.svg "${pass[@]}" "${runtimes[@]}"

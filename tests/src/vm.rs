@@ -207,6 +207,7 @@ pub async fn create_container(
             rootfs: vec![Mount::host_dir(&busybox_rootfs(), true)],
             spec: shoji::cli::run_spec::container_spec(&args, tty, container_id),
             stdin: true,
+            guest_overlay: true,
         })
         .await
 }

@@ -352,6 +352,7 @@ async fn volumes_mounted_after_boot_reach_the_guest_and_read_only_holds() {
             )],
             spec,
             stdin: true,
+            guest_overlay: true,
         })
         .await
         .unwrap();

@@ -94,6 +94,8 @@ async fn run_container(
             rootfs: vec![Mount::host_dir(rootfs, true)],
             spec: run_spec::container_spec(&opts.args, opts.tty, "shoji"),
             stdin: true,
+            // The rootfs directory is never modified.
+            guest_overlay: true,
         })
         .await?;
     let kinds: &[StreamKind] = if opts.tty {

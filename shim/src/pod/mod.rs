@@ -287,6 +287,9 @@ impl Pod {
             rootfs,
             spec,
             stdin: req.stdio.has_stdin(),
+            // containerd's snapshot is this container's own layer: written on the host's disk,
+            // where kubelet accounts ephemeral storage, and not limited by the VM's memory.
+            guest_overlay: false,
         })
         .await?;
         init.set_io(self.attach_io(vm, &req.id, "", &req.stdio).await?);

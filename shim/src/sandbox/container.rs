@@ -52,6 +52,10 @@ pub struct ContainerRequest {
     pub spec: Spec,
     /// Whether the init will get a stdin stream.
     pub stdin: bool,
+    /// `false`: the rootfs is the container's own writable layer (containerd's snapshot), and
+    /// its writes go through to the host's disk, as with runc. `true`: the rootfs is a shared
+    /// source the container must not change; its writes go to a layer in guest memory.
+    pub guest_overlay: bool,
 }
 
 /// A process to add to a running container.
@@ -88,7 +92,7 @@ impl Sandbox {
                     spec_json,
                     rootfs: Some(Rootfs {
                         source: rootfs,
-                        guest_overlay: true,
+                        guest_overlay: req.guest_overlay,
                         ..Default::default()
                     })
                     .into(),

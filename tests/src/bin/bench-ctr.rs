@@ -1,14 +1,17 @@
-//! Side-by-side start-up benchmark of container runtimes through a private containerd (`hack/bench-ctr.sh`):
-//! `ctr run --rm <busybox> true`, and CRI RunPodSandbox + CreateContainer + StartContainer (then
-//! StopPodSandbox + RemovePodSandbox), each `--runs` times; prints min/median/max and the median's ratio to
-//! the first runtime.
+//! Side-by-side benchmark of container runtimes through a private containerd (`hack/bench-ctr.sh`):
+//! `ctr run --rm <busybox> true`; CRI RunPodSandbox + CreateContainer + StartContainer, ExecSync,
+//! StopPodSandbox + RemovePodSandbox, 10 pods at once; a container's stdout throughput; `dd` in
+//! its filesystem and in a volume (and on the host); idle memory and pod density. Each `--runs`
+//! times; prints min/median/max and the median's ratio to the first runtime, the shim's start-up
+//! breakdown, and (with `--plot FILE`) an SVG of the ratios.
 //!
-//! Usage: bench-ctr [--containerd 1.7|2] [--runs N] [--shim-dir DIR] [--shoji-config FILE] RUNTIME...
-//! where RUNTIME is `runc` or `shoji` (shoji needs --shim-dir).
+//! Usage: bench-ctr [--containerd 1.7|2] [--runs N] [--shim-dir DIR] [--shoji-config FILE]
+//! [--plot FILE] RUNTIME... where RUNTIME is `runc` or `shoji` (shoji needs --shim-dir).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use shoji_tests::bench::{self, io, memory, plot, Row};
 use shoji_tests::containerd::Version;
 use shoji_tests::cri;
 use shoji_tests::image;
@@ -18,6 +21,7 @@ struct Args {
     version: Version,
     runs: usize,
     runtimes: Vec<(String, Runtime)>,
+    plot: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -25,6 +29,7 @@ fn parse_args() -> Result<Args, String> {
     let mut runs = 10;
     let mut shim_dir = None;
     let mut shoji_config = None;
+    let mut plot = None;
     let mut names = Vec::new();
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -41,6 +46,7 @@ fn parse_args() -> Result<Args, String> {
             "--runs" => runs = value()?.parse().map_err(|e| format!("--runs: {e}"))?,
             "--shim-dir" => shim_dir = Some(PathBuf::from(value()?)),
             "--shoji-config" => shoji_config = Some(PathBuf::from(value()?)),
+            "--plot" => plot = Some(PathBuf::from(value()?)),
             name if !name.starts_with('-') => names.push(name.to_string()),
             other => return Err(format!("unknown option {other}")),
         }
@@ -71,19 +77,8 @@ fn parse_args() -> Result<Args, String> {
         version,
         runs,
         runtimes,
+        plot,
     })
-}
-
-/// min, median, max.
-fn summary(mut v: Vec<Duration>) -> (Duration, Duration, Duration) {
-    v.sort();
-    (v[0], v[v.len() / 2], v[v.len() - 1])
-}
-
-struct Row {
-    runtime: String,
-    op: &'static str,
-    stats: (Duration, Duration, Duration),
 }
 
 /// Measures runtime `name` in its own containerd; rows are appended as each operation completes, so a
@@ -94,10 +89,103 @@ async fn bench_runtime(
     rt: &Runtime,
     runs: usize,
     rows: &mut Vec<Row>,
+    reports: &mut Vec<String>,
 ) -> scenario::Result<()> {
     let env = Env::start(version, rt, Some(231)).await?;
-    let result = measure(&env, name, rt, runs, rows).await;
+    let result = async {
+        measure(&env, name, rt, runs, rows).await?;
+        throughput(&env, name, runs, rows).await?;
+        reports.push(memory::report(
+            name,
+            &memory::idle_pod(&env, "bench-idle").await?,
+        ));
+        if rt.shim_dir.is_some() {
+            reports.push(breakdown(&env.ctrd.log_text()));
+        }
+        Ok(())
+    }
+    .await;
     env.conclude(result).await
+}
+
+/// stdout throughput and `dd` in the container's filesystem and in a volume.
+async fn throughput(
+    env: &Env,
+    name: &str,
+    runs: usize,
+    rows: &mut Vec<Row>,
+) -> scenario::Result<()> {
+    let volume = tempfile::Builder::new()
+        .prefix("shoji-bench-vol-")
+        .tempdir()?;
+    let id = "bench-io";
+    let mount = format!(
+        "type=bind,src={},dst=/vol,options=rbind:rw",
+        volume.path().display()
+    );
+    let config = env
+        .runtime
+        .config_path
+        .as_ref()
+        .map(|p| p.display().to_string());
+    let mut args = vec![
+        "run",
+        "-d",
+        "--runtime",
+        &env.runtime.runtime_type,
+        "--mount",
+        &mount,
+    ];
+    if let Some(c) = &config {
+        args.extend(["--runtime-config-path", c]);
+    }
+    args.extend([image::BUSYBOX, id, "sleep", "1000"]);
+    let out = env
+        .ctrd
+        .ctr(scenario::CTR_NAMESPACE, &args, Duration::from_secs(120))
+        .await?;
+    if !out.status.success() {
+        return Err(format!("ctr run -d (io): {out:?}").into());
+    }
+    let (mut stdout, mut root, mut vol) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..runs {
+        stdout.push(io::stdout_rate(env, id, i).await?);
+        root.push(io::dd_rates(env, id, "/bench.dat", i).await?);
+        vol.push(io::dd_rates(env, id, "/vol/bench.dat", i + runs).await?);
+    }
+    rows.push(Row::rates(name, "stdout of a container (ctr exec)", stdout));
+    rows.push(Row::rates(
+        name,
+        "write, container filesystem (fsync)",
+        root.iter().map(|r| r.0).collect(),
+    ));
+    rows.push(Row::rates(
+        name,
+        "read, container filesystem",
+        root.iter().map(|r| r.1).collect(),
+    ));
+    rows.push(Row::rates(
+        name,
+        "write, volume (fsync)",
+        vol.iter().map(|r| r.0).collect(),
+    ));
+    rows.push(Row::rates(
+        name,
+        "read, volume",
+        vol.iter().map(|r| r.1).collect(),
+    ));
+    for args in [
+        &["task", "kill", "-s", "SIGKILL", id][..],
+        &["task", "delete", id],
+        &["container", "rm", id],
+    ] {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let _ = env
+            .ctrd
+            .ctr(scenario::CTR_NAMESPACE, args, Duration::from_secs(60))
+            .await;
+    }
+    Ok(())
 }
 
 async fn measure(
@@ -107,11 +195,7 @@ async fn measure(
     runs: usize,
     rows: &mut Vec<Row>,
 ) -> scenario::Result<()> {
-    let row = |op, samples| Row {
-        runtime: name.into(),
-        op,
-        stats: summary(samples),
-    };
+    let row = |op, samples| Row::times(name, op, samples);
     let mut ctr = Vec::new();
     for i in 0..runs {
         let t = Instant::now();
@@ -126,7 +210,7 @@ async fn measure(
     let logs = tempfile::Builder::new()
         .prefix("shoji-bench-logs-")
         .tempdir()?;
-    let (mut start, mut stop) = (Vec::new(), Vec::new());
+    let (mut start, mut stop, mut exec) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..runs {
         let pod_config = cri::pod_config(&format!("bench-{i}"), "bench", logs.path());
         let t = Instant::now();
@@ -134,10 +218,23 @@ async fn measure(
         let c = cri::container_config("c", image::BUSYBOX, &["sleep", "1000"]);
         let started = async {
             let id = cri.create_container(&pod, &c, &pod_config).await?;
-            cri.start_container(&id).await
+            cri.start_container(&id).await?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(id)
         }
         .await;
         start.push(t.elapsed());
+        if let Ok(id) = &started {
+            for _ in 0..3 {
+                let t = Instant::now();
+                let out = cri
+                    .exec_sync(id, &["true"], Duration::from_secs(30))
+                    .await?;
+                if out.exit_code != 0 {
+                    return Err(format!("ExecSync true: {out:?}").into());
+                }
+                exec.push(t.elapsed());
+            }
+        }
         let t = Instant::now();
         let stopped = cri.stop_pod(&pod).await;
         let removed = cri.remove_pod(&pod).await;
@@ -147,15 +244,12 @@ async fn measure(
         removed?;
     }
     rows.push(row("CRI run pod+create+start", start));
+    rows.push(row("CRI ExecSync true", exec));
     rows.push(row("CRI stop+remove pod", stop));
     rows.push(row(
         "CRI 10 pods at once, each",
         parallel_pods(env, rt, 10, logs.path()).await?,
     ));
-    if rt.shim_dir.is_some() {
-        breakdown(&env.ctrd.log_text());
-        idle_memory(env).await?;
-    }
     Ok(())
 }
 
@@ -200,7 +294,7 @@ async fn parallel_pods(
 }
 
 /// The shim's phase timings (its JSON log lines in containerd's log): median of each.
-fn breakdown(log: &str) {
+fn breakdown(log: &str) -> String {
     let lines: Vec<serde_json::Value> = log
         .lines()
         .filter(|l| l.starts_with('{'))
@@ -220,13 +314,13 @@ fn breakdown(log: &str) {
             .map(|m| m.to_string())
             .unwrap_or_else(|| "-".into())
     };
-    println!(
-        "shoji start-up breakdown (median ms over {} sandboxes, from the shim's log):",
+    let mut out = format!(
+        "shoji start-up breakdown (median ms over {} sandboxes, from the shim's log):\n",
         field("sandbox ready", "agent_ready_ms").len()
     );
     for (what, msg, key) in [
         (
-            "shim start → Create received",
+            "shim start → first container created",
             "container created",
             "since_shim_start_ms",
         ),
@@ -244,73 +338,9 @@ fn breakdown(log: &str) {
         ),
         ("Start (process started)", "process started", "start_ms"),
     ] {
-        println!("  {what:<42} {:>6}", median(&field(msg, key)));
+        out += &format!("  {what:<42} {:>6}\n", median(&field(msg, key)));
     }
-}
-
-/// Host memory of one idle sandbox: every process in its pod cgroup (shim, VMM, daemons).
-async fn idle_memory(env: &Env) -> scenario::Result<()> {
-    let id = "bench-idle";
-    let out = scenario::ctr_run_detached(env, id, &["sleep", "1000"]).await?;
-    if !out.status.success() {
-        return Err(format!("ctr run -d failed: {out:?}").into());
-    }
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let procs = ["/sys/fs/cgroup/memory", "/sys/fs/cgroup"]
-        .iter()
-        .map(|root| format!("{root}/{}/{id}/cgroup.procs", scenario::CTR_NAMESPACE))
-        .find_map(|p| std::fs::read_to_string(p).ok())
-        .unwrap_or_default();
-    let kib = |pid: &str, file: &str, key: &str| -> u64 {
-        std::fs::read_to_string(format!("/proc/{pid}/{file}"))
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix(key)
-                    .map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0))
-            })
-            .unwrap_or(0)
-    };
-    println!("host memory of one idle sandbox (processes in its pod cgroup):");
-    println!("  {:<28} {:>10} {:>10}", "process", "RSS MiB", "PSS MiB");
-    let (mut rss, mut pss) = (0, 0);
-    for pid in procs.lines() {
-        let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        let (r, p) = (
-            kib(pid, "status", "VmRSS:"),
-            kib(pid, "smaps_rollup", "Pss:"),
-        );
-        rss += r;
-        pss += p;
-        println!(
-            "  {:<28} {:>10.1} {:>10.1}",
-            name.trim(),
-            r as f64 / 1024.0,
-            p as f64 / 1024.0
-        );
-    }
-    println!(
-        "  {:<28} {:>10.1} {:>10.1}",
-        "total",
-        rss as f64 / 1024.0,
-        pss as f64 / 1024.0
-    );
-    for args in [
-        &["task", "kill", "-s", "SIGKILL", id][..],
-        &["task", "delete", id],
-        &["container", "rm", id],
-    ] {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let _ = env
-            .ctrd
-            .ctr(scenario::CTR_NAMESPACE, args, Duration::from_secs(60))
-            .await;
-    }
-    Ok(())
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.0}", d.as_secs_f64() * 1000.0)
+    out
 }
 
 #[tokio::main]
@@ -320,9 +350,11 @@ async fn main() {
         std::process::exit(2);
     });
     let mut rows = Vec::new();
+    let mut reports = Vec::new();
     let mut failed = false;
     for (name, rt) in &args.runtimes {
-        let result = bench_runtime(args.version, name, rt, args.runs, &mut rows).await;
+        let result =
+            bench_runtime(args.version, name, rt, args.runs, &mut rows, &mut reports).await;
         for dir in &rt.run_dirs {
             // Empty after the runtime cleaned up; anything left was reported by Env::finish.
             let _ = std::fs::remove_dir(dir);
@@ -332,29 +364,30 @@ async fn main() {
             failed = true;
         }
     }
+    let host = tempfile::tempdir().expect("temp dir");
+    match io::host_dd_rates(host.path()).await {
+        Ok((w, r)) => reports.push(format!(
+            "host baseline (same dd on the host's {}): write {w:.0} MB/s, read {r:.0} MB/s",
+            host.path().display()
+        )),
+        Err(e) => eprintln!("bench-ctr: host dd: {e}"),
+    }
+    for r in &reports {
+        println!("{r}");
+    }
     println!(
-        "containerd {}, {} runs each, times in ms (ratio: median / first runtime's median)",
+        "containerd {}, {} runs each (ratio: how many times slower than the first runtime)",
         args.version, args.runs
     );
-    println!(
-        "{:<8} {:<26} {:>7} {:>7} {:>7} {:>6}",
-        "runtime", "operation", "min", "median", "max", "ratio"
-    );
-    for r in &rows {
-        let base = rows
-            .iter()
-            .find(|b| b.op == r.op)
-            .expect("r itself has this op");
-        let ratio = r.stats.1.as_secs_f64() / base.stats.1.as_secs_f64();
-        println!(
-            "{:<8} {:<26} {:>7} {:>7} {:>7} {:>6.2}",
-            r.runtime,
-            r.op,
-            ms(r.stats.0),
-            ms(r.stats.1),
-            ms(r.stats.2),
-            ratio
+    print!("{}", bench::table(&rows));
+    if let (Some(path), Some((name, _))) = (&args.plot, args.runtimes.get(1)) {
+        let title = format!(
+            "{name} vs {}: how many times slower (log scale)",
+            args.runtimes[0].0
         );
+        if let Err(e) = std::fs::write(path, plot::svg(&rows, name, &title)) {
+            eprintln!("bench-ctr: writing {}: {e}", path.display());
+        }
     }
     if failed {
         std::process::exit(1);

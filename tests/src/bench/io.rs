@@ -1,0 +1,124 @@
+//! Throughput inside a running container: its stdout through the runtime (what `kubectl logs`
+//! and `ctr` read), and `dd` in its root filesystem and in a bind-mounted volume.
+use std::{path::Path, process::Stdio, time::Instant};
+
+use tokio::io::AsyncReadExt;
+
+use crate::scenario::{self, Env, CTR_NAMESPACE};
+
+/// Bytes a throughput sample moves.
+const SAMPLE_BYTES: u64 = 64 << 20;
+
+fn ctr(env: &Env) -> tokio::process::Command {
+    let mut c = tokio::process::Command::new(env.ctrd.version().bin_dir().join("ctr"));
+    c.arg("--address")
+        .arg(env.ctrd.address())
+        .args(["--namespace", CTR_NAMESPACE])
+        .stdin(Stdio::null());
+    c
+}
+
+/// `ctr task exec` of `args` in container `id`; returns its stdout.
+async fn exec(env: &Env, id: &str, exec_id: &str, args: &[&str]) -> scenario::Result<Vec<u8>> {
+    let out = ctr(env)
+        .args(["task", "exec", "--exec-id", exec_id, id])
+        .args(args)
+        .output()
+        .await?;
+    if !out.status.success() {
+        return Err(format!("exec {args:?}: {}", String::from_utf8_lossy(&out.stderr)).into());
+    }
+    Ok(out.stdout)
+}
+
+/// MB/s of a container writing [`SAMPLE_BYTES`] to its stdout, read through `ctr`.
+pub async fn stdout_rate(env: &Env, id: &str, run: usize) -> scenario::Result<f64> {
+    let mut child = ctr(env)
+        .args(["task", "exec", "--exec-id", &format!("out{run}"), id])
+        .args(["head", "-c", &SAMPLE_BYTES.to_string(), "/dev/zero"])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut stdout = child.stdout.take().expect("piped");
+    let t = Instant::now();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut n = 0u64;
+    loop {
+        let r = stdout.read(&mut buf).await?;
+        if r == 0 {
+            break;
+        }
+        n += r as u64;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    child.wait().await?;
+    if n != SAMPLE_BYTES {
+        return Err(format!("stdout carried {n} of {SAMPLE_BYTES} bytes").into());
+    }
+    Ok(n as f64 / 1e6 / secs)
+}
+
+/// busybox dd's summary line: "N bytes (...) copied, S seconds, ...".
+fn dd_seconds(text: &str) -> Option<f64> {
+    let line = text.lines().find(|l| l.contains(" copied, "))?;
+    line.split(" copied, ")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// (write, read) MB/s of `dd` on `file` inside container `id` (write: synced to its
+/// storage; read: right after, through whatever cache the runtime has).
+pub async fn dd_rates(env: &Env, id: &str, file: &str, run: usize) -> scenario::Result<(f64, f64)> {
+    let mb = SAMPLE_BYTES >> 20;
+    let script = format!(
+        "dd if=/dev/zero of={file} bs=1M count={mb} conv=fsync 2>&1; dd if={file} of=/dev/null bs=1M 2>&1; rm -f {file}"
+    );
+    let out = exec(env, id, &format!("dd{run}"), &["sh", "-c", &script]).await?;
+    rates_of(&String::from_utf8_lossy(&out))
+}
+
+/// The same `dd` pair on the host, in `dir` (the baseline both runtimes are compared to).
+pub async fn host_dd_rates(dir: &Path) -> scenario::Result<(f64, f64)> {
+    let file = dir.join("bench.dat");
+    let mb = SAMPLE_BYTES >> 20;
+    let script = format!(
+        "dd if=/dev/zero of={f} bs=1M count={mb} conv=fsync 2>&1; dd if={f} of=/dev/null bs=1M 2>&1; rm -f {f}",
+        f = file.display()
+    );
+    let out = tokio::process::Command::new(shoji::cli::rootfs::BUSYBOX)
+        .args(["sh", "-c", &script])
+        .output()
+        .await?;
+    rates_of(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn rates_of(text: &str) -> scenario::Result<(f64, f64)> {
+    let secs: Vec<f64> = text
+        .split("records out")
+        .skip(1)
+        .filter_map(dd_seconds)
+        .collect();
+    match secs[..] {
+        [w, r] if w > 0.0 && r > 0.0 => {
+            let mb = SAMPLE_BYTES as f64 / 1e6;
+            Ok((mb / w, mb / r))
+        }
+        _ => Err(format!("cannot read dd's output: {text}").into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn dd_output_is_read() {
+        let text = "64+0 records in\n64+0 records out\n67108864 bytes (64.0MB) copied, 0.5 seconds, 128.0MB/s\n\
+                    64+0 records in\n64+0 records out\n67108864 bytes (64.0MB) copied, 0.25 seconds, 256.0MB/s\n";
+        let (w, r) = super::rates_of(text).unwrap();
+        assert!(
+            (w - 134.2).abs() < 0.1 && (r - 268.4).abs() < 0.1,
+            "{w} {r}"
+        );
+    }
+}

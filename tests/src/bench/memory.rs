@@ -1,0 +1,104 @@
+//! Host memory of one idle container (its processes and its runtime's shim), and how many
+//! such pods the host's memory would hold.
+use std::time::Duration;
+
+use shoji::procfs;
+
+use crate::scenario::{self, Env, CTR_NAMESPACE};
+
+/// One process's share of an idle pod.
+pub struct Usage {
+    pub name: String,
+    pub rss_kib: u64,
+    pub pss_kib: u64,
+}
+
+/// The processes of an idle `ctr run -d` container `id`: those in its cgroup, and the shim
+/// serving it (runc's shim stays outside the container's cgroup; shoji's shim is in it).
+pub async fn idle_pod(env: &Env, id: &str) -> scenario::Result<Vec<Usage>> {
+    let out = scenario::ctr_run_detached(env, id, &["sleep", "1000"]).await?;
+    if !out.status.success() {
+        return Err(format!("ctr run -d failed: {out:?}").into());
+    }
+    // Let boots and lazy work settle.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let in_cgroup = ["/sys/fs/cgroup/memory", "/sys/fs/cgroup"]
+        .iter()
+        .map(|root| format!("{root}/{CTR_NAMESPACE}/{id}/cgroup.procs"))
+        .find_map(|p| std::fs::read_to_string(p).ok())
+        .unwrap_or_default();
+    let mut pids: Vec<u32> = in_cgroup.lines().filter_map(|l| l.parse().ok()).collect();
+    let marker = format!("-id {id} ");
+    pids.extend(procfs::all_pids().into_iter().filter(|p| {
+        procfs::cmdline(*p).is_some_and(|c| c.contains("containerd-shim") && c.contains(&marker))
+    }));
+    pids.sort();
+    pids.dedup();
+    let usage = pids
+        .into_iter()
+        .filter_map(|p| {
+            Some(Usage {
+                name: procfs::name(p)?,
+                rss_kib: procfs::rss_kib(p)?,
+                pss_kib: procfs::pss_kib(p).unwrap_or(0),
+            })
+        })
+        .collect();
+    for args in [
+        &["task", "kill", "-s", "SIGKILL", id][..],
+        &["task", "delete", id],
+        &["container", "rm", id],
+    ] {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let _ = env
+            .ctrd
+            .ctr(CTR_NAMESPACE, args, Duration::from_secs(60))
+            .await;
+    }
+    Ok(usage)
+}
+
+/// The host's memory in KiB.
+pub fn host_memory_kib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))?
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+/// The per-process table of one runtime's idle pod, with totals and the density it allows.
+pub fn report(runtime: &str, usage: &[Usage]) -> String {
+    let mib = |k: u64| k as f64 / 1024.0;
+    let mut out =
+        format!("{runtime}: host memory of one idle container (its cgroup and its shim)\n");
+    out += &format!("  {:<24} {:>9} {:>9}\n", "process", "RSS MiB", "PSS MiB");
+    for u in usage {
+        out += &format!(
+            "  {:<24} {:>9.1} {:>9.1}\n",
+            u.name,
+            mib(u.rss_kib),
+            mib(u.pss_kib)
+        );
+    }
+    let (rss, pss): (u64, u64) = (
+        usage.iter().map(|u| u.rss_kib).sum(),
+        usage.iter().map(|u| u.pss_kib).sum(),
+    );
+    out += &format!("  {:<24} {:>9.1} {:>9.1}\n", "total", mib(rss), mib(pss));
+    if pss > 0 {
+        out += &format!(
+            "  density: {} idle pods in the host's {:.1} GiB (by PSS, the host's own use left out)\n",
+            host_memory_kib() / pss,
+            host_memory_kib() as f64 / (1 << 20) as f64
+        );
+    }
+    out
+}
