@@ -208,6 +208,12 @@ impl Agent for Service {
             }
             e => RuntimeError::Internal(e.to_string()),
         });
+        let sysctls: Vec<(String, String)> =
+            req.sysctls.into_iter().map(|s| (s.name, s.value)).collect();
+        let r = match r {
+            Ok(()) => self.runtime.set_pod_sysctls(&sysctls).await,
+            e => e,
+        };
         done("ConfigureNetwork", r).map(|_| Empty::new())
     }
 }

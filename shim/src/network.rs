@@ -207,10 +207,19 @@ pub async fn discover(netns: &Path) -> Result<PodNetwork> {
         "ip -json addr show",
         &run_in(netns, &["ip", "-json", "addr", "show"]).await?,
     )?;
-    let routes: Vec<RouteInfo> = parse(
+    let mut routes: Vec<RouteInfo> = parse(
         "ip -json route show",
         &run_in(netns, &["ip", "-json", "route", "show"]).await?,
     )?;
+    let v6: Vec<RouteInfo> = parse(
+        "ip -6 -json route show",
+        &run_in(netns, &["ip", "-6", "-json", "route", "show"]).await?,
+    )?;
+    // Link-local and multicast routes the guest kernel makes itself for each interface.
+    routes.extend(
+        v6.into_iter()
+            .filter(|r| !r.dst.starts_with("fe80:") && !r.dst.starts_with("ff00:")),
+    );
     let mut net = PodNetwork {
         devices: Vec::new(),
         guest: ConfigureNetworkRequest::default(),

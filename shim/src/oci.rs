@@ -123,12 +123,19 @@ pub fn vm_size(spec: &Spec, config: &Config) -> Result<VmSize, SpecError> {
 }
 
 /// The sandbox a VM-owning container's spec asks for: its size, the pod's network
-/// namespace and host cgroup, and the hostname.
+/// namespace and host cgroup, the hostname and the sysctls.
 pub fn sandbox_config(
     spec: &Spec,
     container_id: &str,
     config: Config,
 ) -> Result<SandboxConfig, SpecError> {
+    if role(spec) == Role::PodSandbox && !has_namespace(spec, LinuxNamespaceType::Network) {
+        return Err(SpecError(
+            "the pod asks for the host's network (hostNetwork: true): a pod's VM cannot \
+             join the host network namespace; run it with a runc RuntimeClass"
+                .into(),
+        ));
+    }
     let size = vm_size(spec, &config)?;
     let mut cfg = SandboxConfig::new(&grouping(spec, container_id), config);
     cfg.vcpus = size.vcpus;
@@ -140,16 +147,35 @@ pub fn sandbox_config(
         .as_ref()
         .and_then(|l| l.cgroups_path().clone())
         .map(|p| p.to_string_lossy().into_owned());
+    let mut sysctls: Vec<_> = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.sysctl().clone())
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    sysctls.sort();
+    cfg.sysctls = sysctls;
     Ok(cfg)
 }
 
 /// The network namespace CRI created (and CNI populated) for the pod, if the spec joins one.
 pub fn network_namespace(spec: &Spec) -> Option<PathBuf> {
-    let namespaces = spec.linux().as_ref()?.namespaces().as_ref()?;
-    namespaces
-        .iter()
+    namespaces(spec)
         .find(|n| n.typ() == LinuxNamespaceType::Network)
         .and_then(|n| n.path().clone())
+}
+
+fn has_namespace(spec: &Spec, kind: LinuxNamespaceType) -> bool {
+    namespaces(spec).any(|n| n.typ() == kind)
+}
+
+fn namespaces(spec: &Spec) -> impl Iterator<Item = &oci_spec::runtime::LinuxNamespace> {
+    spec.linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .into_iter()
+        .flatten()
 }
 
 /// A mount whose source is a host path (a bind mount): volumes, /etc/hosts, resolv.conf, ...
@@ -197,6 +223,22 @@ mod tests {
         assert_eq!(role(&spec(&[])), Role::Standalone);
         assert_eq!(grouping(&spec(&[(ANNOTATION_SANDBOX_ID, "p")]), "c"), "p");
         assert_eq!(grouping(&spec(&[]), "c"), "c");
+    }
+
+    #[test]
+    fn a_host_network_pod_is_refused() {
+        let pod = spec(&[
+            (ANNOTATION_CONTAINER_TYPE, "sandbox"),
+            (ANNOTATION_SANDBOX_ID, "p"),
+        ]);
+        let mut linux = oci_spec::runtime::Linux::default();
+        linux.set_namespaces(Some(vec![]));
+        let mut host_net = pod.clone();
+        host_net.set_linux(Some(linux));
+        let e = sandbox_config(&host_net, "p", Config::default()).unwrap_err();
+        assert!(e.to_string().contains("hostNetwork"), "{e}");
+        // oci-spec's default spec has a network namespace of its own.
+        assert!(sandbox_config(&pod, "p", Config::default()).is_ok());
     }
 
     #[test]

@@ -8,5 +8,6 @@ pub mod cri;
 pub mod fake_clh;
 pub mod image;
 pub mod leaks;
+pub mod pods;
 pub mod scenario;
 pub mod vm;

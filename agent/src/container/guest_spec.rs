@@ -1,10 +1,14 @@
 //! What the agent changes in, and checks about, the OCI documents the host sends.
 //!
 //! The container spec keeps user, capabilities, read-only root, no_new_privs, rlimits,
-//! env, cwd, mounts, resources and seccomp. It loses hooks (they would run in the guest,
-//! not where the host meant), namespace paths (host paths mean nothing here), the
-//! network namespace (every container shares the guest's network) and host LSM labels. Its root becomes the
-//! assembled rootfs and its cgroupsPath `/shoji/<id>`.
+//! env, cwd, mounts, resources, seccomp and non-network sysctls. It loses hooks (they would
+//! run in the guest, not where the host meant), the network namespace (every container
+//! shares the guest's network, which is the pod's) and host LSM labels. Namespace paths
+//! name host processes: a PID, IPC or UTS namespace with a path is the pod's, and becomes
+//! the guest pause process's; any other path is dropped (a new namespace). Network sysctls
+//! are taken out for the agent to set (libcontainer refuses them without a network
+//! namespace of the container's own). Its root becomes the assembled rootfs and its
+//! cgroupsPath `/shoji/<id>`.
 use std::{
     ffi::OsString,
     os::unix::fs::PermissionsExt,
@@ -35,6 +39,8 @@ pub enum SpecError {
     NoArgs,
     #[error("{0}")]
     TooLarge(String),
+    #[error("sysctl {name:?}: {reason}")]
+    BadSysctl { name: String, reason: String },
     #[error("exec: {name:?}: {reason}")]
     NotExecutable { name: String, reason: String },
 }
@@ -56,13 +62,32 @@ pub fn validate_id(kind: &'static str, id: &str) -> Result<(), SpecError> {
     }
 }
 
-/// Parses and rewrites a container's config.json for running it in the guest.
+/// The namespace kinds a pod shares through its pause process.
+const POD_NAMESPACES: [(LinuxNamespaceType, &str); 3] = [
+    (LinuxNamespaceType::Pid, "pid"),
+    (LinuxNamespaceType::Ipc, "ipc"),
+    (LinuxNamespaceType::Uts, "uts"),
+];
+
+/// A container's spec as it runs in the guest.
+#[derive(Debug)]
+pub struct GuestSpec {
+    pub spec: Spec,
+    /// Whether it joins the pod's namespaces (CRI gave a namespace path).
+    pub joins_pod: bool,
+    /// The network sysctls the agent sets in the guest's network namespace.
+    pub net_sysctls: Vec<(String, String)>,
+}
+
+/// Parses and rewrites a container's config.json for running it in the guest; `pause` is
+/// the pid of the pod's pause process (None: the pod namespaces are left unset).
 pub fn container_spec(
     spec_json: &[u8],
     id: &str,
     rootfs: &Path,
     terminal: bool,
-) -> Result<Spec, SpecError> {
+    pause: Option<i32>,
+) -> Result<GuestSpec, SpecError> {
     let mut spec: Spec = serde_json::from_slice(spec_json).map_err(|e| SpecError::BadJson {
         what: "runtime spec",
         reason: e.to_string(),
@@ -84,13 +109,26 @@ pub fn container_spec(
         .linux()
         .clone()
         .ok_or(SpecError::Missing("linux section"))?;
+    let mut joins_pod = false;
     if let Some(namespaces) = linux.namespaces() {
         let kept = namespaces
             .iter()
             .filter(|ns| ns.typ() != LinuxNamespaceType::Network)
             .map(|ns| {
                 let mut ns = ns.clone();
-                ns.set_path(None);
+                let pod_kind = POD_NAMESPACES.iter().find(|(k, _)| *k == ns.typ());
+                let shared = ns
+                    .path()
+                    .as_ref()
+                    .is_some_and(|p| !p.as_os_str().is_empty());
+                let path = match (pod_kind, shared) {
+                    (Some((_, name)), true) => {
+                        joins_pod = true;
+                        pause.map(|pid| PathBuf::from(format!("/proc/{pid}/ns/{name}")))
+                    }
+                    _ => None,
+                };
+                ns.set_path(path);
                 ns
             })
             .collect();
@@ -106,10 +144,91 @@ pub fn container_spec(
             "the spec sets a hostname but has no uts namespace".into(),
         ));
     }
+    let net_sysctls = take_net_sysctls(&mut linux)?;
     linux.set_mount_label(None);
     linux.set_cgroups_path(Some(PathBuf::from(cgroup::spec_path(id))));
     spec.set_linux(Some(linux));
-    Ok(spec)
+    Ok(GuestSpec {
+        spec,
+        joins_pod,
+        net_sysctls,
+    })
+}
+
+/// Where a sysctl applies in the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SysctlScope {
+    /// `net.*`: the network namespace, the guest's (the pod's).
+    Network,
+    /// The IPC namespace (the pod's when it is shared).
+    Ipc,
+}
+
+/// The IPC sysctls (as in runc and libcontainer), besides `fs.mqueue.*`.
+const IPC_SYSCTLS: [&str; 8] = [
+    "kernel.msgmax",
+    "kernel.msgmnb",
+    "kernel.msgmni",
+    "kernel.sem",
+    "kernel.shmall",
+    "kernel.shmmax",
+    "kernel.shmmni",
+    "kernel.shm_rmid_forced",
+];
+
+/// Checks a pod sysctl: plain words joined by `.` or `/` (the name becomes a path under
+/// /proc/sys), a one-line value, and a namespaced kernel setting: any other would change
+/// the whole guest kernel, and runc refuses it too.
+pub fn sysctl_scope(name: &str, value: &str) -> Result<SysctlScope, SpecError> {
+    let bad = |reason: &str| SpecError::BadSysctl {
+        name: name.chars().take(256).collect(),
+        reason: reason.into(),
+    };
+    let word = |w: &str| {
+        !w.is_empty()
+            && w.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_-".contains(c))
+    };
+    if name.len() > 256 || !name.split(['.', '/']).all(word) {
+        return Err(bad(
+            "not a sysctl name (words of [A-Za-z0-9_-] joined by . or /)",
+        ));
+    }
+    if value.len() > 4096 || value.contains('\n') {
+        return Err(bad("the value must be one line of at most 4096 bytes"));
+    }
+    let dotted = name.replace('/', ".");
+    if dotted.starts_with("net.") {
+        Ok(SysctlScope::Network)
+    } else if IPC_SYSCTLS.contains(&dotted.as_str()) || dotted.starts_with("fs.mqueue.") {
+        Ok(SysctlScope::Ipc)
+    } else {
+        Err(bad(
+            "not in a separate kernel namespace: it would set the whole guest kernel",
+        ))
+    }
+}
+
+/// Takes the `net.*` sysctls out of the spec, checked by [`sysctl_scope`]; the others stay
+/// for libcontainer.
+fn take_net_sysctls(
+    linux: &mut libcontainer::oci_spec::runtime::Linux,
+) -> Result<Vec<(String, String)>, SpecError> {
+    let Some(mut all) = linux.sysctl().clone() else {
+        return Ok(Vec::new());
+    };
+    let mut net: Vec<(String, String)> = all
+        .iter()
+        .filter(|(k, _)| k.starts_with("net.") || k.starts_with("net/"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    net.sort();
+    for (name, value) in &net {
+        sysctl_scope(name, value)?;
+        all.remove(name);
+    }
+    linux.set_sysctl(Some(all));
+    Ok(net)
 }
 
 /// Parses an exec's OCI Process. Nothing is defaulted: oci-spec's default process would
@@ -328,17 +447,22 @@ mod tests {
             "root": {"path": "/host/rootfs", "readonly": true},
             "hooks": {"prestart": [{"path": "/bin/true"}]},
             "linux": {
-                "namespaces": [{"type": "pid"}, {"type": "network", "path": "/var/run/netns/x"}, {"type": "ipc", "path": "/proc/1/ns/ipc"}],
+                "namespaces": [{"type": "pid"}, {"type": "network", "path": "/var/run/netns/x"},
+                    {"type": "ipc", "path": "/proc/1/ns/ipc"}, {"type": "mount", "path": "/proc/1/ns/mnt"}],
+                "sysctl": {"net.ipv4.ip_unprivileged_port_start": "0", "kernel.shm_rmid_forced": "1"},
                 "cgroupsPath": "kubepods-x"
             }
         });
-        let spec = container_spec(
-            json.to_string().as_bytes(),
-            "c1",
-            Path::new("/run/r"),
-            false,
-        )
-        .unwrap();
+        let json = json.to_string();
+        let unjoined = container_spec(json.as_bytes(), "c1", Path::new("/r"), false, None).unwrap();
+        assert!(unjoined.joins_pod);
+        let GuestSpec {
+            spec, net_sysctls, ..
+        } = container_spec(json.as_bytes(), "c1", Path::new("/run/r"), false, Some(42)).unwrap();
+        assert_eq!(
+            net_sysctls,
+            vec![("net.ipv4.ip_unprivileged_port_start".into(), "0".into())]
+        );
         let root = spec.root().as_ref().unwrap();
         assert_eq!(
             (root.path().as_path(), root.readonly()),
@@ -349,11 +473,20 @@ mod tests {
         assert!(process.apparmor_profile().is_none() && process.selinux_label().is_none());
         let linux = spec.linux().as_ref().unwrap();
         let ns = linux.namespaces().as_ref().unwrap();
+        let paths: Vec<_> = ns.iter().map(|n| (n.typ(), n.path().clone())).collect();
         assert_eq!(
-            ns.iter().map(|n| n.typ()).collect::<Vec<_>>(),
-            vec![LinuxNamespaceType::Pid, LinuxNamespaceType::Ipc]
+            paths,
+            vec![
+                (LinuxNamespaceType::Pid, None),
+                (LinuxNamespaceType::Ipc, Some("/proc/42/ns/ipc".into())),
+                (LinuxNamespaceType::Mount, None),
+            ]
         );
-        assert!(ns.iter().all(|n| n.path().is_none()));
+        let sysctl = linux.sysctl().as_ref().unwrap();
+        assert_eq!(
+            sysctl.keys().collect::<Vec<_>>(),
+            vec!["kernel.shm_rmid_forced"]
+        );
         assert_eq!(
             linux.cgroups_path().as_deref(),
             Some(Path::new("/shoji/c1"))
@@ -366,11 +499,12 @@ mod tests {
     #[test]
     fn bad_documents_are_named() {
         assert!(matches!(
-            container_spec(b"{", "c", Path::new("/r"), false),
+            container_spec(b"{", "c", Path::new("/r"), false, None),
             Err(SpecError::BadJson { .. })
         ));
         assert_eq!(
-            container_spec(b"{\"ociVersion\":\"1\"}", "c", Path::new("/r"), false).unwrap_err(),
+            container_spec(b"{\"ociVersion\":\"1\"}", "c", Path::new("/r"), false, None)
+                .unwrap_err(),
             SpecError::Missing("process")
         );
         assert_eq!(
@@ -382,5 +516,48 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("at most 131071 bytes per string"), "{e}");
+        let spec = |name: &str, value: &str| {
+            serde_json::json!({"ociVersion": "1", "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+                "linux": {"sysctl": {name: value}}})
+            .to_string()
+        };
+        for (name, value) in [
+            ("net.a..b", "1"),
+            ("net/../../x", "1"),
+            ("net.core.somaxconn", "1\n2"),
+        ] {
+            let e = container_spec(
+                spec(name, value).as_bytes(),
+                "c",
+                Path::new("/r"),
+                false,
+                None,
+            );
+            assert!(
+                matches!(e, Err(SpecError::BadSysctl { .. })),
+                "{name:?}: {e:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn pod_sysctls_are_namespaced_ones() {
+        for (name, scope) in [
+            ("net.ipv4.ip_unprivileged_port_start", SysctlScope::Network),
+            ("net/ipv4/ping_group_range", SysctlScope::Network),
+            ("kernel.shm_rmid_forced", SysctlScope::Ipc),
+            ("fs.mqueue.msg_max", SysctlScope::Ipc),
+        ] {
+            assert_eq!(sysctl_scope(name, "0").unwrap(), scope, "{name}");
+        }
+        for name in [
+            "vm.overcommit_memory",
+            "kernel.panic",
+            "kernel.shm",
+            "",
+            "net",
+        ] {
+            assert!(sysctl_scope(name, "0").is_err(), "{name:?}");
+        }
     }
 }

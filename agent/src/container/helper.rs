@@ -9,7 +9,7 @@ use std::{
 
 use serde::de::DeserializeOwned;
 
-use super::{create, err_file, exec, kill, log_file, start};
+use super::{create, err_file, exec, kill, log_file, pause, start};
 
 /// Exit status 0 on success; 1 with the error text in `<work-dir>/<verb>.err` on failure.
 pub fn main(args: &[String]) -> i32 {
@@ -28,6 +28,7 @@ pub fn main(args: &[String]) -> i32 {
         start::VERB => parse(request).and_then(start::run),
         exec::VERB => parse(request).and_then(exec::run),
         kill::VERB => parse(request).and_then(kill::run),
+        pause::VERB => parse(request).and_then(pause::run),
         other => Err(format!("unknown helper verb {other:?}")),
     };
     match result {

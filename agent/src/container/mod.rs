@@ -18,6 +18,7 @@ pub mod exec;
 pub mod guest_spec;
 pub mod helper;
 pub mod kill;
+pub mod pause;
 pub mod rootfs;
 pub mod start;
 

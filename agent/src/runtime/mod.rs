@@ -3,6 +3,7 @@
 //!
 //! The server validates nothing itself; each RPC is one method here. Container verbs that
 //! need libcontainer run in helpers (`container`); cgroup work is direct (`cgroup`).
+mod pod;
 mod process;
 
 use std::{
@@ -113,6 +114,7 @@ struct Table {
 pub struct Runtime {
     reaper: Arc<Reaper>,
     table: Mutex<Table>,
+    pod: pod::Pod,
     pub oom: OomWatcher,
 }
 
@@ -121,6 +123,7 @@ impl Runtime {
         Runtime {
             reaper,
             table: Mutex::new(Table::default()),
+            pod: pod::Pod::default(),
             oom,
         }
     }
@@ -236,12 +239,20 @@ impl Runtime {
         overlay: bool,
     ) -> Result<Arc<Container>, RuntimeError> {
         // Parse before mounting anything: bad JSON fails fast.
-        guest_spec::container_spec(&req.spec_json, id, Path::new("/"), req.terminal)?;
+        let parsed =
+            guest_spec::container_spec(&req.spec_json, id, Path::new("/"), req.terminal, None)?;
+        let pause = match parsed.joins_pod {
+            true => Some(self.pod.pause(&self.reaper).await?),
+            false => None,
+        };
         let rootfs = rootfs::assemble(source, overlay, dir).map_err(|e| match e {
             rootfs::RootfsError::NoSource(_) => RuntimeError::InvalidArgument(e.to_string()),
             e => RuntimeError::Internal(e.to_string()),
         })?;
-        let spec = guest_spec::container_spec(&req.spec_json, id, &rootfs, req.terminal)?;
+        let guest_spec::GuestSpec {
+            spec, net_sysctls, ..
+        } = guest_spec::container_spec(&req.spec_json, id, &rootfs, req.terminal, pause)?;
+        pod::set_net_sysctls(&net_sysctls)?;
         guest_spec::check_executable(
             &rootfs,
             spec.process()
@@ -568,6 +579,10 @@ impl Runtime {
             RuntimeError::InvalidArgument(format!("invalid OCI LinuxResources JSON: {e}"))
         })?;
         cgroup::update(&c.cgroup, &r).map_err(|e| RuntimeError::InvalidArgument(e.to_string()))
+    }
+
+    pub async fn set_pod_sysctls(&self, sysctls: &[(String, String)]) -> Result<(), RuntimeError> {
+        self.pod.set_sysctls(&self.reaper, sysctls).await
     }
 
     pub fn pids(&self, id: &str) -> Result<Vec<u32>, RuntimeError> {

@@ -2,7 +2,10 @@
 //! step undoes exactly that (the ledger already names it for a crash).
 use std::{path::Path, sync::Arc};
 
-use shoji_agent_api::{CMDLINE_HOSTNAME, CMDLINE_LOG_LEVEL, CMDLINE_SHARE_TAG};
+use shoji_agent_api::{
+    types::{ConfigureNetworkRequest, Sysctl},
+    CMDLINE_HOSTNAME, CMDLINE_LOG_LEVEL, CMDLINE_SHARE_TAG,
+};
 use slog::{info, warn, Logger};
 use tokio::sync::watch;
 
@@ -232,8 +235,18 @@ impl Boot {
                 ),
             }
         });
-        if let Some(net) = network {
-            agent.configure_network(net.guest).await?;
+        let mut pod = network.map(|n| n.guest).unwrap_or_default();
+        pod.sysctls = cfg
+            .sysctls
+            .iter()
+            .map(|(name, value)| Sysctl {
+                name: name.clone(),
+                value: value.clone(),
+                ..Default::default()
+            })
+            .collect();
+        if pod != ConfigureNetworkRequest::default() {
+            agent.configure_network(pod).await?;
         }
         info!(self.log, "sandbox ready"; "agent_ready_ms" => times.agent_ready.as_millis() as u64,
             "daemons_ready_ms" => times.daemons_ready.as_millis() as u64,

@@ -63,6 +63,8 @@ pub struct SandboxConfig {
     /// The pod's host cgroup (cgroupfs path), joined by the shim before the VM's processes
     /// are launched so they are born in it.
     pub cgroup: Option<String>,
+    /// The pod's sysctls (name, value), set by the agent (which checks them).
+    pub sysctls: Vec<(String, String)>,
 }
 
 impl SandboxConfig {
@@ -77,6 +79,7 @@ impl SandboxConfig {
             hostname: None,
             netns: None,
             cgroup: None,
+            sysctls: Vec::new(),
         }
     }
 

@@ -1,0 +1,135 @@
+//! CRI pod scenarios' building blocks: pods that are always torn down (and checked gone),
+//! exec helpers and container config tweaks. Runtime-agnostic: the same steps run on runc and
+//! on shoji.
+use std::time::Duration;
+
+use crate::{
+    cri::{api, Cri, ExecOutput},
+    scenario::{self, Env},
+};
+
+type Result<T = ()> = scenario::Result<T>;
+
+pub fn check(cond: bool, what: impl FnOnce() -> String) -> Result {
+    if cond {
+        Ok(())
+    } else {
+        Err(what().into())
+    }
+}
+
+/// Bound for one exec (TCG under load).
+pub const EXEC: Duration = Duration::from_secs(30);
+
+/// ExecSync `script` with `sh -c` in container `id`; returns (exit code, stdout, stderr).
+pub async fn sh(cri: &Cri, id: &str, script: &str) -> Result<ExecOutput> {
+    Ok(cri.exec_sync(id, &["sh", "-c", script], EXEC).await?)
+}
+
+/// ExecSync that must succeed; returns its trimmed stdout.
+pub async fn sh_ok(cri: &Cri, id: &str, script: &str) -> Result<String> {
+    let out = sh(cri, id, script).await?;
+    check(out.exit_code == 0, || {
+        format!("exec {script:?} in {id}: {out:?}")
+    })?;
+    Ok(out.stdout.trim().to_string())
+}
+
+/// Pods the scenario started; all are stopped and removed at the end, also when a step failed.
+pub struct Pods {
+    pub cri: Cri,
+    handler: String,
+    ids: Vec<String>,
+    /// The pods' host cgroups (`<cgroup parent>/<sandbox id>`): gone after RemovePodSandbox.
+    cgroups: Vec<String>,
+}
+
+impl Pods {
+    pub async fn run(&mut self, config: &api::PodSandboxConfig) -> Result<String> {
+        let id = self.cri.run_pod(config, &self.handler).await?;
+        self.ids.push(id.clone());
+        if let Some(linux) = &config.linux {
+            self.cgroups.push(format!("{}/{id}", linux.cgroup_parent));
+        }
+        Ok(id)
+    }
+
+    /// Starts container `config` in pod `pod` (configured by `pod_config`); returns its id.
+    pub async fn start(
+        &self,
+        pod: &str,
+        pod_config: &api::PodSandboxConfig,
+        config: &api::ContainerConfig,
+    ) -> Result<String> {
+        let id = self.cri.create_container(pod, config, pod_config).await?;
+        self.cri.start_container(&id).await?;
+        Ok(id)
+    }
+
+    /// Runs `steps`, then StopPodSandbox + RemovePodSandbox for every pod; the first error wins.
+    pub async fn scenario(env: &Env, steps: impl AsyncFnOnce(&mut Pods) -> Result) -> Result {
+        let mut pods = Pods {
+            cri: env.cri().await?,
+            handler: env.runtime.cri_handler.clone(),
+            ids: Vec::new(),
+            cgroups: Vec::new(),
+        };
+        let r = steps(&mut pods).await;
+        let mut teardown = Ok(());
+        for id in &pods.ids {
+            let down = async {
+                pods.cri.stop_pod(id).await?;
+                pods.cri.remove_pod(id).await
+            };
+            if let Err(e) = down.await {
+                teardown = teardown.and(Err(e));
+            }
+        }
+        r?;
+        teardown?;
+        let left = pods.cri.list_pods().await?;
+        check(left.is_empty(), || {
+            format!("pods left after RemovePodSandbox: {left:?}")
+        })?;
+        let left: Vec<_> = host_cgroup_dirs()?
+            .iter()
+            .flat_map(|h| {
+                pods.cgroups
+                    .iter()
+                    .map(move |c| h.join(c.trim_start_matches('/')))
+            })
+            .filter(|p| p.exists())
+            .collect();
+        check(left.is_empty(), || {
+            format!("pod cgroups left after RemovePodSandbox: {left:?}")
+        })
+    }
+}
+
+/// The cgroup hierarchies' roots: /sys/fs/cgroup itself (v2) and each v1 controller mount below it.
+pub fn host_cgroup_dirs() -> Result<Vec<std::path::PathBuf>> {
+    let root = std::path::Path::new("/sys/fs/cgroup");
+    let mut dirs = vec![root.to_path_buf()];
+    for e in std::fs::read_dir(root)? {
+        let p = e?.path();
+        if p.join("cgroup.procs").exists() {
+            dirs.push(p);
+        }
+    }
+    Ok(dirs)
+}
+
+pub fn with_env(mut c: api::ContainerConfig, key: &str, value: &str) -> api::ContainerConfig {
+    c.envs.push(api::KeyValue {
+        key: key.into(),
+        value: value.into(),
+    });
+    c
+}
+
+pub fn security(c: &mut api::ContainerConfig) -> &mut api::LinuxContainerSecurityContext {
+    c.linux
+        .get_or_insert_with(Default::default)
+        .security_context
+        .get_or_insert_with(Default::default)
+}

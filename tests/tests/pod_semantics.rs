@@ -1,0 +1,291 @@
+//! What workloads on a real node rely on, run side by side on runc and on shoji (containerd 2.x, CRI)
+//! with the same expectations: a pod's shared PID/IPC/UTS namespaces, its sysctls (an unprivileged user
+//! serving on port 80), a privileged container's iptables (legacy and nft) with a REDIRECT that works,
+//! writes larger than the pod's memory landing on the host's disk, and a sysctl that is not namespaced
+//! refused. The one documented difference, a hostNetwork pod, is checked on shoji alone.
+//!
+//! The iptables binaries are the host's (package iptables), bind-mounted read-only with its libraries
+//! and run through the host's dynamic loader: no image has them and no registry is reachable here.
+use std::{path::Path, time::Duration};
+
+use shoji_tests::{
+    cni,
+    containerd::Version,
+    cri::{self, api},
+    image::BUSYBOX,
+    pods::{check, security, sh, sh_ok, Pods},
+    scenario::{self, Env, Runtime, ShojiRuntime},
+};
+
+/// Upper bound for one test, so a hang fails instead of stalling CI.
+const TEST_LIMIT: Duration = Duration::from_secs(400);
+const MIB: i64 = 1 << 20;
+
+type Result<T = ()> = scenario::Result<T>;
+
+async fn on(runtime: &Runtime, net: u8, scenario: impl AsyncFnOnce(&Env) -> Result) {
+    scenario::within(TEST_LIMIT, async {
+        let env = Env::start(Version::V2, runtime, Some(net)).await?;
+        let r = scenario(&env).await;
+        env.conclude(r).await
+    })
+    .await
+}
+
+fn namespaces(c: &mut api::ContainerConfig) -> &mut api::NamespaceOption {
+    security(c)
+        .namespace_options
+        .get_or_insert_with(Default::default)
+}
+
+fn pod_security(cfg: &mut api::PodSandboxConfig) -> &mut api::LinuxSandboxSecurityContext {
+    cfg.linux
+        .get_or_insert_with(Default::default)
+        .security_context
+        .get_or_insert_with(Default::default)
+}
+
+/// shareProcessNamespace, pod sysctls, and a container of its own PID namespace beside them.
+async fn shared_namespaces_and_sysctls(env: &Env) -> Result {
+    let net = env.net.as_ref().ok_or("needs a network")?;
+    let work = tempfile::Builder::new().prefix("shoji-pod-").tempdir()?;
+    Pods::scenario(env, async |pods: &mut Pods| {
+        let cri = pods.cri.clone();
+        let mut cfg = cri::pod_config("shared", "shoji-test", work.path());
+        pod_security(&mut cfg)
+            .namespace_options
+            .get_or_insert_with(Default::default)
+            .pid = api::NamespaceMode::Pod as i32;
+        cfg.linux.get_or_insert_with(Default::default).sysctls = [
+            ("net.ipv4.ip_unprivileged_port_start", "0"),
+            ("kernel.shm_rmid_forced", "1"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .into();
+        let pod = pods.run(&cfg).await?;
+
+        let mut a = cri::container_config("a", BUSYBOX, &["sleep", "1001"]);
+        let mut b = cri::container_config("b", BUSYBOX, &["sleep", "1002"]);
+        let mut web =
+            cri::container_config("web", BUSYBOX, &["httpd", "-f", "-p", "80", "-h", "/www"]);
+        for c in [&mut a, &mut b, &mut web] {
+            namespaces(c).pid = api::NamespaceMode::Pod as i32;
+        }
+        security(&mut web).run_as_user = Some(api::Int64Value { value: 1000 });
+        let own = cri::container_config("own", BUSYBOX, &["sleep", "1003"]);
+        let a = pods.start(&pod, &cfg, &a).await?;
+        let b = pods.start(&pod, &cfg, &b).await?;
+        let own = pods.start(&pod, &cfg, &own).await?;
+        pods.start(&pod, &cfg, &web).await?;
+
+        // One PID namespace: b sees a's process, and PID 1 is the pod's, not a container's.
+        let procs = sh_ok(&cri, &b, "cat /proc/[0-9]*/cmdline | tr '\\0' ' '").await?;
+        check(procs.contains("sleep 1001"), || {
+            format!("b does not see a's process: {procs:?}")
+        })?;
+        let init = sh_ok(&cri, &b, "tr '\\0' ' ' < /proc/1/cmdline").await?;
+        check(!init.contains("sleep 100"), || {
+            format!("PID 1 of a shared PID namespace is a container's: {init:?}")
+        })?;
+        let ns = |id: String, kind: &'static str| {
+            let cri = cri.clone();
+            async move { sh_ok(&cri, &id, &format!("readlink /proc/self/ns/{kind}")).await }
+        };
+        for kind in ["pid", "ipc", "uts"] {
+            let (na, nb) = (ns(a.clone(), kind).await?, ns(b.clone(), kind).await?);
+            check(na == nb, || format!("{kind} namespace: a {na}, b {nb}"))?;
+        }
+        // A container without shareProcessNamespace has its own PID namespace, still the pod's IPC.
+        let (pa, po) = (ns(a.clone(), "pid").await?, ns(own.clone(), "pid").await?);
+        check(pa != po, || format!("own PID namespace is the pod's: {po}"))?;
+        let (ia, io) = (ns(a.clone(), "ipc").await?, ns(own.clone(), "ipc").await?);
+        check(ia == io, || format!("IPC namespace: a {ia}, own {io}"))?;
+
+        // The pod's sysctls, and what they are for: uid 1000 serves on port 80.
+        for (file, want) in [
+            ("net/ipv4/ip_unprivileged_port_start", "0"),
+            ("kernel/shm_rmid_forced", "1"),
+        ] {
+            let got = sh_ok(&cri, &b, &format!("cat /proc/sys/{file}")).await?;
+            check(got == want, || {
+                format!("sysctl {file} = {got}, want {want}")
+            })?;
+        }
+        let ip: std::net::Ipv4Addr = cri.pod_ip(&pod).await?.parse()?;
+        let resp = cni::http_get(net, ip, 80, "/index.html", Duration::from_secs(30)).await?;
+        check(resp.contains("shoji busybox httpd"), || {
+            format!("uid 1000 on port 80 answered {resp:?}")
+        })?;
+
+        // A sysctl that would set the whole kernel is refused, naming it.
+        let mut bad = cri::pod_config("unsafe", "shoji-test", work.path());
+        bad.linux.get_or_insert_with(Default::default).sysctls =
+            [("kernel.panic".to_string(), "1".to_string())].into();
+        match pods.run(&bad).await {
+            Ok(id) => Err(format!("a pod with sysctl kernel.panic started: {id}").into()),
+            Err(e) => check(e.to_string().contains("kernel.panic"), || {
+                format!("the refusal does not name the sysctl: {e}")
+            }),
+        }
+    })
+    .await
+}
+
+/// Where the host's iptables and its libraries are mounted in the container.
+const HOST_SBIN: &str = "/host/sbin";
+const HOST_LIB: &str = "/host/lib";
+
+/// Runs the host's `<multi> iptables <args>` (xtables-legacy-multi or xtables-nft-multi); it
+/// takes its lock in /run, which the image has not.
+fn iptables(multi: &str, args: &str) -> String {
+    format!(
+        "mkdir -p /run && XTABLES_LIBDIR={HOST_LIB}/xtables {HOST_LIB}/ld-linux-x86-64.so.2 --library-path {HOST_LIB} \
+         {HOST_SBIN}/{multi} iptables {args}"
+    )
+}
+
+/// A privileged container's iptables, legacy and nft, and a REDIRECT the host's traffic takes; a
+/// writable layer larger than the pod's memory (on the host's disk, in containerd's snapshot).
+async fn privileged_netfilter_and_big_writes(env: &Env) -> Result {
+    let net = env.net.as_ref().ok_or("needs a network")?;
+    let work = tempfile::Builder::new().prefix("shoji-pod-").tempdir()?;
+    let snapshots = env
+        .ctrd
+        .dir()
+        .join("root/io.containerd.snapshotter.v1.overlayfs/snapshots");
+    Pods::scenario(env, async |pods: &mut Pods| {
+        let cri = pods.cri.clone();
+        let mut cfg = cri::pod_config("netadmin", "shoji-test", work.path());
+        pod_security(&mut cfg).privileged = true;
+        cfg.linux.get_or_insert_with(Default::default).resources =
+            Some(api::LinuxContainerResources {
+                memory_limit_in_bytes: 128 * MIB,
+                ..Default::default()
+            });
+        let pod = pods.run(&cfg).await?;
+        let mut admin = cri::container_config("admin", BUSYBOX, &["sleep", "1000"]);
+        security(&mut admin).privileged = true;
+        admin.mounts = vec![
+            cri::host_mount(HOST_SBIN, Path::new("/usr/sbin"), true),
+            cri::host_mount(HOST_LIB, Path::new("/usr/lib/x86_64-linux-gnu"), true),
+        ];
+        let web =
+            cri::container_config("web", BUSYBOX, &["httpd", "-f", "-p", "8080", "-h", "/www"]);
+        let admin = pods.start(&pod, &cfg, &admin).await?;
+        pods.start(&pod, &cfg, &web).await?;
+
+        // Both iptables flavours add and list rules in the pod's network.
+        for (multi, table, rule) in [
+            (
+                "xtables-legacy-multi",
+                "nat",
+                "-A POSTROUTING -s 10.250.0.0/16 -j MASQUERADE",
+            ),
+            (
+                "xtables-legacy-multi",
+                "nat",
+                "-A PREROUTING -p tcp -m tcp --dport 9999 -j REDIRECT --to-ports 8080",
+            ),
+            (
+                "xtables-nft-multi",
+                "filter",
+                "-A INPUT -p tcp -m tcp --dport 7777 -j DROP",
+            ),
+        ] {
+            sh_ok(
+                &cri,
+                &admin,
+                &iptables(multi, &format!("-t {table} {rule}")),
+            )
+            .await?;
+            let rules = sh_ok(&cri, &admin, &iptables(multi, &format!("-t {table} -S"))).await?;
+            check(rules.lines().any(|l| l == rule), || {
+                format!("{multi} -t {table}: {rule:?} not in {rules:?}")
+            })?;
+        }
+        // The REDIRECT works: the host's request to port 9999 reaches httpd on 8080.
+        let ip: std::net::Ipv4Addr = cri.pod_ip(&pod).await?.parse()?;
+        let resp = cni::http_get(net, ip, 9999, "/index.html", Duration::from_secs(30)).await?;
+        check(resp.contains("shoji busybox httpd"), || {
+            format!("port 9999 redirected to 8080 answered {resp:?}")
+        })?;
+
+        // 300 MiB into the container's own filesystem of a 128 MiB pod: it lands on the host.
+        let name = format!("shoji-big-{}", std::process::id());
+        let out = sh(
+            &cri,
+            &admin,
+            &format!("dd if=/dev/zero of=/{name} bs=1M count=300 conv=fsync 2>&1 && ls -l /{name}"),
+        )
+        .await?;
+        check(
+            out.exit_code == 0 && out.stdout.contains(" 314572800 "),
+            || format!("300 MiB write in a 128 MiB pod: {out:?}"),
+        )?;
+        let on_host = std::fs::read_dir(&snapshots)?
+            .filter_map(|e| std::fs::metadata(e.ok()?.path().join("fs").join(&name)).ok())
+            .map(|m| m.len())
+            .collect::<Vec<_>>();
+        check(on_host == [300 * MIB as u64], || {
+            format!("the written file in containerd's snapshots: {on_host:?}")
+        })?;
+        sh_ok(&cri, &admin, &format!("rm /{name}")).await?;
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn shared_namespaces_and_sysctls_runc() {
+    on(&Runtime::runc(), 221, shared_namespaces_and_sysctls).await
+}
+
+#[tokio::test]
+async fn shared_namespaces_and_sysctls_shoji() {
+    on(
+        &ShojiRuntime::new("").runtime,
+        222,
+        shared_namespaces_and_sysctls,
+    )
+    .await
+}
+
+#[tokio::test]
+async fn privileged_netfilter_and_big_writes_runc() {
+    on(&Runtime::runc(), 223, privileged_netfilter_and_big_writes).await
+}
+
+#[tokio::test]
+async fn privileged_netfilter_and_big_writes_shoji() {
+    on(
+        &ShojiRuntime::new("").runtime,
+        224,
+        privileged_netfilter_and_big_writes,
+    )
+    .await
+}
+
+/// The documented difference: a VM cannot join the host's network namespace. RunPodSandbox fails
+/// with the reason, and nothing is left behind (the leak check).
+#[tokio::test]
+async fn a_host_network_pod_is_refused_on_shoji() {
+    let shoji = ShojiRuntime::new("");
+    on(&shoji.runtime, 225, async |env: &Env| {
+        let work = tempfile::Builder::new().prefix("shoji-pod-").tempdir()?;
+        Pods::scenario(env, async |pods: &mut Pods| {
+            let mut cfg = cri::pod_config("hostnet", "shoji-test", work.path());
+            pod_security(&mut cfg)
+                .namespace_options
+                .get_or_insert_with(Default::default)
+                .network = api::NamespaceMode::Node as i32;
+            match pods.run(&cfg).await {
+                Ok(id) => Err(format!("a hostNetwork pod started: {id}").into()),
+                Err(e) => check(e.to_string().contains("hostNetwork"), || {
+                    format!("the refusal does not say why: {e}")
+                }),
+            }
+        })
+        .await
+    })
+    .await
+}
