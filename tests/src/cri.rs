@@ -235,6 +235,27 @@ impl Cri {
             .map(drop)
     }
 
+    /// UpdateContainerResources (what kubelet sends for an in-place resize).
+    pub async fn update_container_resources(
+        &self,
+        id: &str,
+        resources: LinuxContainerResources,
+    ) -> Result<(), Error> {
+        let mut c = self.rt.clone();
+        let req = UpdateContainerResourcesRequest {
+            container_id: id.into(),
+            linux: Some(resources),
+            ..Default::default()
+        };
+        self.call(
+            "UpdateContainerResources",
+            self.timeout,
+            c.update_container_resources(req),
+        )
+        .await
+        .map(drop)
+    }
+
     pub async fn remove_container(&self, id: &str) -> Result<(), Error> {
         let mut c = self.rt.clone();
         let req = RemoveContainerRequest {

@@ -7,8 +7,8 @@
 //! name host processes: a PID, IPC or UTS namespace with a path is the pod's, and becomes
 //! the guest pause process's; any other path is dropped (a new namespace). Network sysctls
 //! are taken out for the agent to set (libcontainer refuses them without a network
-//! namespace of the container's own). Its root becomes the assembled rootfs and its
-//! cgroupsPath `/shoji/<id>`.
+//! namespace of the container's own). A cgroup namespace is added (the guest is cgroup v2).
+//! Its root becomes the assembled rootfs and its cgroupsPath `/shoji/<id>`.
 use std::{
     ffi::OsString,
     os::unix::fs::PermissionsExt,
@@ -133,6 +133,16 @@ pub fn container_spec(
             })
             .collect();
         linux.set_namespaces(Some(kept));
+    }
+    // The guest is cgroup v2 only: as containerd does on a v2 node, the container gets a
+    // cgroup namespace, so /sys/fs/cgroup shows its own limits (what JVMs and Go runtimes
+    // size themselves by), even when the host (v1) spec had none.
+    let mut namespaces = linux.namespaces().clone().unwrap_or_default();
+    if !namespaces.iter().any(|n| n.typ() == LinuxNamespaceType::Cgroup) {
+        let mut cgroup_ns = libcontainer::oci_spec::runtime::LinuxNamespace::default();
+        cgroup_ns.set_typ(LinuxNamespaceType::Cgroup);
+        namespaces.push(cgroup_ns);
+        linux.set_namespaces(Some(namespaces));
     }
     let has_uts = linux
         .namespaces()
@@ -480,6 +490,7 @@ mod tests {
                 (LinuxNamespaceType::Pid, None),
                 (LinuxNamespaceType::Ipc, Some("/proc/42/ns/ipc".into())),
                 (LinuxNamespaceType::Mount, None),
+                (LinuxNamespaceType::Cgroup, None),
             ]
         );
         let sysctl = linux.sysctl().as_ref().unwrap();

@@ -139,10 +139,7 @@ impl PodVm for Sandbox {
     }
 
     async fn update_container(&self, container_id: &str, resources_json: Vec<u8>) -> Result<()> {
-        Ok(self
-            .agent()
-            .update_container(container_id, resources_json)
-            .await?)
+        Sandbox::update_container(self, container_id, resources_json).await
     }
 
     async fn list_processes(&self, container_id: &str) -> Result<Vec<u32>> {

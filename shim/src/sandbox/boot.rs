@@ -10,8 +10,8 @@ use slog::{info, warn, Logger};
 use tokio::sync::watch;
 
 use super::{
-    cleanup, console, state::Ledger, validate_id, BootTimes, Result, Sandbox, SandboxConfig,
-    SandboxError, SHARE_TAG,
+    cleanup, console, sizing::Sizing, state::Ledger, validate_id, BootTimes, Result, Sandbox,
+    SandboxConfig, SandboxError, SHARE_TAG,
 };
 use crate::{
     agent_client::{AgentClient, ReadyListener},
@@ -22,6 +22,7 @@ use crate::{
         Hypervisor, HypervisorKind, ShareDevice, VmEnd, VmExit, VmSpec, VsockDevice, BACKEND_GRACE,
     },
     logtail, network,
+    oci::VmSize,
     sharefs::{SharedDir, Virtiofsd, VirtiofsdOptions},
 };
 
@@ -88,6 +89,17 @@ pub(super) async fn boot(cfg: SandboxConfig, log: Logger) -> Result<Sandbox> {
                 vmm_pid,
                 end,
                 boot_times,
+                sizing: Sizing::new(
+                    VmSize {
+                        vcpus: cfg.vcpus,
+                        memory_mib: cfg.memory_mib,
+                    },
+                    VmSize {
+                        vcpus: c.max_vcpus,
+                        memory_mib: c.max_memory_mib,
+                    },
+                    c.memory_overhead_mib,
+                ),
             })
         }
         Err(e) => {
@@ -152,6 +164,16 @@ impl Boot {
             },
             self.ledger.as_ref(),
         )?);
+        let driver = self.driver.insert(hypervisor::new(
+            driver_options(c).await,
+            self.ledger.clone(),
+            &self.log,
+        ));
+        // Room for the vCPUs a resize may add, where the backend hot-plugs them.
+        let max_vcpus = match driver.capabilities().cpu_hotplug {
+            true => c.max_vcpus.max(cfg.vcpus),
+            false => cfg.vcpus,
+        };
         let spec = VmSpec {
             id: cfg.id.clone(),
             dir: dir.to_path_buf(),
@@ -159,7 +181,7 @@ impl Boot {
             initrd: c.initrd.clone(),
             kernel_args: kernel_args(cfg),
             vcpus: cfg.vcpus,
-            max_vcpus: cfg.vcpus,
+            max_vcpus,
             memory_mib: cfg.memory_mib,
             share: Some(ShareDevice {
                 tag: SHARE_TAG.into(),
@@ -176,11 +198,6 @@ impl Boot {
                 .unwrap_or_default(),
             console_log: dir.join("console.log"),
         };
-        let driver = self.driver.insert(hypervisor::new(
-            driver_options(c).await,
-            self.ledger.clone(),
-            &self.log,
-        ));
         // virtiofsd comes up while the driver prepares its own back-ends.
         driver.prepare(&spec).await?;
         virtiofsd.ready(c.timeouts.vm_start).await?;

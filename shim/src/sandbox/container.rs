@@ -101,6 +101,12 @@ impl Sandbox {
                     ..Default::default()
                 })
                 .await?;
+            let resources = req
+                .spec
+                .linux()
+                .as_ref()
+                .and_then(|l| l.resources().as_ref());
+            self.sizing.track(&req.id, resources);
             Ok(())
         }
         .await;
@@ -160,6 +166,7 @@ impl Sandbox {
     pub async fn remove_container(&self, container_id: &str) -> Result<()> {
         validate_id("container id", container_id)?;
         let removed = self.agent.remove_container(container_id).await;
+        self.sizing.forget(container_id);
         self.shared.remove(Path::new(container_id))?;
         Ok(removed?)
     }

@@ -14,6 +14,7 @@ mod boot;
 mod cleanup;
 mod console;
 mod container;
+mod sizing;
 mod state;
 
 use std::{
@@ -174,6 +175,7 @@ pub struct Sandbox {
     /// The VM's end: the VMM, a device back-end or virtiofsd exited, or stop ran.
     end: watch::Receiver<Option<VmExit>>,
     boot_times: BootTimes,
+    sizing: sizing::Sizing,
 }
 
 impl Sandbox {
