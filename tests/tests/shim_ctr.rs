@@ -453,29 +453,21 @@ macro_rules! both_versions {
     };
 }
 
-both_versions!(
-    run_output_and_exit_code,
-    output_and_exit_code,
-    String::new()
-);
-both_versions!(run_stdin, stdin_reaches_the_container, String::new());
-both_versions!(run_50mb_stdout, large_output_is_complete, String::new());
-both_versions!(
-    task_exec_ps_metrics_pause,
-    exec_ps_metrics_pause,
-    String::new()
-);
-both_versions!(task_kill_signals, sigterm_and_sigkill, String::new());
-both_versions!(task_kill_all, kill_all, String::new());
+both_versions!(run_output_and_exit_code, output_and_exit_code, "");
+both_versions!(run_stdin, stdin_reaches_the_container, "");
+both_versions!(run_50mb_stdout, large_output_is_complete, "");
+both_versions!(task_exec_ps_metrics_pause, exec_ps_metrics_pause, "");
+both_versions!(task_kill_signals, sigterm_and_sigkill, "");
+both_versions!(task_kill_all, kill_all, "");
 both_versions!(
     fail_missing_kernel,
     missing_kernel_fails_clearly,
-    BAD_KERNEL.to_string()
+    BAD_KERNEL
 );
 both_versions!(
     fail_guest_never_ready,
     guest_never_ready_is_bounded,
     no_agent_config()
 );
-both_versions!(fail_vmm_killed, vmm_killed_ends_the_task, String::new());
-both_versions!(fail_shim_killed, shim_killed_is_cleaned_up, String::new());
+both_versions!(fail_vmm_killed, vmm_killed_ends_the_task, "");
+both_versions!(fail_shim_killed, shim_killed_is_cleaned_up, "");

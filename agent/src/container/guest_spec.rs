@@ -138,7 +138,10 @@ pub fn container_spec(
     // cgroup namespace, so /sys/fs/cgroup shows its own limits (what JVMs and Go runtimes
     // size themselves by), even when the host (v1) spec had none.
     let mut namespaces = linux.namespaces().clone().unwrap_or_default();
-    if !namespaces.iter().any(|n| n.typ() == LinuxNamespaceType::Cgroup) {
+    if !namespaces
+        .iter()
+        .any(|n| n.typ() == LinuxNamespaceType::Cgroup)
+    {
         let mut cgroup_ns = libcontainer::oci_spec::runtime::LinuxNamespace::default();
         cgroup_ns.set_typ(LinuxNamespaceType::Cgroup);
         namespaces.push(cgroup_ns);

@@ -131,11 +131,12 @@ impl PodVm for Sandbox {
 
     async fn set_paused(&self, container_id: &str, paused: bool) -> Result<()> {
         let agent = self.agent();
-        Ok(if paused {
-            agent.pause_container(container_id).await?
+        if paused {
+            agent.pause_container(container_id).await?;
         } else {
-            agent.resume_container(container_id).await?
-        })
+            agent.resume_container(container_id).await?;
+        }
+        Ok(())
     }
 
     async fn update_container(&self, container_id: &str, resources_json: Vec<u8>) -> Result<()> {

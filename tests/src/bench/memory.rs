@@ -93,10 +93,10 @@ pub fn report(runtime: &str, usage: &[Usage]) -> String {
         usage.iter().map(|u| u.pss_kib).sum(),
     );
     out += &format!("  {:<24} {:>9.1} {:>9.1}\n", "total", mib(rss), mib(pss));
-    if pss > 0 {
+    if let Some(pods) = host_memory_kib().checked_div(pss) {
         out += &format!(
             "  density: {} idle pods in the host's {:.1} GiB (by PSS, the host's own use left out)\n",
-            host_memory_kib() / pss,
+            pods,
             host_memory_kib() as f64 / (1 << 20) as f64
         );
     }

@@ -35,8 +35,11 @@ fn fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
 
+/// Open fds of the shim, its RSS (KiB), and the RSS of each VM process by name.
+type Measure = (usize, u64, Vec<(String, u64)>);
+
 /// Measures the running pod's shim and VM processes.
-fn measure(run_dir: &Path, pod: &str) -> Result<(usize, u64, Vec<(String, u64)>)> {
+fn measure(run_dir: &Path, pod: &str) -> Result<Measure> {
     let shim = scenario::find_shim(run_dir).ok_or("no shim")? as u32;
     let state = State::read(&run_dir.join(pod))?;
     let vm = state
