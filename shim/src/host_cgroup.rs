@@ -2,8 +2,15 @@
 //! the pod (the VM owner's `cgroupsPath`) before it starts the VM, so the VMM and its device
 //! daemons are born there: containerd and kubelet then read the pod's real host usage from
 //! it (PodSandboxStats), and a limit on the pod's parent cgroup covers the whole VM.
-//! cgroup v2, or the v1 controllers containerd reads stats from; cgroupfs-style paths only
-//! (a systemd-style `slice:prefix:name` path is left alone).
+//! cgroup v2, or the v1 controllers containerd reads stats from.
+//!
+//! Both cgroup drivers' paths are understood. A cgroupfs path is a directory below the root.
+//! A systemd one, `slice:prefix:name` (containerd writes it when the pod's parent is a
+//! `.slice`, kubeadm's default), is where runc's systemd driver puts the pod: the scope
+//! `<prefix>-<name>.scope` in the slice's directory, each dash of the slice name a level
+//! (`kubepods-burstable-pod1.slice` is `kubepods.slice/kubepods-burstable.slice/...`). The
+//! directories are made directly in the cgroup filesystem, not through systemd's D-Bus
+//! API: systemd leaves unknown sub-cgroups of its slices alone.
 use std::{
     path::{Path, PathBuf},
     time::Duration,
@@ -21,6 +28,8 @@ const V1_CONTROLLERS: &[&str] = &["cpu", "cpuacct", "memory", "pids", "blkio"];
 pub enum CgroupError {
     #[error("cgroupsPath {0:?} is not a plain path below the cgroup root")]
     Invalid(String),
+    #[error("systemd cgroupsPath {path:?}: {why}")]
+    InvalidSystemd { path: String, why: &'static str },
     #[error("{action} {path}: {source}")]
     Io {
         action: &'static str,
@@ -64,9 +73,73 @@ fn hierarchies() -> Vec<Hierarchy> {
         .collect()
 }
 
-/// Whether `cgroups_path` is one this module manages (cgroupfs style, non-empty).
+/// Whether there is a pod cgroup to manage: a path was given and the host has cgroups.
 pub fn supported(cgroups_path: &str) -> bool {
-    !cgroups_path.is_empty() && !cgroups_path.contains(':') && !hierarchies().is_empty()
+    !cgroups_path.is_empty() && !hierarchies().is_empty()
+}
+
+/// The cgroupfs path (relative to a hierarchy's root) of a cgroupsPath of either driver.
+fn relative_path(cgroups_path: &str) -> Result<PathBuf, CgroupError> {
+    let rel = match cgroups_path.split(':').collect::<Vec<_>>()[..] {
+        [plain] => plain.trim_start_matches('/').to_string(),
+        [slice, prefix, name] => {
+            systemd_path(slice, prefix, name).map_err(|why| CgroupError::InvalidSystemd {
+                path: cgroups_path.into(),
+                why,
+            })?
+        }
+        _ => {
+            return Err(CgroupError::InvalidSystemd {
+                path: cgroups_path.into(),
+                why: "want slice:prefix:name",
+            })
+        }
+    };
+    if rel.is_empty()
+        || rel
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == "..")
+    {
+        return Err(CgroupError::Invalid(cgroups_path.to_string()));
+    }
+    Ok(PathBuf::from(rel))
+}
+
+/// runc's systemd mapping: the slice expanded into its levels, then the unit (`name` itself
+/// when it is a slice, else the scope `<prefix>-<name>.scope`).
+fn systemd_path(slice: &str, prefix: &str, name: &str) -> Result<String, &'static str> {
+    let plain = |s: &str| !s.is_empty() && !s.contains('/') && s != "." && s != "..";
+    let slice = if slice.is_empty() {
+        "system.slice"
+    } else {
+        slice
+    };
+    let stem = slice
+        .strip_suffix(".slice")
+        .ok_or("the slice must end in .slice")?;
+    let mut path = String::new();
+    if stem != "-" {
+        if stem.starts_with('-') || stem.ends_with('-') || stem.contains("--") || !plain(stem) {
+            return Err("not a slice name");
+        }
+        let mut level = String::new();
+        for part in stem.split('-') {
+            if !level.is_empty() {
+                level.push('-');
+            }
+            level.push_str(part);
+            path.push_str(&format!("{level}.slice/"));
+        }
+    }
+    if !plain(name) || (!prefix.is_empty() && !plain(prefix)) {
+        return Err("prefix and name must be plain names");
+    }
+    let unit = match (name.ends_with(".slice"), prefix.is_empty()) {
+        (true, _) => name.to_string(),
+        (false, true) => format!("{name}.scope"),
+        (false, false) => format!("{prefix}-{name}.scope"),
+    };
+    Ok(path + &unit)
 }
 
 /// Where process `pid` is in hierarchy `h`, from /proc/<pid>/cgroup.
@@ -105,18 +178,11 @@ pub struct PodCgroup {
 pub struct Previous(Vec<PathBuf>);
 
 impl PodCgroup {
-    /// Works out the directories of `cgroups_path` (cgroupfs style, see [`supported`]) in
-    /// every hierarchy, and which of them would be created. Creates nothing.
+    /// Works out the directories of `cgroups_path` (either driver's) in every hierarchy,
+    /// and which of them would be created. Creates nothing.
     pub fn plan(cgroups_path: &str) -> Result<PodCgroup, CgroupError> {
-        let rel = cgroups_path.trim_start_matches('/');
-        if rel.is_empty()
-            || rel
-                .split('/')
-                .any(|c| c.is_empty() || c == "." || c == "..")
-        {
-            return Err(CgroupError::Invalid(cgroups_path.to_string()));
-        }
-        let rel = Path::new(rel);
+        let rel = relative_path(cgroups_path)?;
+        let rel = rel.as_path();
         let mut cg = PodCgroup {
             dirs: Vec::new(),
             created: Vec::new(),
@@ -240,14 +306,45 @@ mod tests {
     use super::*;
 
     #[test]
-    fn systemd_style_empty_and_escaping_paths_are_refused() {
-        assert!(!supported("system.slice:cri-containerd:abc"));
+    fn empty_and_escaping_paths_are_refused() {
         assert!(!supported(""));
         assert!(supported("/kubepods/pod1/abc"));
         for bad in ["/a/../../etc", "/a/./b", "..", "/", "/a//b"] {
             assert!(
                 matches!(PodCgroup::plan(bad), Err(CgroupError::Invalid(_))),
                 "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn systemd_paths_map_as_runc_maps_them() {
+        for (path, want) in [
+            (
+                "kubepods-burstable-pod12.slice:cri-containerd:abc",
+                "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod12.slice/cri-containerd-abc.scope",
+            ),
+            ("system.slice:docker:x", "system.slice/docker-x.scope"),
+            (":cri-containerd:x", "system.slice/cri-containerd-x.scope"),
+            ("-.slice::x", "x.scope"),
+            ("kubepods.slice:p:machine-x.slice", "kubepods.slice/machine-x.slice"),
+        ] {
+            assert_eq!(relative_path(path).unwrap(), Path::new(want), "{path}");
+        }
+        for bad in [
+            "kubepods:p:x",
+            "a--b.slice:p:x",
+            "-a.slice:p:x",
+            "a.slice:p:..",
+            "a.slice:p/q:x",
+            "a.slice:p",
+            "a.slice:p:x:y",
+            "../a.slice:p:x",
+        ] {
+            assert!(
+                matches!(relative_path(bad), Err(CgroupError::InvalidSystemd { .. })),
+                "{bad}: {:?}",
+                relative_path(bad)
             );
         }
     }

@@ -13,7 +13,7 @@ use shoji_tests::{
     containerd::Version,
     cri::{self, api},
     image::BUSYBOX,
-    pods::{check, security, sh, sh_ok, Pods},
+    pods::{self, check, security, sh, sh_ok, Pods},
     scenario::{self, Env, Runtime, ShojiRuntime},
 };
 
@@ -349,6 +349,59 @@ async fn an_update_beyond_the_vm_is_refused_on_qemu() {
         .await
     })
     .await
+}
+
+/// kubeadm's systemd cgroup driver: a pod parent that is a `.slice` makes containerd pass
+/// `slice:cri-containerd:<id>`, and the VM runs in the scope runc's systemd driver would make
+/// (`<slice levels>/cri-containerd-<id>.scope`); nothing of it is left after the pod.
+async fn systemd_cgroup_path(env: &Env) -> Result {
+    let work = tempfile::Builder::new().prefix("shoji-pod-").tempdir()?;
+    let slices = format!("shojitest.slice/shojitest-pod{}.slice", std::process::id());
+    // The memory hierarchy (v1) or the unified one (v2): where kubelet reads the pod's memory.
+    let root = Path::new("/sys/fs/cgroup");
+    let memory = match root.join("cgroup.controllers").exists() {
+        true => root.to_path_buf(),
+        false => root.join("memory"),
+    };
+    Pods::scenario(env, async |pods: &mut Pods| {
+        let mut cfg = cri::pod_config("systemd", "shoji-test", work.path());
+        cfg.linux.get_or_insert_with(Default::default).cgroup_parent =
+            format!("shojitest-pod{}.slice", std::process::id());
+        let pod = pods.run(&cfg).await?;
+        let c = cri::container_config("c", BUSYBOX, &["sleep", "1000"]);
+        pods.start(&pod, &cfg, &c).await?;
+        let scope = memory
+            .join(&slices)
+            .join(format!("cri-containerd-{pod}.scope"));
+        let procs = std::fs::read_to_string(scope.join("cgroup.procs")).unwrap_or_default();
+        let comms: Vec<String> = procs
+            .lines()
+            .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).ok())
+            .map(|c| c.trim().to_string())
+            .collect();
+        check(comms.iter().any(|c| c.starts_with("qemu-system")), || {
+            format!("{} holds {comms:?}, not the VM", scope.display())
+        })
+    })
+    .await?;
+    let left: Vec<_> = pods::host_cgroup_dirs()?
+        .iter()
+        .map(|h| h.join("shojitest.slice"))
+        .filter(|d| d.exists())
+        .collect();
+    check(left.is_empty(), || format!("slices left: {left:?}"))
+}
+
+#[tokio::test]
+async fn systemd_cgroup_path_containerd_1_7() {
+    let shoji = ShojiRuntime::new("");
+    on(&shoji.runtime, Version::V1_7, 227, systemd_cgroup_path).await
+}
+
+#[tokio::test]
+async fn systemd_cgroup_path_containerd_2() {
+    let shoji = ShojiRuntime::new("");
+    on(&shoji.runtime, Version::V2, 228, systemd_cgroup_path).await
 }
 
 /// The documented difference: a VM cannot join the host's network namespace. RunPodSandbox fails
