@@ -119,7 +119,21 @@ pub struct ProcessIo {
     master: Mutex<Option<OwnedFd>>,
     /// One per output stream (stdout and stderr, or tty): true once its EOF was reached.
     drained: HashMap<StreamKind, watch::Sender<bool>>,
+    /// Called when the tty's input stream ends (a debug console's reaction).
+    on_input_end: Mutex<Option<InputEndHook>>,
 }
+
+/// How an input stream (stdin, or a tty's input) ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputEnd {
+    /// The host sent the end-of-input frame.
+    Eof,
+    /// The connection broke (the host went away) or sent garbage.
+    Broken,
+}
+
+/// What to do when a tty's input ends; gets the process's io and how it ended.
+pub type InputEndHook = Box<dyn Fn(&ProcessIo, InputEnd) + Send + Sync>;
 
 fn output_kinds(terminal: bool) -> &'static [StreamKind] {
     if terminal {
@@ -140,7 +154,39 @@ impl ProcessIo {
             slots: Mutex::new(HashMap::new()),
             master: Mutex::new(None),
             drained,
+            on_input_end: Mutex::new(None),
         }
+    }
+
+    /// Sets what happens when the tty's input stream ends.
+    pub fn on_input_end(&self, hook: InputEndHook) {
+        *self.on_input_end.lock().unwrap() = Some(hook);
+    }
+
+    fn input_ended(&self, end: InputEnd) {
+        if let Some(hook) = self.on_input_end.lock().unwrap().as_ref() {
+            hook(self, end);
+        }
+    }
+
+    /// Writes `bytes` as typed input into the tty (without blocking: a full input buffer
+    /// loses them).
+    pub fn type_into_tty(&self, bytes: &[u8]) -> io::Result<()> {
+        let master = self.master.lock().unwrap();
+        let master = master
+            .as_ref()
+            .ok_or_else(|| io::Error::other("the process has no tty"))?;
+        nix::unistd::write(master, bytes)?;
+        Ok(())
+    }
+
+    /// True once a stream took (or claimed) one of the process's stdio ends.
+    pub fn is_attached(&self) -> bool {
+        self.slots
+            .lock()
+            .unwrap()
+            .values()
+            .any(|s| matches!(s, Slot::Taken | Slot::Claimed(_)))
     }
 
     /// Pipes for a process without a tty; stdin is /dev/null unless `stdin`.
@@ -307,10 +353,13 @@ async fn pump_output<W: AsyncWrite + Unpin>(
 
 /// Copies framed input from `conn` into the process until the EOF frame (or a broken
 /// connection); then the process's stdin is closed (for a tty: input stops).
-async fn pump_input<R: AsyncRead + Unpin>(kind: StreamKind, fd: OwnedFd, conn: &mut R) {
+async fn pump_input<R: AsyncRead + Unpin>(kind: StreamKind, fd: OwnedFd, conn: &mut R) -> InputEnd {
     let file = match AsyncFile::new(fd) {
         Ok(f) => f,
-        Err(e) => return warn!(log(), "process input unusable"; "stream" => %kind, "error" => %e),
+        Err(e) => {
+            warn!(log(), "process input unusable"; "stream" => %kind, "error" => %e);
+            return InputEnd::Broken;
+        }
     };
     let mut buf = Vec::new();
     loop {
@@ -318,12 +367,13 @@ async fn pump_input<R: AsyncRead + Unpin>(kind: StreamKind, fd: OwnedFd, conn: &
             Ok(true) => {
                 if let Err(e) = file.write_all(&buf).await {
                     debug!(log(), "process input closed"; "stream" => %kind, "error" => %e);
-                    return;
+                    return InputEnd::Eof;
                 }
             }
-            Ok(false) => return,
+            Ok(false) => return InputEnd::Eof,
             Err(e) => {
-                return debug!(log(), "input stream ended without EOF frame"; "stream" => %kind, "error" => %e)
+                debug!(log(), "input stream ended without EOF frame"; "stream" => %kind, "error" => %e);
+                return InputEnd::Broken;
             }
         }
     }
@@ -375,7 +425,7 @@ where
     }
     debug!(log(), "stream attached"; "container" => &h.container_id, "exec" => &h.exec_id, "stream" => %h.kind);
     match h.kind {
-        StreamKind::Stdin => pump_input(h.kind, fd, &mut conn).await,
+        StreamKind::Stdin => drop(pump_input(h.kind, fd, &mut conn).await),
         StreamKind::Stdout | StreamKind::Stderr => pump_output(&pio, h.kind, fd, Some(conn)).await,
         StreamKind::Tty => {
             let input = match fd.try_clone() {
@@ -383,8 +433,11 @@ where
                 Err(e) => return warn!(log(), "duplicating the pty master failed"; "error" => %e),
             };
             let (mut rd, wr) = tokio::io::split(conn);
-            let input_task =
-                tokio::spawn(async move { pump_input(StreamKind::Tty, input, &mut rd).await });
+            let p = pio.clone();
+            let input_task = tokio::spawn(async move {
+                let end = pump_input(StreamKind::Tty, input, &mut rd).await;
+                p.input_ended(end);
+            });
             pump_output(&pio, h.kind, fd, Some(wr)).await;
             input_task.abort();
         }
@@ -551,7 +604,7 @@ mod tests {
         shoji_agent_api::stream::write_frame(&mut host, b"")
             .await
             .unwrap();
-        pump.await.unwrap();
+        assert_eq!(pump.await.unwrap(), InputEnd::Eof);
         let mut got = String::new();
         std::io::Read::read_to_string(&mut std::fs::File::from(child.stdin), &mut got).unwrap();
         assert_eq!(got, "hello world");

@@ -469,6 +469,18 @@ impl AgentClient {
         .map(drop)
     }
 
+    /// Starts a debug shell in the guest (only if the VM was booted allowing it); returns
+    /// its exec id (of [`shoji_agent_api::DEBUG_CONSOLE_CONTAINER`]) and guest pid.
+    pub async fn start_debug_console(&self, req: DebugConsoleRequest) -> Result<(String, u32)> {
+        self.call(
+            "StartDebugConsole",
+            self.call_timeout,
+            |c, ctx| async move { c.start_debug_console(ctx, &req).await },
+        )
+        .await
+        .map(|r| (r.exec_id, r.pid))
+    }
+
     /// Opens one stdio stream of a process (see [`shoji_agent_api::stream`]): after this
     /// returns, stdout/stderr/tty output can be read raw and stdin written in frames.
     /// Attach before StartProcess so no output is missed.

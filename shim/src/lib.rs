@@ -16,6 +16,7 @@ pub mod kvm;
 pub mod logging;
 pub mod logtail;
 pub mod network;
+pub mod node;
 pub mod oci;
 pub mod pod;
 pub mod procfs;

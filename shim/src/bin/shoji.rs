@@ -1,4 +1,6 @@
 //! `shoji`: the operator CLI. `shoji check` tells whether this host can run sandboxes;
+//! `shoji ps` lists the node's sandboxes, `shoji logs ID` shows one's logs, `shoji console
+//! ID` opens a debug shell in its guest, `shoji metrics` serves Prometheus metrics;
 //! `shoji vm run -- CMD` boots a throwaway microVM and runs CMD in it; `shoji vm bench`
 //! measures boots; `shoji cleanup ID` removes what a dead sandbox left behind.
 use std::{path::PathBuf, process::ExitCode};
@@ -47,6 +49,29 @@ enum Command {
     },
     /// Remove what sandbox ID left behind (processes, mounts, its run directory).
     Cleanup { id: String },
+    /// List every sandbox on this node: pod, VM, size, uptime, containers, host memory, state.
+    Ps {
+        /// One JSON array instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// Show whole sandbox ids (the table cuts them to 12 characters).
+        #[arg(long)]
+        no_trunc: bool,
+    },
+    /// Print a sandbox's guest console and daemon logs (kept for a while after it is gone).
+    Logs {
+        /// Sandbox id, or a unique prefix of it.
+        sandbox: String,
+        /// Only the last N lines of each file.
+        #[arg(long, value_name = "N")]
+        tail: Option<usize>,
+    },
+    /// Open a shell in a running sandbox's guest, outside every container (needs
+    /// debug_console = true when the sandbox was booted).
+    Console {
+        /// Sandbox id, or a unique prefix of it.
+        sandbox: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -138,7 +163,29 @@ async fn run(args: Args) -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-        Command::Cleanup { id } => match sandbox::cleanup(&config.run_dir, &id).await {
+        Command::Ps { json, no_trunc } => {
+            let views = shoji::node::sandboxes(&config.run_dir);
+            if json {
+                println!("{}", cli::ps::json(&views));
+            } else {
+                print!("{}", cli::ps::table(&views, no_trunc));
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Logs { sandbox, tail } => {
+            let (mut out, mut note) = (std::io::stdout().lock(), std::io::stderr());
+            match cli::logs::logs(&config, &sandbox, tail, &mut out, &mut note) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e),
+            }
+        }
+        Command::Console { sandbox } => {
+            match cli::console::console(&config, &sandbox, &log).await {
+                Ok(status) => ExitCode::from(status as u8),
+                Err(e) => fail(e),
+            }
+        }
+        Command::Cleanup { id } => match sandbox::cleanup(&config.run_dir, &id, &log).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(e),
         },

@@ -14,6 +14,7 @@ mod boot;
 mod cleanup;
 mod console;
 mod container;
+pub mod logs;
 mod state;
 
 use std::{
@@ -30,7 +31,7 @@ pub use self::{
     cleanup::{cleanup, CleanupError},
     console::CONSOLE_MAX,
     container::{ContainerRequest, ExecRequest, Mount},
-    state::{RecordedPid, State, STATE_FILE},
+    state::{BootRecord, LogRetention, RecordedPid, SandboxInfo, State, STATE_FILE},
 };
 use crate::{
     agent_client::{AgentClient, AgentError},
@@ -63,6 +64,9 @@ pub struct SandboxConfig {
     /// The pod's host cgroup (cgroupfs path), joined by the shim before the VM's processes
     /// are launched so they are born in it.
     pub cgroup: Option<String>,
+    /// The pod's namespace and name, when the spec says (recorded for `shoji ps`).
+    pub pod_namespace: Option<String>,
+    pub pod_name: Option<String>,
 }
 
 impl SandboxConfig {
@@ -77,6 +81,8 @@ impl SandboxConfig {
             hostname: None,
             netns: None,
             cgroup: None,
+            pod_namespace: None,
+            pod_name: None,
         }
     }
 
@@ -235,7 +241,7 @@ impl Sandbox {
         {
             cg.leave(std::process::id(), &previous);
         }
-        cleanup::release(&self.dir, &state).await?;
+        cleanup::release(&self.dir, &state, &self.log).await?;
         Ok(())
     }
 }
