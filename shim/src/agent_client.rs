@@ -11,6 +11,7 @@
 use std::{
     future::Future,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -25,6 +26,8 @@ use tokio::{
     net::{UnixListener, UnixStream},
 };
 use ttrpc::{context, Code};
+
+use crate::call_stats::CallStats;
 
 /// How long one long-poll call (WaitProcess, WaitOomEvent) stays open before it is
 /// re-issued. Between two polls the agent's health is checked, so a dead agent is noticed.
@@ -207,6 +210,7 @@ pub struct AgentClient {
     rpc: ttrpc_api::AgentClient,
     vsock_socket: PathBuf,
     call_timeout: Duration,
+    stats: Arc<CallStats>,
 }
 
 impl AgentClient {
@@ -219,7 +223,13 @@ impl AgentClient {
             rpc: ttrpc_api::AgentClient::new(client),
             vsock_socket: vsock_socket.into(),
             call_timeout,
+            stats: Arc::default(),
         })
+    }
+
+    /// Latency and errors of this client's calls (long polls excepted).
+    pub fn stats(&self) -> &Arc<CallStats> {
+        &self.stats
     }
 
     /// Runs one call bounded by `timeout`, on the wire (so the agent drops it too) and locally.
@@ -229,13 +239,18 @@ impl AgentClient {
         Fut: Future<Output = ttrpc::Result<T>>,
     {
         let ctx = context::with_duration(timeout);
+        let began = tokio::time::Instant::now();
         // The local bound is a little longer so the agent's DEADLINE_EXCEEDED wins when it can.
-        match tokio::time::timeout(
+        let answer = tokio::time::timeout(
             timeout + Duration::from_millis(500),
             f(self.rpc.clone(), ctx),
         )
-        .await
-        {
+        .await;
+        if timeout != LONG_POLL {
+            let ok = matches!(answer, Ok(Ok(_)));
+            self.stats.record(call, began.elapsed(), ok);
+        }
+        match answer {
             Err(_) => Err(AgentError::Timeout { call, timeout }),
             Ok(Ok(v)) => Ok(v),
             Ok(Err(ttrpc::Error::RpcStatus(s))) if s.code() == Code::DEADLINE_EXCEEDED => {

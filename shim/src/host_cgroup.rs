@@ -64,6 +64,21 @@ fn hierarchies() -> Vec<Hierarchy> {
         .collect()
 }
 
+/// The host's cgroups in words: `v2` or `v1 (cpu, memory, ...)`; None without any.
+pub fn layout() -> Option<String> {
+    let h = hierarchies();
+    match h.first()?.controller {
+        None => Some("v2".into()),
+        Some(_) => Some(format!(
+            "v1 ({})",
+            h.iter()
+                .filter_map(|h| h.controller)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
+
 /// Whether `cgroups_path` is one this module manages (cgroupfs style, non-empty).
 pub fn supported(cgroups_path: &str) -> bool {
     !cgroups_path.is_empty() && !cgroups_path.contains(':') && !hierarchies().is_empty()

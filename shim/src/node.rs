@@ -36,8 +36,8 @@ impl Status {
     }
 }
 
-/// One process of a sandbox on the host (a recorded one, or a direct child of one:
-/// virtiofsd serves from a sandboxed child).
+/// One process of a sandbox on the host: a recorded one, or a direct child of one
+/// (virtiofsd serves from a sandboxed child), named as the ledger names it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ProcessMemory {
     pub name: String,
@@ -115,12 +115,17 @@ pub fn view(id: &str, dir: &Path) -> SandboxView {
         (true, true) if owner.is_some() && state.boot.is_none() => Status::Starting,
         (true, _) => Status::Dead,
     };
-    let live_pids: Vec<u32> = live.iter().map(|p| p.pid).collect();
-    let processes = procfs::with_children(&live_pids)
-        .into_iter()
-        .filter_map(|pid| {
+    // Named as recorded (`/proc` cuts names at 15 characters); children by their parent.
+    let processes = live
+        .iter()
+        .flat_map(|p| {
+            procfs::with_children(&[p.pid])
+                .into_iter()
+                .map(|pid| (p.name.clone(), pid))
+        })
+        .filter_map(|(name, pid)| {
             Some(ProcessMemory {
-                name: procfs::name(pid)?,
+                name,
                 pid,
                 rss_kib: procfs::rss_kib(pid)?,
                 pss_kib: procfs::pss_kib(pid).unwrap_or(0),

@@ -40,8 +40,13 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Check accelerator, VMM, daemons, guest kernel and initramfs; print the fix for each gap.
-    Check,
+    /// Check accelerator, VMM, daemons, guest kernel and initramfs, containerd's
+    /// configuration, network tools, cgroups and CNI; print the fix for each gap.
+    Check {
+        /// containerd's configuration file.
+        #[arg(long, value_name = "FILE", default_value = shoji::check::containerd::DEFAULT_CONFIG)]
+        containerd_config: PathBuf,
+    },
     /// Throwaway microVMs.
     Vm {
         #[command(subcommand)]
@@ -65,6 +70,12 @@ enum Command {
         /// Only the last N lines of each file.
         #[arg(long, value_name = "N")]
         tail: Option<usize>,
+    },
+    /// Serve every sandbox's metrics in the Prometheus text format on GET /metrics.
+    Metrics {
+        /// Address to listen on.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9465")]
+        listen: std::net::SocketAddr,
     },
     /// Open a shell in a running sandbox's guest, outside every container (needs
     /// debug_console = true when the sandbox was booted).
@@ -152,8 +163,8 @@ async fn run(args: Args) -> ExitCode {
         (Err(e), _) | (_, Err(e)) => return fail(e),
     };
     match args.command {
-        Command::Check => {
-            let checks = check::run(&config).await;
+        Command::Check { containerd_config } => {
+            let checks = check::run(&config, &containerd_config).await;
             for c in &checks {
                 println!("{c}");
             }
@@ -176,6 +187,12 @@ async fn run(args: Args) -> ExitCode {
             let (mut out, mut note) = (std::io::stdout().lock(), std::io::stderr());
             match cli::logs::logs(&config, &sandbox, tail, &mut out, &mut note) {
                 Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e),
+            }
+        }
+        Command::Metrics { listen } => {
+            match shoji::metrics::http::Endpoint::bind(listen, config.run_dir.clone(), log).await {
+                Ok(endpoint) => endpoint.serve().await,
                 Err(e) => fail(e),
             }
         }

@@ -15,11 +15,12 @@ use super::{
 };
 use crate::{
     agent_client::{AgentClient, ReadyListener},
-    config::{AccelChoice, Config},
+    call_stats::{CallStats, CALL_STATS_FILE},
+    config::Config,
     host_cgroup::{self, PodCgroup, Previous},
     hypervisor::{
-        self, clh::ClhOptions, describe_status, qemu::QemuOptions, Accel, DriverOptions,
-        Hypervisor, HypervisorKind, ShareDevice, VmEnd, VmExit, VmSpec, VsockDevice, BACKEND_GRACE,
+        self, clh::ClhOptions, describe_status, qemu::QemuOptions, DriverOptions, Hypervisor,
+        HypervisorKind, ShareDevice, VmEnd, VmExit, VmSpec, VsockDevice, BACKEND_GRACE,
     },
     logtail, network,
     sharefs::{BindMode, ReadOnly, SharedDir, Virtiofsd, VirtiofsdOptions},
@@ -235,6 +236,11 @@ impl Boot {
         };
         self.ledger.note(|s| s.boot = Some(times.into()));
         let agent = AgentClient::connect(&vsock, c.timeouts.agent_call).await?;
+        CallStats::persist_until(
+            agent.stats().clone(),
+            dir.join(CALL_STATS_FILE),
+            end.clone(),
+        );
         let link = agent.clone();
         vm_end.on(BACKEND_GRACE, async move {
             VmExit {
@@ -319,15 +325,7 @@ fn share_debug_shell(shared: &SharedDir, log: &Logger) {
 async fn driver_options(c: &Config) -> DriverOptions {
     match c.hypervisor {
         HypervisorKind::Qemu => {
-            let (accel, accel_reason) = match c.qemu.accel {
-                AccelChoice::Kvm => (Accel::Kvm, "configured (qemu.accel = \"kvm\")".to_string()),
-                AccelChoice::Tcg => (Accel::Tcg, "configured (qemu.accel = \"tcg\")".to_string()),
-                AccelChoice::Auto => {
-                    let probe = crate::kvm::probe_async().await;
-                    let accel = if probe.usable { Accel::Kvm } else { Accel::Tcg };
-                    (accel, probe.reason.clone())
-                }
-            };
+            let (accel, accel_reason) = crate::kvm::qemu_accel(c.qemu.accel).await;
             DriverOptions::Qemu(QemuOptions {
                 binary: c.qemu.path.clone(),
                 vhost_vsock: c.vhost_device_vsock.path.clone(),

@@ -44,12 +44,12 @@ impl LogPlace {
         }
     }
 
-    /// The log files present, in [`LOG_FILES`] order.
+    /// The log files that hold something, in [`LOG_FILES`] order.
     pub fn files(&self) -> Vec<PathBuf> {
         LOG_FILES
             .iter()
             .map(|f| self.dir().join(f))
-            .filter(|p| p.is_file())
+            .filter(|p| p.metadata().is_ok_and(|m| m.is_file() && m.len() > 0))
             .collect()
     }
 }
@@ -192,6 +192,8 @@ mod tests {
             .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
             .collect();
         assert_eq!(names, ["console.log", "qemu.log"]);
+        std::fs::write(c.dir().join("virtiofsd.log"), "").unwrap();
+        assert_eq!(c.files().len(), 2, "empty files are not listed");
         let qemu = std::fs::read(c.dir().join("qemu.log")).unwrap();
         assert_eq!(qemu.len() as u64, FILE_MAX);
         assert!(qemu.ends_with(b"last line\n"));

@@ -39,9 +39,12 @@ impl RecordedPid {
         }
     }
 
-    /// True while the recorded process still runs (same pid, same start time).
+    /// True while the recorded process still runs (same pid, same start time, not a
+    /// zombie: a process that exited and waits for its parent holds nothing).
     pub fn is_alive(&self) -> bool {
-        procfs::start_time(self.pid).is_some_and(|t| self.start_time == 0 || t == self.start_time)
+        procfs::stat(self.pid).is_some_and(|s| {
+            s.state != 'Z' && (self.start_time == 0 || s.start_time == self.start_time)
+        })
     }
 }
 
