@@ -135,11 +135,8 @@ fn logger(args: &Args) -> Result<Logger, String> {
 }
 
 fn load_config(args: &Args) -> Result<Config, String> {
-    let cfg = match &args.config {
-        Some(path) => Config::from_file(path),
-        None => Config::load(),
-    };
-    cfg.map_err(|e| e.to_string())
+    // As the shim reads it: the file, then `$SHOJI_RUN_DIR` over its run_dir.
+    Config::load_from(args.config.as_deref()).map_err(|e| e.to_string())
 }
 
 fn fail(message: impl std::fmt::Display) -> ExitCode {
