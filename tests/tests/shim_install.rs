@@ -13,21 +13,13 @@ use shoji_tests::{
     containerd::{Containerd, Options, Version, SHOJI_RUNTIME},
     image::{self, BUSYBOX},
     leaks::{Scope, Snapshot},
-    scenario::{self, CTR_NAMESPACE},
+    scenario::{self, check, CTR_NAMESPACE},
 };
 
 type Result<T = ()> = scenario::Result<T>;
 
 const TEST_LIMIT: Duration = Duration::from_secs(300);
 const CALL: Duration = Duration::from_secs(120);
-
-fn check(cond: bool, what: impl FnOnce() -> String) -> Result {
-    if cond {
-        Ok(())
-    } else {
-        Err(what().into())
-    }
-}
 
 /// Runs `hack/install.sh ARGS` and returns its stderr.
 fn install(args: &[&str]) -> Result<String> {
