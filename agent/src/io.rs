@@ -8,33 +8,31 @@
 //! container's shutdown) forever. Output streams end when the pipe reaches EOF (the pty:
 //! EIO once every slave is closed), so the bytes written just before exit arrive too.
 //! WaitProcess waits for that, at most [`DRAIN_AFTER_EXIT`] past the exit (a grandchild
-//! may keep the pipe open).
+//! may keep the pipe open). A tty process's pty master arrives on libcontainer's console socket
+//! ([`ConsoleSocket`]).
+mod console_socket;
+
 use std::{
     collections::HashMap,
     fs::OpenOptions,
     io,
     os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
-    path::{Path, PathBuf},
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
-    },
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
 use nix::{
     fcntl::{fcntl, FcntlArg, OFlag},
-    sys::socket::{recvmsg, ControlMessageOwned, MsgFlags},
     unistd::pipe2,
 };
 use shoji_agent_api::stream::{read_frame, read_line, StreamHeader, StreamKind, MAX_HEADER};
 use slog::{debug, warn};
 use tokio::{
     io::{unix::AsyncFd, AsyncRead, AsyncWrite, AsyncWriteExt},
-    net::UnixListener,
     sync::{oneshot, watch},
 };
 
+pub use self::console_socket::ConsoleSocket;
 use crate::{logger::log, runtime::Runtime};
 
 /// How long after StartProcess unattached output is kept for a stream to attach.
@@ -43,7 +41,6 @@ pub const ATTACH_GRACE: Duration = Duration::from_secs(5);
 pub const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
 /// How long a new connection may take to send its header.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-const CONSOLE_DIR: &str = "/run/shoji/console";
 
 /// A non-blocking pipe end or pty master driven by tokio.
 struct AsyncFile(AsyncFd<OwnedFd>);
@@ -441,87 +438,6 @@ where
             pump_output(&pio, h.kind, fd, Some(wr)).await;
             input_task.abort();
         }
-    }
-}
-
-/// The listening end of libcontainer's console socket, over which a tty process's pty
-/// master arrives.
-pub struct ConsoleSocket {
-    listener: UnixListener,
-    path: PathBuf,
-}
-
-impl ConsoleSocket {
-    pub fn bind() -> io::Result<ConsoleSocket> {
-        // sun_path holds 108 bytes: a short counter name, not the container id.
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        std::fs::create_dir_all(CONSOLE_DIR)?;
-        let path =
-            Path::new(CONSOLE_DIR).join(format!("{}.sock", NEXT.fetch_add(1, Ordering::Relaxed)));
-        let _ = std::fs::remove_file(&path);
-        Ok(ConsoleSocket {
-            listener: UnixListener::bind(&path)?,
-            path,
-        })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// The pty master sent by the container's init (already queued once the helper succeeded).
-    pub async fn receive(&self, timeout: Duration) -> io::Result<OwnedFd> {
-        let receive = async {
-            let (conn, _) = self.listener.accept().await?;
-            loop {
-                conn.readable().await?;
-                let got = conn.try_io(tokio::io::Interest::READABLE, || {
-                    let mut name = [0u8; 256];
-                    let mut iov = [io::IoSliceMut::new(&mut name)];
-                    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
-                    let msg = recvmsg::<()>(
-                        conn.as_raw_fd(),
-                        &mut iov,
-                        Some(&mut space),
-                        MsgFlags::MSG_CMSG_CLOEXEC,
-                    )
-                    .map_err(io::Error::from)?;
-                    for cmsg in msg.cmsgs().map_err(io::Error::from)? {
-                        if let ControlMessageOwned::ScmRights(fds) = cmsg {
-                            if let Some(fd) = fds.first() {
-                                // SAFETY: SCM_RIGHTS gave us a new descriptor we now own.
-                                return Ok(Some(unsafe {
-                                    <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(*fd)
-                                }));
-                            }
-                        }
-                    }
-                    Ok(None)
-                });
-                match got {
-                    Ok(Some(fd)) => return Ok(fd),
-                    Ok(None) => {
-                        return Err(io::Error::other("console socket message carried no fd"))
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    Err(e) => return Err(e),
-                }
-            }
-        };
-        tokio::time::timeout(timeout, receive)
-            .await
-            .unwrap_or_else(|_| {
-                Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "no pty master on the console socket",
-                ))
-            })
-    }
-}
-
-impl Drop for ConsoleSocket {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
     }
 }
 
