@@ -7,5 +7,6 @@ pub mod cri;
 pub mod fake_clh;
 pub mod image;
 pub mod leaks;
+pub mod metrics;
 pub mod scenario;
 pub mod vm;

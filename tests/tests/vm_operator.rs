@@ -1,7 +1,7 @@
 //! The operator's tools against real sandboxes: `shoji ps`, `logs`, `console`, `metrics`
 //! and `cleanup` on a node with one running sandbox and one whose processes were killed.
 use std::{
-    io::{Read, Write},
+    io::Write,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     time::{Duration, Instant},
@@ -10,7 +10,7 @@ use std::{
 use serde_json::Value;
 use shoji::{agent_client::AgentClient, agent_client::AgentError};
 use shoji_agent_api::types::DebugConsoleRequest;
-use shoji_tests::{bins, vm::TestEnv};
+use shoji_tests::{bins, metrics, vm::TestEnv};
 
 /// The `shoji` CLI with a configuration file of this test (run dir, log dir, debug console).
 struct Cli {
@@ -122,60 +122,6 @@ fn kill_everything(cli: &mut VmRun, dir: &Path) {
         // SAFETY: kill(2) of a process this test's VM launched.
         unsafe { libc::kill(p["pid"].as_i64().unwrap() as i32, libc::SIGKILL) };
     }
-}
-
-/// `GET path` on `addr`; returns the status line and the body.
-fn http_get(addr: &str, path: &str) -> (String, String) {
-    let mut conn = std::net::TcpStream::connect(addr).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    write!(conn, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").unwrap();
-    let mut response = String::new();
-    conn.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    (head.lines().next().unwrap().to_string(), body.to_string())
-}
-
-/// Starts `shoji metrics` on a free local port; returns it and its address.
-fn start_metrics(cli: &Cli) -> (Child, String) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let child = cli
-        .command(&["metrics", "--listen", &addr])
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(Instant::now() < deadline, "shoji metrics did not listen");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (child, addr)
-}
-
-/// A sample's value (gauge, counter or untyped).
-fn value(s: &prometheus_parse::Sample) -> f64 {
-    match s.value {
-        prometheus_parse::Value::Gauge(v)
-        | prometheus_parse::Value::Counter(v)
-        | prometheus_parse::Value::Untyped(v) => v,
-        _ => f64::NAN,
-    }
-}
-
-fn find<'a>(
-    scrape: &'a prometheus_parse::Scrape,
-    metric: &str,
-    labels: &[(&str, &str)],
-) -> Option<&'a prometheus_parse::Sample> {
-    scrape
-        .samples
-        .iter()
-        .find(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
 }
 
 #[tokio::test]
@@ -314,18 +260,15 @@ async fn ps_logs_console_metrics_and_cleanup_on_a_running_and_a_killed_sandbox()
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let (mut metrics, addr) = start_metrics(&cli);
-    let (status, body) = http_get(&addr, "/metrics");
-    assert!(status.contains("200"), "{status}");
-    assert!(http_get(&addr, "/nothing").0.contains("404"));
-    metrics.kill().unwrap();
-    metrics.wait().unwrap();
-    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap();
+    let (server, addr) = metrics::start(cli.command(&[]));
+    let (scrape, body) = metrics::scrape(&addr);
+    assert!(metrics::get(&addr, "/nothing").0.contains("404"));
+    drop(server);
     let rl = [("sandbox_id", running.as_str())];
     let gauge = |metric: &str, extra: &[(&str, &str)]| {
         let labels: Vec<(&str, &str)> = rl.iter().chain(extra).copied().collect();
-        find(&scrape, metric, &labels)
-            .map(value)
+        metrics::sample(&scrape, metric, &labels)
+            .map(metrics::value)
             .unwrap_or_else(|| panic!("no {metric} {labels:?} in\n{body}"))
     };
     assert_eq!(
@@ -365,23 +308,24 @@ async fn ps_logs_console_metrics_and_cleanup_on_a_running_and_a_killed_sandbox()
     );
     assert_eq!(gauge("shoji_container_pids", &[("container", "main")]), 1.0);
     // The shim's (here: `vm run`'s) agent calls, as a histogram.
-    let calls = find(
+    let calls = metrics::sample(
         &scrape,
         "shoji_agent_call_duration_seconds",
         &[("sandbox_id", &running), ("call", "CreateContainer")],
     )
     .unwrap_or_else(|| panic!("no CreateContainer latency in\n{body}"));
-    let prometheus_parse::Value::Histogram(buckets) = &calls.value else {
+    let metrics::Value::Histogram(buckets) = &calls.value else {
         panic!("not a histogram: {calls:?}");
     };
     assert_eq!(buckets.last().unwrap().count, 1.0, "{buckets:?}");
-    let killed_info = find(&scrape, "shoji_sandbox_info", &[("sandbox_id", &killed)]).unwrap();
+    let killed_info =
+        metrics::sample(&scrape, "shoji_sandbox_info", &[("sandbox_id", &killed)]).unwrap();
     assert_eq!(killed_info.labels.get("state"), Some("dead"));
     assert_eq!(
-        find(&scrape, "shoji_sandboxes", &[("state", "dead")]).map(value),
+        metrics::sample(&scrape, "shoji_sandboxes", &[("state", "dead")]).map(metrics::value),
         Some(1.0)
     );
-    assert!(find(
+    assert!(metrics::sample(
         &scrape,
         "shoji_sandbox_guest_up",
         &[("sandbox_id", &killed)]
