@@ -59,13 +59,8 @@ pub async fn console(config: &Config, prefix: &str, log: &Logger) -> Result<i32,
     // The guest names the process: it must fit a stream header.
     validate_id("debug console id", &exec_id)
         .map_err(|e| CliError::Refused(format!("the guest answered with {e}")))?;
-    audit(
-        &dir,
-        &id,
-        "opened",
-        json!({"exec": exec_id, "guest_pid": guest_pid}),
-    );
-    info!(log, "debug console opened"; "sandbox" => &id, "exec" => &exec_id, "guest_pid" => guest_pid);
+    let opened = json!({"exec": exec_id, "guest_pid": guest_pid});
+    audit(&dir, &id, "opened", opened, log);
     eprintln!("shoji: debug console of sandbox {id} (logged); leave with `exit`\r");
 
     let conn = agent
@@ -89,15 +84,16 @@ pub async fn console(config: &Config, prefix: &str, log: &Logger) -> Result<i32,
         &id,
         "closed",
         json!({"exec": exec_id, "status": status}),
+        log,
     );
-    info!(log, "debug console closed"; "sandbox" => &id, "exec" => &exec_id, "status" => status);
     // A status beyond a byte cannot come from a shell.
     Ok(ended?.exit_status.clamp(0, 255))
 }
 
-/// Appends one JSON line about a console use to the sandbox's `debug-console.log`: when,
-/// which event, and who on the host (uid, `$SUDO_USER`/`$USER`, the CLI's pid).
-fn audit(dir: &Path, id: &str, event: &str, detail: serde_json::Value) {
+/// Records a console use: one JSON line in the sandbox's `debug-console.log` (when, which
+/// event, and who on the host: uid, `$SUDO_USER`/`$USER`, the CLI's pid), and the CLI's log.
+fn audit(dir: &Path, id: &str, event: &str, detail: serde_json::Value, log: &Logger) {
+    info!(log, "debug console {}", event; "sandbox" => id, "detail" => %detail);
     let ts = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64());

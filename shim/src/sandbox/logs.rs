@@ -132,7 +132,7 @@ fn prune(log_dir: &Path, keep: usize) -> std::io::Result<()> {
             Some((m.modified().ok()?, e.path()))
         })
         .collect();
-    kept.sort_by(|a, b| b.0.cmp(&a.0));
+    kept.sort_by_key(|k| std::cmp::Reverse(k.0));
     for (_, old) in kept.into_iter().skip(keep) {
         match std::fs::remove_dir_all(&old) {
             // A concurrent teardown pruned it first.
