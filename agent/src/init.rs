@@ -16,7 +16,9 @@ use nix::{
     sys::reboot::{reboot, RebootMode},
     unistd::{chdir, chroot, fexecve, sethostname, sync},
 };
-use shoji_agent_api::{CMDLINE_HOSTNAME, CMDLINE_LOG_LEVEL, CMDLINE_SHARE_TAG, GUEST_SHARE_DIR};
+use shoji_agent_api::{
+    CMDLINE_DEBUG_CONSOLE, CMDLINE_HOSTNAME, CMDLINE_LOG_LEVEL, CMDLINE_SHARE_TAG, GUEST_SHARE_DIR,
+};
 use slog::{error, warn};
 
 use crate::{cgroup, logger::log, network, server};
@@ -31,6 +33,8 @@ pub struct Cmdline {
     pub share_tag: Option<String>,
     pub log_level: Option<String>,
     pub hostname: Option<String>,
+    /// `shoji.debug_console=1`: the host allows debug consoles.
+    pub debug_console: bool,
 }
 
 impl Cmdline {
@@ -45,6 +49,7 @@ impl Cmdline {
                 CMDLINE_SHARE_TAG => c.share_tag = value,
                 CMDLINE_LOG_LEVEL => c.log_level = value,
                 CMDLINE_HOSTNAME => c.hostname = value,
+                CMDLINE_DEBUG_CONSOLE => c.debug_console = value.as_deref() == Some("1"),
                 _ => {}
             }
         }
@@ -118,7 +123,7 @@ pub fn run() -> ! {
             warn!(log(), "bringing up lo failed"; "error" => %e);
         }
         times.init_ms = ms_since(started);
-        server::serve(times).await
+        server::serve(times, cmdline.debug_console).await
     });
     error!(log(), "agent server failed, powering off"; "error" => %result);
     power_off()
@@ -257,9 +262,12 @@ mod tests {
             Cmdline {
                 share_tag: Some("pod1".into()),
                 log_level: Some("debug".into()),
-                hostname: Some("web-0".into())
+                hostname: Some("web-0".into()),
+                debug_console: false,
             }
         );
+        assert!(Cmdline::parse("quiet shoji.debug_console=1").debug_console);
+        assert!(!Cmdline::parse("shoji.debug_console=0").debug_console);
         assert_eq!(
             Cmdline::parse("shoji.share= root=/dev/vda"),
             Cmdline::default()

@@ -8,33 +8,31 @@
 //! container's shutdown) forever. Output streams end when the pipe reaches EOF (the pty:
 //! EIO once every slave is closed), so the bytes written just before exit arrive too.
 //! WaitProcess waits for that, at most [`DRAIN_AFTER_EXIT`] past the exit (a grandchild
-//! may keep the pipe open).
+//! may keep the pipe open). A tty process's pty master arrives on libcontainer's console socket
+//! ([`ConsoleSocket`]).
+mod console_socket;
+
 use std::{
     collections::HashMap,
     fs::OpenOptions,
     io,
     os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
-    path::{Path, PathBuf},
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
-    },
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
 use nix::{
     fcntl::{fcntl, FcntlArg, OFlag},
-    sys::socket::{recvmsg, ControlMessageOwned, MsgFlags},
     unistd::pipe2,
 };
 use shoji_agent_api::stream::{read_frame, read_line, StreamHeader, StreamKind, MAX_HEADER};
 use slog::{debug, warn};
 use tokio::{
     io::{unix::AsyncFd, AsyncRead, AsyncWrite, AsyncWriteExt},
-    net::UnixListener,
     sync::{oneshot, watch},
 };
 
+pub use self::console_socket::ConsoleSocket;
 use crate::{logger::log, runtime::Runtime};
 
 /// How long after StartProcess unattached output is kept for a stream to attach.
@@ -43,7 +41,6 @@ pub const ATTACH_GRACE: Duration = Duration::from_secs(5);
 pub const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
 /// How long a new connection may take to send its header.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-const CONSOLE_DIR: &str = "/run/shoji/console";
 
 /// A non-blocking pipe end or pty master driven by tokio.
 struct AsyncFile(AsyncFd<OwnedFd>);
@@ -119,7 +116,21 @@ pub struct ProcessIo {
     master: Mutex<Option<OwnedFd>>,
     /// One per output stream (stdout and stderr, or tty): true once its EOF was reached.
     drained: HashMap<StreamKind, watch::Sender<bool>>,
+    /// Called when the tty's input stream ends (a debug console's reaction).
+    on_input_end: Mutex<Option<InputEndHook>>,
 }
+
+/// How an input stream (stdin, or a tty's input) ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputEnd {
+    /// The host sent the end-of-input frame.
+    Eof,
+    /// The connection broke (the host went away) or sent garbage.
+    Broken,
+}
+
+/// What to do when a tty's input ends; gets the process's io and how it ended.
+pub type InputEndHook = Box<dyn Fn(&ProcessIo, InputEnd) + Send + Sync>;
 
 fn output_kinds(terminal: bool) -> &'static [StreamKind] {
     if terminal {
@@ -140,7 +151,39 @@ impl ProcessIo {
             slots: Mutex::new(HashMap::new()),
             master: Mutex::new(None),
             drained,
+            on_input_end: Mutex::new(None),
         }
+    }
+
+    /// Sets what happens when the tty's input stream ends.
+    pub fn on_input_end(&self, hook: InputEndHook) {
+        *self.on_input_end.lock().unwrap() = Some(hook);
+    }
+
+    fn input_ended(&self, end: InputEnd) {
+        if let Some(hook) = self.on_input_end.lock().unwrap().as_ref() {
+            hook(self, end);
+        }
+    }
+
+    /// Writes `bytes` as typed input into the tty (without blocking: a full input buffer
+    /// loses them).
+    pub fn type_into_tty(&self, bytes: &[u8]) -> io::Result<()> {
+        let master = self.master.lock().unwrap();
+        let master = master
+            .as_ref()
+            .ok_or_else(|| io::Error::other("the process has no tty"))?;
+        nix::unistd::write(master, bytes)?;
+        Ok(())
+    }
+
+    /// True once a stream took (or claimed) one of the process's stdio ends.
+    pub fn is_attached(&self) -> bool {
+        self.slots
+            .lock()
+            .unwrap()
+            .values()
+            .any(|s| matches!(s, Slot::Taken | Slot::Claimed(_)))
     }
 
     /// Pipes for a process without a tty; stdin is /dev/null unless `stdin`.
@@ -307,10 +350,13 @@ async fn pump_output<W: AsyncWrite + Unpin>(
 
 /// Copies framed input from `conn` into the process until the EOF frame (or a broken
 /// connection); then the process's stdin is closed (for a tty: input stops).
-async fn pump_input<R: AsyncRead + Unpin>(kind: StreamKind, fd: OwnedFd, conn: &mut R) {
+async fn pump_input<R: AsyncRead + Unpin>(kind: StreamKind, fd: OwnedFd, conn: &mut R) -> InputEnd {
     let file = match AsyncFile::new(fd) {
         Ok(f) => f,
-        Err(e) => return warn!(log(), "process input unusable"; "stream" => %kind, "error" => %e),
+        Err(e) => {
+            warn!(log(), "process input unusable"; "stream" => %kind, "error" => %e);
+            return InputEnd::Broken;
+        }
     };
     let mut buf = Vec::new();
     loop {
@@ -318,12 +364,13 @@ async fn pump_input<R: AsyncRead + Unpin>(kind: StreamKind, fd: OwnedFd, conn: &
             Ok(true) => {
                 if let Err(e) = file.write_all(&buf).await {
                     debug!(log(), "process input closed"; "stream" => %kind, "error" => %e);
-                    return;
+                    return InputEnd::Eof;
                 }
             }
-            Ok(false) => return,
+            Ok(false) => return InputEnd::Eof,
             Err(e) => {
-                return debug!(log(), "input stream ended without EOF frame"; "stream" => %kind, "error" => %e)
+                debug!(log(), "input stream ended without EOF frame"; "stream" => %kind, "error" => %e);
+                return InputEnd::Broken;
             }
         }
     }
@@ -375,7 +422,7 @@ where
     }
     debug!(log(), "stream attached"; "container" => &h.container_id, "exec" => &h.exec_id, "stream" => %h.kind);
     match h.kind {
-        StreamKind::Stdin => pump_input(h.kind, fd, &mut conn).await,
+        StreamKind::Stdin => drop(pump_input(h.kind, fd, &mut conn).await),
         StreamKind::Stdout | StreamKind::Stderr => pump_output(&pio, h.kind, fd, Some(conn)).await,
         StreamKind::Tty => {
             let input = match fd.try_clone() {
@@ -383,92 +430,14 @@ where
                 Err(e) => return warn!(log(), "duplicating the pty master failed"; "error" => %e),
             };
             let (mut rd, wr) = tokio::io::split(conn);
-            let input_task =
-                tokio::spawn(async move { pump_input(StreamKind::Tty, input, &mut rd).await });
+            let p = pio.clone();
+            let input_task = tokio::spawn(async move {
+                let end = pump_input(StreamKind::Tty, input, &mut rd).await;
+                p.input_ended(end);
+            });
             pump_output(&pio, h.kind, fd, Some(wr)).await;
             input_task.abort();
         }
-    }
-}
-
-/// The listening end of libcontainer's console socket, over which a tty process's pty
-/// master arrives.
-pub struct ConsoleSocket {
-    listener: UnixListener,
-    path: PathBuf,
-}
-
-impl ConsoleSocket {
-    pub fn bind() -> io::Result<ConsoleSocket> {
-        // sun_path holds 108 bytes: a short counter name, not the container id.
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        std::fs::create_dir_all(CONSOLE_DIR)?;
-        let path =
-            Path::new(CONSOLE_DIR).join(format!("{}.sock", NEXT.fetch_add(1, Ordering::Relaxed)));
-        let _ = std::fs::remove_file(&path);
-        Ok(ConsoleSocket {
-            listener: UnixListener::bind(&path)?,
-            path,
-        })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// The pty master sent by the container's init (already queued once the helper succeeded).
-    pub async fn receive(&self, timeout: Duration) -> io::Result<OwnedFd> {
-        let receive = async {
-            let (conn, _) = self.listener.accept().await?;
-            loop {
-                conn.readable().await?;
-                let got = conn.try_io(tokio::io::Interest::READABLE, || {
-                    let mut name = [0u8; 256];
-                    let mut iov = [io::IoSliceMut::new(&mut name)];
-                    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
-                    let msg = recvmsg::<()>(
-                        conn.as_raw_fd(),
-                        &mut iov,
-                        Some(&mut space),
-                        MsgFlags::MSG_CMSG_CLOEXEC,
-                    )
-                    .map_err(io::Error::from)?;
-                    for cmsg in msg.cmsgs().map_err(io::Error::from)? {
-                        if let ControlMessageOwned::ScmRights(fds) = cmsg {
-                            if let Some(fd) = fds.first() {
-                                // SAFETY: SCM_RIGHTS gave us a new descriptor we now own.
-                                return Ok(Some(unsafe {
-                                    <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(*fd)
-                                }));
-                            }
-                        }
-                    }
-                    Ok(None)
-                });
-                match got {
-                    Ok(Some(fd)) => return Ok(fd),
-                    Ok(None) => {
-                        return Err(io::Error::other("console socket message carried no fd"))
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    Err(e) => return Err(e),
-                }
-            }
-        };
-        tokio::time::timeout(timeout, receive)
-            .await
-            .unwrap_or_else(|_| {
-                Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "no pty master on the console socket",
-                ))
-            })
-    }
-}
-
-impl Drop for ConsoleSocket {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -551,7 +520,7 @@ mod tests {
         shoji_agent_api::stream::write_frame(&mut host, b"")
             .await
             .unwrap();
-        pump.await.unwrap();
+        assert_eq!(pump.await.unwrap(), InputEnd::Eof);
         let mut got = String::new();
         std::io::Read::read_to_string(&mut std::fs::File::from(child.stdin), &mut got).unwrap();
         assert_eq!(got, "hello world");

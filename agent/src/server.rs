@@ -52,6 +52,7 @@ fn status(rpc: &str, e: RuntimeError) -> ttrpc::Error {
         RuntimeError::InvalidArgument(_) => Code::INVALID_ARGUMENT,
         RuntimeError::AlreadyExists(_) => Code::ALREADY_EXISTS,
         RuntimeError::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
+        RuntimeError::PermissionDenied(_) => Code::PERMISSION_DENIED,
         RuntimeError::Internal(_) => Code::INTERNAL,
     };
     if code == Code::INTERNAL {
@@ -195,6 +196,21 @@ impl Agent for Service {
         }
     }
 
+    async fn start_debug_console(
+        &self,
+        _: &TtrpcContext,
+        req: DebugConsoleRequest,
+    ) -> Res<DebugConsoleResponse> {
+        let (exec_id, pid) = done(
+            "StartDebugConsole",
+            self.runtime.start_debug_console(&req).await,
+        )?;
+        let mut r = DebugConsoleResponse::new();
+        r.exec_id = exec_id;
+        r.pid = pid;
+        Ok(r)
+    }
+
     async fn configure_network(
         &self,
         _: &TtrpcContext,
@@ -241,7 +257,8 @@ fn uptime_ms() -> f64 {
 
 /// Serves until a listener fails. The VM is stopped from the host (the VMM is ended with
 /// everything in it), so there is no orderly way out.
-pub async fn serve(boot: BootTimes) -> ServeError {
+/// `debug_console`: the host allowed debug consoles (`shoji.debug_console=1`).
+pub async fn serve(boot: BootTimes, debug_console: bool) -> ServeError {
     let reaper = match Reaper::start() {
         Ok(r) => r,
         Err(e) => return ServeError::Reaper(e),
@@ -250,7 +267,7 @@ pub async fn serve(boot: BootTimes) -> ServeError {
         Ok(o) => o,
         Err(e) => return ServeError::Oom(e),
     };
-    let runtime = Arc::new(Runtime::new(reaper, oom));
+    let runtime = Arc::new(Runtime::new(reaper, oom, debug_console));
     let (fail_tx, mut fail_rx) = mpsc::unbounded_channel();
     let service = Arc::new(Service {
         runtime: runtime.clone(),
@@ -293,7 +310,8 @@ pub async fn serve(boot: BootTimes) -> ServeError {
     if ready {
         info!(log(), "agent ready";
             "since_boot_ms" => uptime_ms(), "root_switch_ms" => boot.root_switch_ms, "mounts_ms" => boot.mounts_ms,
-            "share_ms" => boot.share_ms, "init_ms" => boot.init_ms, "seccomp" => "libseccomp, linked statically");
+            "share_ms" => boot.share_ms, "init_ms" => boot.init_ms, "seccomp" => "libseccomp, linked statically",
+            "debug_console" => debug_console);
     } else {
         error!(log(), "could not announce readiness to the host"; "port" => READY_PORT);
     }

@@ -7,10 +7,14 @@
 //!
 //! Hybrid vsock (vhost-device-vsock, Cloud Hypervisor, Firecracker): host→guest is a Unix
 //! stream connection to the VM's vsock socket plus the line `CONNECT <port>\n`, answered by
-//! `OK <n>\n`; guest→host connections to port P arrive on the Unix socket `<socket>_<P>`.
+//! `OK <n>\n`; guest→host connections to port P arrive on the Unix socket `<socket>_<P>`
+//! ([`vsock`]).
+mod vsock;
+
 use std::{
     future::Future,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -18,13 +22,13 @@ use shoji_agent_api::{
     stream::{self, StreamError, StreamHeader, StreamKind},
     ttrpc_api,
     types::*,
-    AGENT_PORT, IO_PORT, READY_LINE, READY_PORT,
+    AGENT_PORT, IO_PORT,
 };
-use tokio::{
-    io::AsyncWriteExt,
-    net::{UnixListener, UnixStream},
-};
+use tokio::net::UnixStream;
 use ttrpc::{context, Code};
+
+pub use self::vsock::{dial, port_socket, ReadyListener};
+use crate::call_stats::CallStats;
 
 /// How long one long-poll call (WaitProcess, WaitOomEvent) stays open before it is
 /// re-issued. Between two polls the agent's health is checked, so a dead agent is noticed.
@@ -109,97 +113,6 @@ fn bounded(message: &str) -> String {
     m
 }
 
-/// Listens on `<vsock socket>_1026` for the agent's `SHOJI-AGENT-READY` line. The socket
-/// file is removed when this is dropped.
-pub struct ReadyListener {
-    listener: UnixListener,
-    path: PathBuf,
-}
-
-impl ReadyListener {
-    /// Binds the listener; call before the VMM starts.
-    pub fn bind(vsock_socket: &Path) -> Result<ReadyListener> {
-        let path = port_socket(vsock_socket, READY_PORT);
-        let _ = std::fs::remove_file(&path);
-        let listener = UnixListener::bind(&path).map_err(|source| AgentError::Listen {
-            path: path.clone(),
-            source,
-        })?;
-        Ok(ReadyListener { listener, path })
-    }
-
-    /// Waits for a connection that carries the ready line. Connections carrying anything
-    /// else are dropped (only the guest can connect here, but a broken guest must not
-    /// count as ready).
-    pub async fn wait_ready(&self, timeout: Duration) -> Result<()> {
-        let announce = async {
-            loop {
-                let Ok((mut conn, _)) = self.listener.accept().await else {
-                    // e.g. EMFILE: do not spin.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                };
-                let line =
-                    tokio::time::timeout(Duration::from_secs(2), stream::read_line(&mut conn, 64))
-                        .await;
-                if let Ok(Ok(line)) = line {
-                    if line == READY_LINE.trim_end() {
-                        return;
-                    }
-                }
-            }
-        };
-        tokio::time::timeout(timeout, announce)
-            .await
-            .map_err(|_| AgentError::NotReady { timeout })
-    }
-}
-
-impl Drop for ReadyListener {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-/// The Unix socket on which guest connections to host port `port` arrive.
-pub fn port_socket(vsock_socket: &Path, port: u32) -> PathBuf {
-    let mut s = vsock_socket.as_os_str().to_owned();
-    s.push(format!("_{port}"));
-    PathBuf::from(s)
-}
-
-/// Opens a connection to guest vsock port `port` through the hybrid-vsock socket.
-pub async fn dial(vsock_socket: &Path, port: u32, timeout: Duration) -> Result<UnixStream> {
-    let connect = async {
-        let mut conn =
-            UnixStream::connect(vsock_socket)
-                .await
-                .map_err(|source| AgentError::Connect {
-                    socket: vsock_socket.into(),
-                    source,
-                })?;
-        let handshake = |reason: String| AgentError::Handshake { port, reason };
-        conn.write_all(format!("CONNECT {port}\n").as_bytes())
-            .await
-            .map_err(|e| handshake(e.to_string()))?;
-        // Byte by byte, so no payload after the line is consumed. vhost-device-vsock answers
-        // `OK <guest port>`, Cloud Hypervisor `OK <host port>`: only the prefix counts.
-        let line = stream::read_line(&mut conn, 64)
-            .await
-            .map_err(|e| handshake(e.to_string()))?;
-        if !line.starts_with("OK") {
-            return Err(handshake(format!("unexpected answer {line:?}")));
-        }
-        Ok(conn)
-    };
-    tokio::time::timeout(timeout, connect)
-        .await
-        .map_err(|_| AgentError::Handshake {
-            port,
-            reason: format!("no answer within {timeout:?}"),
-        })?
-}
-
 /// Typed client of the agent's ttrpc service. Every call has a timeout; cloning is cheap
 /// and clones share the connection.
 #[derive(Clone)]
@@ -207,6 +120,7 @@ pub struct AgentClient {
     rpc: ttrpc_api::AgentClient,
     vsock_socket: PathBuf,
     call_timeout: Duration,
+    stats: Arc<CallStats>,
 }
 
 impl AgentClient {
@@ -219,7 +133,13 @@ impl AgentClient {
             rpc: ttrpc_api::AgentClient::new(client),
             vsock_socket: vsock_socket.into(),
             call_timeout,
+            stats: Arc::default(),
         })
+    }
+
+    /// Latency and errors of this client's calls (long polls excepted).
+    pub fn stats(&self) -> &Arc<CallStats> {
+        &self.stats
     }
 
     /// Runs one call bounded by `timeout`, on the wire (so the agent drops it too) and locally.
@@ -229,13 +149,18 @@ impl AgentClient {
         Fut: Future<Output = ttrpc::Result<T>>,
     {
         let ctx = context::with_duration(timeout);
+        let began = tokio::time::Instant::now();
         // The local bound is a little longer so the agent's DEADLINE_EXCEEDED wins when it can.
-        match tokio::time::timeout(
+        let answer = tokio::time::timeout(
             timeout + Duration::from_millis(500),
             f(self.rpc.clone(), ctx),
         )
-        .await
-        {
+        .await;
+        if timeout != LONG_POLL {
+            let ok = matches!(answer, Ok(Ok(_)));
+            self.stats.record(call, began.elapsed(), ok);
+        }
+        match answer {
             Err(_) => Err(AgentError::Timeout { call, timeout }),
             Ok(Ok(v)) => Ok(v),
             Ok(Err(ttrpc::Error::RpcStatus(s))) if s.code() == Code::DEADLINE_EXCEEDED => {
@@ -469,6 +394,18 @@ impl AgentClient {
         .map(drop)
     }
 
+    /// Starts a debug shell in the guest (only if the VM was booted allowing it); returns
+    /// its exec id (of [`shoji_agent_api::DEBUG_CONSOLE_CONTAINER`]) and guest pid.
+    pub async fn start_debug_console(&self, req: DebugConsoleRequest) -> Result<(String, u32)> {
+        self.call(
+            "StartDebugConsole",
+            self.call_timeout,
+            |c, ctx| async move { c.start_debug_console(ctx, &req).await },
+        )
+        .await
+        .map(|r| (r.exec_id, r.pid))
+    }
+
     /// Opens one stdio stream of a process (see [`shoji_agent_api::stream`]): after this
     /// returns, stdout/stderr/tty output can be read raw and stdin written in frames.
     /// Attach before StartProcess so no output is missed.
@@ -519,83 +456,7 @@ fn container_ref(container_id: &str) -> ContainerRef {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    fn scratch(name: &str) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("shoji-agent-client-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
-    }
-
-    #[tokio::test]
-    async fn ready_listener_ignores_garbage_then_accepts_the_line() {
-        let dir = scratch("ready");
-        let vsock = dir.join("vsock.sock");
-        let ready = ReadyListener::bind(&vsock).unwrap();
-        assert!(dir.join("vsock.sock_1026").exists());
-        let path = dir.join("vsock.sock_1026");
-        let guest = tokio::spawn(async move {
-            let mut c = UnixStream::connect(&path).await.unwrap();
-            c.write_all(b"GARBAGE\n").await.unwrap();
-            let mut c = UnixStream::connect(&path).await.unwrap();
-            c.write_all(READY_LINE.as_bytes()).await.unwrap();
-            c
-        });
-        ready.wait_ready(Duration::from_secs(5)).await.unwrap();
-        drop(guest.await.unwrap());
-        drop(ready);
-        assert!(!dir.join("vsock.sock_1026").exists(), "socket left behind");
-        std::fs::remove_dir_all(dir).unwrap();
-    }
-
-    #[tokio::test]
-    async fn ready_listener_times_out() {
-        let dir = scratch("notready");
-        let ready = ReadyListener::bind(&dir.join("vsock.sock")).unwrap();
-        let err = ready
-            .wait_ready(Duration::from_millis(100))
-            .await
-            .unwrap_err();
-        assert!(matches!(err, AgentError::NotReady { .. }), "{err}");
-        drop(ready);
-        std::fs::remove_dir_all(dir).unwrap();
-    }
-
-    #[tokio::test]
-    async fn dial_checks_only_the_ok_prefix_and_keeps_the_payload() {
-        let dir = scratch("dial");
-        let sock = dir.join("vsock.sock");
-        let listener = UnixListener::bind(&sock).unwrap();
-        let server = tokio::spawn(async move {
-            for answer in ["OK 1024\npayload", "NO\n"] {
-                let (mut c, _) = listener.accept().await.unwrap();
-                let line = stream::read_line(&mut c, 64).await.unwrap();
-                assert_eq!(line, "CONNECT 1024");
-                c.write_all(answer.as_bytes()).await.unwrap();
-                c.flush().await.unwrap();
-                // Keep the connection until the client has read.
-                let _ = c.read_u8().await;
-            }
-        });
-        let mut conn = dial(&sock, AGENT_PORT, Duration::from_secs(5))
-            .await
-            .unwrap();
-        let mut payload = [0u8; 7];
-        conn.read_exact(&mut payload).await.unwrap();
-        assert_eq!(&payload, b"payload");
-        drop(conn);
-        let err = dial(&sock, AGENT_PORT, Duration::from_secs(5))
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(err, AgentError::Handshake { port: 1024, .. }),
-            "{err}"
-        );
-        server.await.unwrap();
-        std::fs::remove_dir_all(dir).unwrap();
-    }
+    use tokio::{io::AsyncWriteExt, net::UnixListener};
 
     /// A link that breaks (the peer closes the connection) is noticed at the next check.
     #[tokio::test]
@@ -629,17 +490,5 @@ mod tests {
         assert_eq!(bounded("no such container"), "no such container");
         let long = bounded(&"x".repeat(1 << 20));
         assert!(long.len() < GUEST_MESSAGE_MAX + 10 && long.ends_with("[cut]"));
-    }
-
-    #[tokio::test]
-    async fn dial_to_a_missing_socket_names_it() {
-        let err = dial(
-            Path::new("/nonexistent/vsock.sock"),
-            AGENT_PORT,
-            Duration::from_secs(1),
-        )
-        .await
-        .unwrap_err();
-        assert!(err.to_string().contains("/nonexistent/vsock.sock"), "{err}");
     }
 }

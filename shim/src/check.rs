@@ -1,10 +1,23 @@
 //! `shoji check`: is this host ready to run sandboxes, and if not, what fixes it.
 //!
 //! Each [`Check`] is one line: a name, a verdict, what was found, and the fix when it is
-//! not ok. Drivers add their own lines here (e.g. the Cloud Hypervisor binary).
-use std::{fmt, path::Path, process::Stdio, time::Duration};
+//! not ok. Drivers add their own lines here (e.g. the Cloud Hypervisor binary); the host's
+//! tools, devices and cgroups are in [`host`], containerd's configuration in [`containerd`].
+pub mod containerd;
+mod host;
 
-use crate::{config::Config, hypervisor::HypervisorKind, kvm};
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
+
+use crate::{
+    config::Config,
+    hypervisor::{Accel, HypervisorKind},
+    kvm,
+};
 
 /// How long a `--version` call may take.
 const VERSION_TIMEOUT: Duration = Duration::from_secs(5);
@@ -49,24 +62,11 @@ impl fmt::Display for Check {
     }
 }
 
-/// Runs every check against `cfg`.
-pub async fn run(cfg: &Config) -> Vec<Check> {
+/// Runs every check against `cfg`; `containerd_config` is containerd's configuration file.
+pub async fn run(cfg: &Config, containerd_config: &Path) -> Vec<Check> {
     let needs_clh = cfg.hypervisor == HypervisorKind::Clh;
     let kvm = kvm::probe_async().await;
-    let mut checks = vec![Check {
-        name: "accelerator",
-        verdict: if kvm.usable {
-            Verdict::Ok
-        } else {
-            Verdict::Warn
-        },
-        detail: if kvm.usable {
-            format!("KVM: {}", kvm.reason)
-        } else {
-            format!("TCG (software emulation, slow): {}", kvm.reason)
-        },
-        fix: None,
-    }];
+    let mut checks = vec![accelerator(cfg).await];
     if needs_clh && !kvm.usable {
         checks.push(Check {
             name: "hypervisor",
@@ -127,7 +127,54 @@ pub async fn run(cfg: &Config) -> Vec<Check> {
         )
         .await,
     );
+    let (containerd_lines, containerd_cfg) = containerd::checks(containerd_config);
+    checks.extend(containerd_lines);
+    checks.extend(host::tools());
+    checks.push(host::tun());
+    checks.push(host::cgroups());
+    let cni_dirs: Vec<PathBuf> = match containerd_cfg.map(|c| c.cni_bin_dirs) {
+        Some(dirs) if !dirs.is_empty() => dirs,
+        _ => host::DEFAULT_CNI_DIRS.iter().map(PathBuf::from).collect(),
+    };
+    checks.push(host::cni(&cni_dirs));
     checks
+}
+
+/// The accelerator a sandbox would get, as the shim decides it (`qemu.accel`, the probe).
+async fn accelerator(cfg: &Config) -> Check {
+    let (accel, reason) = match cfg.hypervisor {
+        HypervisorKind::Qemu => kvm::qemu_accel(cfg.qemu.accel).await,
+        // Cloud Hypervisor has no software fallback: the probe is the answer.
+        HypervisorKind::Clh => {
+            let probe = kvm::probe_async().await;
+            let accel = if probe.usable { Accel::Kvm } else { Accel::Tcg };
+            (accel, probe.reason.clone())
+        }
+    };
+    let kvm = kvm::probe_async().await;
+    match accel {
+        Accel::Kvm if kvm.usable => Check {
+            name: "accelerator",
+            verdict: Verdict::Ok,
+            detail: format!("KVM: {reason}"),
+            fix: None,
+        },
+        Accel::Kvm => Check {
+            name: "accelerator",
+            verdict: Verdict::Missing,
+            detail: format!(
+                "KVM {reason}, but KVM cannot run a guest here: {}",
+                kvm.reason
+            ),
+            fix: Some("set qemu.accel = \"auto\" (or \"tcg\")".into()),
+        },
+        Accel::Tcg => Check {
+            name: "accelerator",
+            verdict: Verdict::Warn,
+            detail: format!("TCG (software emulation, slow): {reason}"),
+            fix: None,
+        },
+    }
 }
 
 /// True when nothing needed is missing.

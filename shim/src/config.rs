@@ -16,6 +16,10 @@ use crate::hypervisor::HypervisorKind;
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/shoji/config.toml";
 /// Base directory of the per-sandbox directories when `$SHOJI_RUN_DIR` is not set.
 pub const DEFAULT_RUN_DIR: &str = "/run/shoji";
+/// Where the logs of torn-down sandboxes are kept by default.
+pub const DEFAULT_LOG_DIR: &str = "/var/log/shoji";
+/// Most torn-down sandboxes whose logs `log_retention` may keep.
+const MAX_LOG_RETENTION: u32 = 10_000;
 /// Build cache of the guest kernel and initramfs when `$SHOJI_CACHE` is not set.
 pub const DEFAULT_CACHE_DIR: &str = "/var/cache/shoji";
 /// Bounds of the VM-size settings: what the VMMs and the guest kernel (NR_CPUS 64) accept.
@@ -95,6 +99,14 @@ pub struct Config {
     pub log_level: String,
     /// Base directory of the per-sandbox directories (`$SHOJI_RUN_DIR` overrides it).
     pub run_dir: PathBuf,
+    /// Where a torn-down sandbox's logs (guest console, daemons) are kept: `<log_dir>/<id>/`.
+    pub log_dir: PathBuf,
+    /// How many torn-down sandboxes keep their logs in `log_dir` (the oldest go first);
+    /// 0 keeps none.
+    pub log_retention: u32,
+    /// Allows `shoji console` (a shell in the guest, outside every container) on sandboxes
+    /// booted while it is set.
+    pub debug_console: bool,
     pub virtiofsd: VirtiofsdConfig,
     pub qemu: QemuConfig,
     pub clh: ClhConfig,
@@ -197,6 +209,9 @@ impl Default for Config {
             kernel_args: Vec::new(),
             log_level: "info".into(),
             run_dir: PathBuf::from(DEFAULT_RUN_DIR),
+            log_dir: PathBuf::from(DEFAULT_LOG_DIR),
+            log_retention: 20,
+            debug_console: false,
             virtiofsd: VirtiofsdConfig::default(),
             qemu: QemuConfig::default(),
             clh: ClhConfig::default(),
@@ -370,6 +385,18 @@ impl Config {
                 "each entry must be one non-empty word".into(),
             );
         }
+        if self.log_retention > MAX_LOG_RETENTION {
+            return invalid(
+                "log_retention",
+                format!("{} is above {MAX_LOG_RETENTION}", self.log_retention),
+            );
+        }
+        if !self.log_dir.is_absolute() {
+            return invalid(
+                "log_dir",
+                format!("{} is not an absolute path", self.log_dir.display()),
+            );
+        }
         let t = &self.timeouts;
         for (key, d) in [
             ("timeouts.vm_start_ms", t.vm_start),
@@ -446,6 +473,9 @@ mod tests {
             kernel_args = ["loglevel=7"]
             log_level = "debug"
             run_dir = "/tmp/r"
+            log_dir = "/tmp/l"
+            log_retention = 3
+            debug_console = true
             [virtiofsd]
             path = "/v"
             cache = "never"
@@ -474,6 +504,9 @@ mod tests {
         assert_eq!(cfg.vhost_device_vsock.path, PathBuf::from("/h"));
         assert_eq!(cfg.timeouts.agent_ready, Duration::from_secs(2));
         assert_eq!(cfg.timeouts.shutdown, Duration::from_secs(4));
+        assert_eq!(cfg.log_dir, PathBuf::from("/tmp/l"));
+        assert_eq!(cfg.log_retention, 3);
+        assert!(cfg.debug_console);
     }
 
     #[test]
@@ -524,6 +557,10 @@ mod tests {
         assert!(err.contains("default_memory_mib"), "{err}");
         let err = parse("default_vcpus = -1").unwrap_err().to_string();
         assert!(err.contains("default_vcpus"), "{err}");
+        let err = parse("log_retention = 100000").unwrap_err().to_string();
+        assert!(err.contains("log_retention"), "{err}");
+        let err = parse("log_dir = \"logs\"").unwrap_err().to_string();
+        assert!(err.contains("log_dir"), "{err}");
     }
 
     #[test]

@@ -73,6 +73,21 @@ fn hierarchies() -> Vec<Hierarchy> {
         .collect()
 }
 
+/// The host's cgroups in words: `v2` or `v1 (cpu, memory, ...)`; None without any.
+pub fn layout() -> Option<String> {
+    let h = hierarchies();
+    match h.first()?.controller {
+        None => Some("v2".into()),
+        Some(_) => Some(format!(
+            "v1 ({})",
+            h.iter()
+                .filter_map(|h| h.controller)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
+
 /// Whether there is a pod cgroup to manage: a path was given and the host has cgroups.
 pub fn supported(cgroups_path: &str) -> bool {
     !cgroups_path.is_empty() && !hierarchies().is_empty()

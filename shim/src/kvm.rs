@@ -17,6 +17,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::{config::AccelChoice, hypervisor::Accel};
+
 /// The verdict, with the reason in words (shown by `shoji check` and logged at VM start).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KvmProbe {
@@ -39,6 +41,20 @@ pub async fn probe_async() -> &'static KvmProbe {
     tokio::task::spawn_blocking(probe)
         .await
         .expect("the KVM probe does not panic")
+}
+
+/// The accelerator QEMU gets with `qemu.accel = choice`, and why: as configured, or
+/// (`auto`) KVM when the probe passes, else TCG with the probe's reason.
+pub async fn qemu_accel(choice: AccelChoice) -> (Accel, String) {
+    match choice {
+        AccelChoice::Kvm => (Accel::Kvm, "configured (qemu.accel = \"kvm\")".into()),
+        AccelChoice::Tcg => (Accel::Tcg, "configured (qemu.accel = \"tcg\")".into()),
+        AccelChoice::Auto => {
+            let probe = probe_async().await;
+            let accel = if probe.usable { Accel::Kvm } else { Accel::Tcg };
+            (accel, probe.reason.clone())
+        }
+    }
 }
 
 fn unusable(reason: impl Into<String>) -> KvmProbe {

@@ -5,6 +5,7 @@
 //! See docs/architecture.md.
 
 pub mod agent_client;
+pub mod call_stats;
 pub mod check;
 pub mod cli;
 pub mod config;
@@ -15,7 +16,9 @@ pub mod hypervisor;
 pub mod kvm;
 pub mod logging;
 pub mod logtail;
+pub mod metrics;
 pub mod network;
+pub mod node;
 pub mod oci;
 pub mod pod;
 pub mod procfs;

@@ -13,6 +13,10 @@ pub const ANNOTATION_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
 pub const ANNOTATION_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
 pub const ANNOTATION_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
 pub const ANNOTATION_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
+pub const ANNOTATION_POD_NAMESPACE: &str = "io.kubernetes.cri.sandbox-namespace";
+pub const ANNOTATION_POD_NAME: &str = "io.kubernetes.cri.sandbox-name";
+/// Longest pod name Kubernetes allows (a DNS subdomain).
+const POD_NAME_MAX: usize = 253;
 
 /// The part a container plays in its pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,7 +160,28 @@ pub fn sandbox_config(
         .collect();
     sysctls.sort();
     cfg.sysctls = sysctls;
+    cfg.pod_namespace = pod_name(spec, ANNOTATION_POD_NAMESPACE)?;
+    cfg.pod_name = pod_name(spec, ANNOTATION_POD_NAME)?;
     Ok(cfg)
+}
+
+/// A pod's namespace or name: Kubernetes makes them DNS labels/subdomains; anything else
+/// (it ends up in state.json, `shoji ps` and metric labels) is refused.
+fn pod_name(spec: &Spec, key: &str) -> Result<Option<String>, SpecError> {
+    let Some(v) = annotation(spec, key) else {
+        return Ok(None);
+    };
+    let ok = !v.is_empty()
+        && v.len() <= POD_NAME_MAX
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+    if !ok {
+        return Err(SpecError(format!(
+            "annotation {key}={:?} is not a Kubernetes name (1-{POD_NAME_MAX} letters, digits, '-' and '.')",
+            v.chars().take(40).collect::<String>()
+        )));
+    }
+    Ok(Some(v.to_string()))
 }
 
 /// The network namespace CRI created (and CNI populated) for the pod, if the spec joins one.
@@ -307,5 +332,25 @@ mod tests {
             "outside 1000..=1000000",
         );
         refused(&[(ANNOTATION_CPU_QUOTA, "1e9")], "not an integer");
+    }
+
+    #[test]
+    fn pod_namespace_and_name_are_recorded_and_checked() {
+        let c = Config::default();
+        let s = spec(&[
+            (ANNOTATION_POD_NAMESPACE, "kube-system"),
+            (ANNOTATION_POD_NAME, "web-0.x"),
+        ]);
+        let cfg = sandbox_config(&s, "c", c.clone()).unwrap();
+        assert_eq!(cfg.pod_namespace.as_deref(), Some("kube-system"));
+        assert_eq!(cfg.pod_name.as_deref(), Some("web-0.x"));
+        let none = sandbox_config(&spec(&[]), "c", c.clone()).unwrap();
+        assert_eq!((none.pod_namespace, none.pod_name), (None, None));
+        for bad in ["", "a b", "a\"b", "x\ny", &"a".repeat(254)] {
+            let err = sandbox_config(&spec(&[(ANNOTATION_POD_NAME, bad)]), "c", c.clone())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(ANNOTATION_POD_NAME), "{bad:?}: {err}");
+        }
     }
 }

@@ -121,6 +121,11 @@ pub struct Options {
     pub cni_conf_dir: Option<PathBuf>,
     /// Extra environment for containerd (inherited by the shims), e.g. `SHOJI_RUN_DIR`.
     pub env: Vec<(String, String)>,
+    /// Configuration drop-ins containerd imports (`imports = [...]`), e.g. an installed
+    /// handler file.
+    pub imports: Vec<PathBuf>,
+    /// TOML appended to the generated configuration (tables of the same version).
+    pub extra_toml: String,
     /// How long `start` waits for the host-wide lock (other tests' containerds).
     pub lock_timeout: Duration,
 }
@@ -132,6 +137,8 @@ impl Default for Options {
             shoji_handlers: vec![("shoji".into(), None), ("shoji-qemu".into(), None)],
             cni_conf_dir: None,
             env: Vec::new(),
+            imports: Vec::new(),
+            extra_toml: String::new(),
             lock_timeout: Duration::from_secs(900),
         }
     }
@@ -145,6 +152,7 @@ struct ConfigParams<'a> {
     opt: &'a Path,
     cni_conf_dir: &'a Path,
     shoji_handlers: &'a [(String, Option<PathBuf>)],
+    imports: &'a [PathBuf],
 }
 
 fn toml_str(p: &Path) -> String {
@@ -170,8 +178,10 @@ fn runtimes_toml(prefix: &str, handlers: &[(String, Option<PathBuf>)]) -> String
 }
 
 fn common_toml(p: &ConfigParams) -> String {
+    let imports: Vec<String> = p.imports.iter().map(|i| toml_str(i)).collect();
     format!(
-        "root = {}\nstate = {}\n[grpc]\n  address = {}\n[ttrpc]\n  address = {}\n",
+        "imports = [{}]\nroot = {}\nstate = {}\n[grpc]\n  address = {}\n[ttrpc]\n  address = {}\n",
+        imports.join(", "),
         toml_str(p.root),
         toml_str(p.state),
         toml_str(p.grpc),
@@ -273,10 +283,12 @@ impl Containerd {
             opt: &d.join("opt"),
             cni_conf_dir: opts.cni_conf_dir.as_deref().unwrap_or(&empty_cni),
             shoji_handlers: &opts.shoji_handlers,
+            imports: &opts.imports,
         };
         fs::create_dir_all(&empty_cni).map_err(io_err("create cni-none"))?;
         let config = d.join("config.toml");
-        fs::write(&config, version.config(&params)).map_err(io_err("write config.toml"))?;
+        let text = format!("{}\n{}", version.config(&params), opts.extra_toml);
+        fs::write(&config, text).map_err(io_err("write config.toml"))?;
         let address = params.grpc.to_path_buf();
         let log = d.join("containerd.log");
 
@@ -358,6 +370,27 @@ impl Containerd {
     /// The gRPC socket (CRI and containerd API).
     pub fn address(&self) -> &Path {
         &self.address
+    }
+
+    /// Its configuration file.
+    pub fn config_path(&self) -> &Path {
+        &self.launch.config
+    }
+
+    /// This version's `containerd --config <its file> config dump`: the configuration as
+    /// containerd merged it.
+    pub async fn config_dump(&self) -> Result<String, Error> {
+        let out = Command::new(self.version.bin_dir().join("containerd"))
+            .arg("--config")
+            .arg(&self.launch.config)
+            .args(["config", "dump"])
+            .stdin(Stdio::null())
+            .output();
+        let out = tokio::time::timeout(Duration::from_secs(30), out)
+            .await
+            .map_err(|_| io_err("containerd config dump")(std::io::ErrorKind::TimedOut.into()))?
+            .map_err(io_err("containerd config dump"))?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// The private directory (root, state, config, log).
@@ -854,9 +887,10 @@ mod tests {
             opt: Path::new("/o"),
             cni_conf_dir: Path::new("/cni"),
             shoji_handlers: &handlers,
+            imports: &[PathBuf::from("/etc/containerd/conf.d/shoji.toml")],
         };
         let v2 = config_v2(&p);
-        assert!(v2.starts_with("version = 2\n"));
+        assert!(v2.starts_with("version = 2\nimports = [\"/etc/containerd/conf.d/shoji.toml\"]\n"));
         assert!(v2.contains("[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.\"shoji\".options]\n  ConfigPath = \"/etc/shoji/a.toml\""));
         assert!(v2.contains("restrict_oom_score_adj = true"));
         let v3 = config_v3(&p);

@@ -8,6 +8,7 @@ pub mod cri;
 pub mod fake_clh;
 pub mod image;
 pub mod leaks;
+pub mod metrics;
 pub mod pods;
 pub mod scenario;
 pub mod vm;

@@ -206,7 +206,8 @@ pub fn find_shim(run_dir: &std::path::Path) -> Option<i32> {
     })
 }
 
-fn check(cond: bool, what: impl FnOnce() -> String) -> Result<()> {
+/// Ok when `cond` holds, else the error `what` describes.
+pub fn check(cond: bool, what: impl FnOnce() -> String) -> Result<()> {
     if cond {
         Ok(())
     } else {

@@ -51,3 +51,13 @@ pub const CMDLINE_SHARE_TAG: &str = "shoji.share";
 pub const CMDLINE_LOG_LEVEL: &str = "shoji.log";
 /// Kernel command line key for the guest hostname.
 pub const CMDLINE_HOSTNAME: &str = "shoji.hostname";
+/// Kernel command line key: `shoji.debug_console=1` (the host's `debug_console = true` at
+/// boot) allows StartDebugConsole; without it the agent refuses the call.
+pub const CMDLINE_DEBUG_CONSOLE: &str = "shoji.debug_console";
+/// Where the host shares a static busybox for the debug console, relative to
+/// [`GUEST_SHARE_DIR`] (a name no container id can take).
+pub const DEBUG_SHELL_REL: &str = ".shoji-debug/busybox";
+/// The pseudo container id of debug console processes: their stdio streams, WaitProcess,
+/// ResizeTty and SignalProcess name it with the exec id StartDebugConsole returned. No
+/// container id can start with a dot.
+pub const DEBUG_CONSOLE_CONTAINER: &str = ".debug-console";

@@ -3,6 +3,7 @@
 //!
 //! The server validates nothing itself; each RPC is one method here. Container verbs that
 //! need libcontainer run in helpers (`container`); cgroup work is direct (`cgroup`).
+mod console;
 mod pod;
 mod process;
 
@@ -19,7 +20,10 @@ use nix::{
     sys::signal::{kill, Signal},
     unistd::Pid,
 };
-use shoji_agent_api::types::{ContainerStatsResponse, CreateContainerRequest, ExecProcessRequest};
+use shoji_agent_api::{
+    types::{ContainerStatsResponse, CreateContainerRequest, ExecProcessRequest},
+    DEBUG_CONSOLE_CONTAINER,
+};
 use slog::{debug, warn};
 
 use crate::{
@@ -31,6 +35,7 @@ use crate::{
     reaper::{Exit, Reaper},
 };
 
+pub use self::console::DebugConsoles;
 use self::process::{prune_reported_execs, Process};
 
 const CONTAINERS_DIR: &str = "/run/shoji/containers";
@@ -51,6 +56,8 @@ pub enum RuntimeError {
     AlreadyExists(String),
     #[error("{0}")]
     FailedPrecondition(String),
+    #[error("{0}")]
+    PermissionDenied(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -116,15 +123,18 @@ pub struct Runtime {
     table: Mutex<Table>,
     pod: pod::Pod,
     pub oom: OomWatcher,
+    consoles: DebugConsoles,
 }
 
 impl Runtime {
-    pub fn new(reaper: Arc<Reaper>, oom: OomWatcher) -> Runtime {
+    /// `debug_console`: the host allowed debug consoles at boot (`shoji.debug_console=1`).
+    pub fn new(reaper: Arc<Reaper>, oom: OomWatcher, debug_console: bool) -> Runtime {
         Runtime {
             reaper,
             table: Mutex::new(Table::default()),
             pod: pod::Pod::default(),
             oom,
+            consoles: DebugConsoles::new(debug_console),
         }
     }
 
@@ -138,8 +148,16 @@ impl Runtime {
             .ok_or_else(|| RuntimeError::NotFound(format!("no container {id:?}")))
     }
 
+    /// Process `exec_id` of container `id`, or of the debug consoles.
+    fn process(&self, id: &str, exec_id: &str) -> Result<Arc<Process>, RuntimeError> {
+        if id == DEBUG_CONSOLE_CONTAINER {
+            return self.consoles.process(exec_id);
+        }
+        self.container(id)?.process(exec_id)
+    }
+
     pub fn process_io(&self, id: &str, exec_id: &str) -> Result<Arc<ProcessIo>, RuntimeError> {
-        Ok(self.container(id)?.process(exec_id)?.io.clone())
+        Ok(self.process(id, exec_id)?.io.clone())
     }
 
     /// Takes container `id`'s lock (waiting for a create or removal of it to finish).
@@ -430,7 +448,7 @@ impl Runtime {
 
     /// The exit of a process, once its output was delivered (or [`DRAIN_AFTER_EXIT`] passed).
     pub async fn wait_process(&self, id: &str, exec_id: &str) -> Result<Exit, RuntimeError> {
-        let p = self.container(id)?.process(exec_id)?;
+        let p = self.process(id, exec_id)?;
         let mut rx = p.exit.subscribe();
         let exit = rx
             .wait_for(|e| e.is_some())
@@ -450,6 +468,9 @@ impl Runtime {
         signal: u32,
         all: bool,
     ) -> Result<(), RuntimeError> {
+        if id == DEBUG_CONSOLE_CONTAINER {
+            return self.consoles.signal(exec_id, signal);
+        }
         let c = self.container(id)?;
         let p = c.process(exec_id)?;
         let sig = Signal::try_from(signal as i32).map_err(|_| {
@@ -500,7 +521,7 @@ impl Runtime {
         width: u32,
         height: u32,
     ) -> Result<(), RuntimeError> {
-        let p = self.container(id)?.process(exec_id)?;
+        let p = self.process(id, exec_id)?;
         let clamp = |v: u32| v.min(u16::MAX as u32) as u16;
         p.io.resize(clamp(width), clamp(height))
             .map_err(RuntimeError::FailedPrecondition)

@@ -1,4 +1,6 @@
 //! `shoji`: the operator CLI. `shoji check` tells whether this host can run sandboxes;
+//! `shoji ps` lists the node's sandboxes, `shoji logs ID` shows one's logs, `shoji console
+//! ID` opens a debug shell in its guest, `shoji metrics` serves Prometheus metrics;
 //! `shoji vm run -- CMD` boots a throwaway microVM and runs CMD in it; `shoji vm bench`
 //! measures boots; `shoji cleanup ID` removes what a dead sandbox left behind.
 use std::{path::PathBuf, process::ExitCode};
@@ -38,8 +40,13 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Check accelerator, VMM, daemons, guest kernel and initramfs; print the fix for each gap.
-    Check,
+    /// Check accelerator, VMM, daemons, guest kernel and initramfs, containerd's
+    /// configuration, network tools, cgroups and CNI; print the fix for each gap.
+    Check {
+        /// containerd's configuration file.
+        #[arg(long, value_name = "FILE", default_value = shoji::check::containerd::DEFAULT_CONFIG)]
+        containerd_config: PathBuf,
+    },
     /// Throwaway microVMs.
     Vm {
         #[command(subcommand)]
@@ -47,6 +54,35 @@ enum Command {
     },
     /// Remove what sandbox ID left behind (processes, mounts, its run directory).
     Cleanup { id: String },
+    /// List every sandbox on this node: pod, VM, size, uptime, containers, host memory, state.
+    Ps {
+        /// One JSON array instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// Show whole sandbox ids (the table cuts them to 12 characters).
+        #[arg(long)]
+        no_trunc: bool,
+    },
+    /// Print a sandbox's guest console and daemon logs (kept for a while after it is gone).
+    Logs {
+        /// Sandbox id, or a unique prefix of it.
+        sandbox: String,
+        /// Only the last N lines of each file.
+        #[arg(long, value_name = "N")]
+        tail: Option<usize>,
+    },
+    /// Serve every sandbox's metrics in the Prometheus text format on GET /metrics.
+    Metrics {
+        /// Address to listen on.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9465")]
+        listen: std::net::SocketAddr,
+    },
+    /// Open a shell in a running sandbox's guest, outside every container (needs
+    /// debug_console = true when the sandbox was booted).
+    Console {
+        /// Sandbox id, or a unique prefix of it.
+        sandbox: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -99,11 +135,8 @@ fn logger(args: &Args) -> Result<Logger, String> {
 }
 
 fn load_config(args: &Args) -> Result<Config, String> {
-    let cfg = match &args.config {
-        Some(path) => Config::from_file(path),
-        None => Config::load(),
-    };
-    cfg.map_err(|e| e.to_string())
+    // As the shim reads it: the file, then `$SHOJI_RUN_DIR` over its run_dir.
+    Config::load_from(args.config.as_deref()).map_err(|e| e.to_string())
 }
 
 fn fail(message: impl std::fmt::Display) -> ExitCode {
@@ -127,8 +160,8 @@ async fn run(args: Args) -> ExitCode {
         (Err(e), _) | (_, Err(e)) => return fail(e),
     };
     match args.command {
-        Command::Check => {
-            let checks = check::run(&config).await;
+        Command::Check { containerd_config } => {
+            let checks = check::run(&config, &containerd_config).await;
             for c in &checks {
                 println!("{c}");
             }
@@ -138,7 +171,35 @@ async fn run(args: Args) -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-        Command::Cleanup { id } => match sandbox::cleanup(&config.run_dir, &id).await {
+        Command::Ps { json, no_trunc } => {
+            let views = shoji::node::sandboxes(&config.run_dir);
+            if json {
+                println!("{}", cli::ps::json(&views));
+            } else {
+                print!("{}", cli::ps::table(&views, no_trunc));
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Logs { sandbox, tail } => {
+            let (mut out, mut note) = (std::io::stdout().lock(), std::io::stderr());
+            match cli::logs::logs(&config, &sandbox, tail, &mut out, &mut note) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e),
+            }
+        }
+        Command::Metrics { listen } => {
+            match shoji::metrics::http::Endpoint::bind(listen, config.run_dir.clone(), log).await {
+                Ok(endpoint) => endpoint.serve().await,
+                Err(e) => fail(e),
+            }
+        }
+        Command::Console { sandbox } => {
+            match cli::console::console(&config, &sandbox, &log).await {
+                Ok(status) => ExitCode::from(status as u8),
+                Err(e) => fail(e),
+            }
+        }
+        Command::Cleanup { id } => match sandbox::cleanup(&config.run_dir, &id, &log).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(e),
         },

@@ -1,10 +1,15 @@
 //! The `shoji` operator CLI's commands (the binary in `src/bin/shoji.rs` only parses
 //! arguments): `vm run` boots a throwaway VM and runs one container in it ([`run`]),
-//! `vm bench` measures boots ([`bench`]).
+//! `vm bench` measures boots ([`bench`]); `ps` ([`ps`]), `console` ([`console`]) and `logs`
+//! ([`logs`]) look at the node's sandboxes.
 pub mod bench;
+pub mod console;
+pub mod logs;
+pub mod ps;
 pub mod rootfs;
 pub mod run;
 pub mod run_spec;
+mod terminal;
 
 use crate::{
     agent_client::AgentError,
@@ -31,6 +36,9 @@ pub enum CliError {
     },
     #[error("interrupted by {0}")]
     Interrupted(&'static str),
+    /// The request cannot be served as asked; the text says why and what to do.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// Unique sandbox ids for throwaway VMs.

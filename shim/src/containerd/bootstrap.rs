@@ -114,7 +114,7 @@ impl Shim for ShojiShim {
                 (run_dir, self.id.clone())
             });
             info!(self.log, "cleaning up after a dead shim"; "sandbox" => &sandbox_id, "run_dir" => %run_dir.display());
-            if let Err(e) = sandbox::cleanup(&run_dir, &sandbox_id).await {
+            if let Err(e) = sandbox::cleanup(&run_dir, &sandbox_id, &self.log).await {
                 warn!(self.log, "cleanup incomplete"; "error" => %e);
                 return Err(Error::Other(format!(
                     "cleanup of sandbox {sandbox_id}: {e}"

@@ -4,26 +4,29 @@ use std::{path::Path, sync::Arc};
 
 use shoji_agent_api::{
     types::{ConfigureNetworkRequest, Sysctl},
-    CMDLINE_HOSTNAME, CMDLINE_LOG_LEVEL, CMDLINE_SHARE_TAG,
+    CMDLINE_DEBUG_CONSOLE, CMDLINE_HOSTNAME, CMDLINE_LOG_LEVEL, CMDLINE_SHARE_TAG, DEBUG_SHELL_REL,
 };
 use slog::{info, warn, Logger};
 use tokio::sync::watch;
 
 use super::{
-    cleanup, console, sizing::Sizing, state::Ledger, validate_id, BootTimes, Result, Sandbox,
-    SandboxConfig, SandboxError, SHARE_TAG,
+    cleanup, console,
+    sizing::Sizing,
+    state::{Ledger, LogRetention, RecordedPid, SandboxInfo, State},
+    validate_id, BootTimes, Result, Sandbox, SandboxConfig, SandboxError, SHARE_TAG,
 };
 use crate::{
     agent_client::{AgentClient, ReadyListener},
-    config::{AccelChoice, Config},
+    call_stats::{CallStats, CALL_STATS_FILE},
+    config::Config,
     host_cgroup::{self, PodCgroup, Previous},
     hypervisor::{
-        self, clh::ClhOptions, describe_status, qemu::QemuOptions, Accel, DriverOptions,
-        Hypervisor, HypervisorKind, ShareDevice, VmEnd, VmExit, VmSpec, VsockDevice, BACKEND_GRACE,
+        self, clh::ClhOptions, describe_status, qemu::QemuOptions, DriverOptions, Hypervisor,
+        HypervisorKind, ShareDevice, VmEnd, VmExit, VmSpec, VsockDevice, BACKEND_GRACE,
     },
     logtail, network,
     oci::VmSize,
-    sharefs::{SharedDir, Virtiofsd, VirtiofsdOptions},
+    sharefs::{BindMode, ReadOnly, SharedDir, Virtiofsd, VirtiofsdOptions},
 };
 
 /// The guest CID. Each VM has its own vsock back-end, so every VM can use the same one.
@@ -57,7 +60,7 @@ pub(super) async fn boot(cfg: SandboxConfig, log: Logger) -> Result<Sandbox> {
         r => r.map_err(io(format!("create {}", dir.display())))?,
     }
     let log = log.new(slog::o!("sandbox" => cfg.id.clone()));
-    let ledger = match Ledger::create(&dir, &cfg.id, &log) {
+    let ledger = match Ledger::create(&dir, initial_state(&cfg), &log) {
         Ok(l) => Arc::new(l),
         Err(e) => {
             let _ = std::fs::remove_dir(&dir);
@@ -152,6 +155,9 @@ impl Boot {
         let shared = self
             .shared
             .insert(SharedDir::create(&dir.join("shared"), &dir.join("export"))?);
+        if c.debug_console {
+            share_debug_shell(shared, &self.log);
+        }
         let vsock = dir.join("vsock.sock");
         let ready = ReadyListener::bind(&vsock)?;
         let virtiofsd = self.virtiofsd.insert(Virtiofsd::spawn(
@@ -169,6 +175,12 @@ impl Boot {
             self.ledger.clone(),
             &self.log,
         ));
+        let accel = driver.capabilities().accel;
+        self.ledger.note(|s| {
+            if let Some(info) = &mut s.info {
+                info.accel = Some(accel);
+            }
+        });
         // Room for the vCPUs a resize may add, where the backend hot-plugs them.
         let max_vcpus = match driver.capabilities().cpu_hotplug {
             true => c.max_vcpus.max(cfg.vcpus),
@@ -241,7 +253,13 @@ impl Boot {
             vmm_running,
             agent_ready: started.elapsed(),
         };
+        self.ledger.note(|s| s.boot = Some(times.into()));
         let agent = AgentClient::connect(&vsock, c.timeouts.agent_call).await?;
+        CallStats::persist_until(
+            agent.stats().clone(),
+            dir.join(CALL_STATS_FILE),
+            end.clone(),
+        );
         let link = agent.clone();
         vm_end.on(BACKEND_GRACE, async move {
             VmExit {
@@ -287,9 +305,48 @@ impl Boot {
         if let (Some(cg), Some(previous)) = (&state.cgroup, &self.cgroup_previous) {
             cg.leave(std::process::id(), previous);
         }
-        if let Err(e) = cleanup::release(dir, &state).await {
+        if let Err(e) = cleanup::release(dir, &state, &self.log).await {
             warn!(self.log, "teardown after a failed start is incomplete"; "error" => %e);
         }
+    }
+}
+
+/// The ledger as the boot begins: what the sandbox is and where its logs will go.
+fn initial_state(cfg: &SandboxConfig) -> State {
+    let c = &cfg.config;
+    State {
+        id: cfg.id.clone(),
+        info: Some(SandboxInfo {
+            pod_namespace: cfg.pod_namespace.clone(),
+            pod_name: cfg.pod_name.clone(),
+            hypervisor: c.hypervisor,
+            accel: None,
+            vcpus: cfg.vcpus,
+            memory_mib: cfg.memory_mib,
+            started_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            debug_console: c.debug_console,
+            owner: Some(RecordedPid::me()),
+        }),
+        logs: (c.log_retention > 0).then(|| LogRetention {
+            dir: c.log_dir.clone(),
+            keep: c.log_retention,
+        }),
+        ..Default::default()
+    }
+}
+
+/// Shares the host's static busybox with the guest for `shoji console` (read-only). A
+/// debugging aid never fails a boot: without it the agent says the shell is missing.
+fn share_debug_shell(shared: &SharedDir, log: &Logger) {
+    let busybox = std::path::Path::new(crate::cli::rootfs::BUSYBOX);
+    let mode = BindMode {
+        recursive: false,
+        read_only: ReadOnly::Top,
+    };
+    if let Err(e) = shared.bind(busybox, std::path::Path::new(DEBUG_SHELL_REL), mode) {
+        warn!(log, "the debug console will have no shell"; "error" => %e);
     }
 }
 
@@ -297,15 +354,7 @@ impl Boot {
 async fn driver_options(c: &Config) -> DriverOptions {
     match c.hypervisor {
         HypervisorKind::Qemu => {
-            let (accel, accel_reason) = match c.qemu.accel {
-                AccelChoice::Kvm => (Accel::Kvm, "configured (qemu.accel = \"kvm\")".to_string()),
-                AccelChoice::Tcg => (Accel::Tcg, "configured (qemu.accel = \"tcg\")".to_string()),
-                AccelChoice::Auto => {
-                    let probe = crate::kvm::probe_async().await;
-                    let accel = if probe.usable { Accel::Kvm } else { Accel::Tcg };
-                    (accel, probe.reason.clone())
-                }
-            };
+            let (accel, accel_reason) = crate::kvm::qemu_accel(c.qemu.accel).await;
             DriverOptions::Qemu(QemuOptions {
                 binary: c.qemu.path.clone(),
                 vhost_vsock: c.vhost_device_vsock.path.clone(),
@@ -334,6 +383,9 @@ fn kernel_args(cfg: &SandboxConfig) -> Vec<String> {
         format!("{CMDLINE_LOG_LEVEL}={}", cfg.config.log_level),
         format!("{CMDLINE_HOSTNAME}={hostname}"),
     ];
+    if cfg.config.debug_console {
+        args.push(format!("{CMDLINE_DEBUG_CONSOLE}=1"));
+    }
     args.extend(cfg.config.kernel_args.iter().cloned());
     args.extend(cfg.kernel_args.iter().cloned());
     args
@@ -377,6 +429,9 @@ mod tests {
         assert_eq!(args[1], "shoji.log=info");
         assert_eq!(args[2], "shoji.hostname=0123456789ab");
         assert_eq!(args.last().unwrap(), "x=1");
+        assert!(!args.iter().any(|a| a.starts_with("shoji.debug_console")));
+        cfg.config.debug_console = true;
+        assert!(kernel_args(&cfg).contains(&"shoji.debug_console=1".to_string()));
     }
 
     #[test]

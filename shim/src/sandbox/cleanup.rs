@@ -3,7 +3,10 @@
 //! treats "already gone" as done, so it can run any number of times.
 use std::{path::Path, time::Duration};
 
+use slog::{warn, Logger};
+
 use super::{
+    logs,
     state::{RecordedPid, State},
     validate_id, IdError,
 };
@@ -30,20 +33,23 @@ pub enum CleanupError {
 
 /// Removes whatever sandbox `id` left under `run_dir` after its shim died: kills its
 /// processes, unmounts everything below its directory, removes its taps and host cgroup and
-/// the directory. A sandbox that is already gone is success.
-pub async fn cleanup(run_dir: &Path, id: &str) -> Result<(), CleanupError> {
+/// the directory (its logs are kept where the ledger says). A sandbox that is already gone
+/// is success.
+pub async fn cleanup(run_dir: &Path, id: &str, log: &Logger) -> Result<(), CleanupError> {
     validate_id("sandbox id", id)?;
     let dir = run_dir.join(id);
     let state = State::read(&dir).unwrap_or_else(|_| State {
         id: id.into(),
         ..Default::default()
     });
-    release(&dir, &state).await
+    release(&dir, &state, log).await
 }
 
-/// Removes everything `state` records and the sandbox directory `dir`. Every step runs even
-/// when an earlier one failed; the first error is returned.
-pub(super) async fn release(dir: &Path, state: &State) -> Result<(), CleanupError> {
+/// Removes everything `state` records and the sandbox directory `dir`, keeping its logs
+/// (once its processes are gone, so they are complete). Every step runs even when an
+/// earlier one failed; the first error is returned. Logs that cannot be kept are only
+/// logged: they never fail a teardown.
+pub(super) async fn release(dir: &Path, state: &State, log: &Logger) -> Result<(), CleanupError> {
     let mut first = Ok(());
     let mut keep = |r: Result<(), CleanupError>| {
         if first.is_ok() {
@@ -52,6 +58,11 @@ pub(super) async fn release(dir: &Path, state: &State) -> Result<(), CleanupErro
     };
     keep(kill_processes(dir, &state.pids).await);
     keep(sharefs::unmount_tree(dir).map_err(Into::into));
+    if let Some(retention) = state.logs.as_ref().filter(|_| dir.is_dir()) {
+        if let Err(e) = logs::retain(dir, retention) {
+            warn!(log, "the sandbox's logs were not kept"; "log_dir" => %retention.dir.display(), "error" => %e);
+        }
+    }
     if let Some(bridges) = &state.network {
         network::teardown(bridges).await;
     }
@@ -101,6 +112,10 @@ async fn kill_processes(dir: &Path, recorded: &[RecordedPid]) -> Result<(), Clea
 mod tests {
     use super::*;
 
+    fn log() -> Logger {
+        Logger::root(slog::Discard, slog::o!())
+    }
+
     #[tokio::test]
     async fn cleanup_kills_recorded_and_unrecorded_processes_and_removes_the_dir() {
         let run = std::env::temp_dir().join(format!("shoji-cleanup-{}", std::process::id()));
@@ -135,13 +150,13 @@ mod tests {
             .into_iter()
             .map(|mut c| std::thread::spawn(move || c.wait().unwrap()))
             .collect();
-        cleanup(&run, "sb").await.unwrap();
+        cleanup(&run, "sb", &log()).await.unwrap();
         for r in reapers {
             assert!(!r.join().unwrap().success());
         }
         assert!(!dir.exists());
         // Already gone is success.
-        cleanup(&run, "sb").await.unwrap();
+        cleanup(&run, "sb", &log()).await.unwrap();
         std::fs::remove_dir_all(run).unwrap();
     }
 
@@ -151,7 +166,7 @@ mod tests {
         std::fs::create_dir_all(run.join("inner")).unwrap();
         std::fs::write(run.join("sibling"), b"keep").unwrap();
         for bad in ["..", "", "/", ".", "../x", "a/b", &"a".repeat(65)] {
-            let err = cleanup(&run.join("inner"), bad).await.unwrap_err();
+            let err = cleanup(&run.join("inner"), bad, &log()).await.unwrap_err();
             assert!(matches!(err, CleanupError::InvalidId(_)), "{bad:?}: {err}");
         }
         assert!(run.join("sibling").exists());

@@ -81,6 +81,11 @@ impl Sandbox {
             .as_ref()
             .and_then(|p| p.terminal())
             .unwrap_or(false);
+        self.ledger.note(|s| {
+            if !s.containers.contains(&req.id) {
+                s.containers.push(req.id.clone());
+            }
+        });
         let created = async {
             let rootfs = self.mount_rootfs(&req.id, &req.rootfs)?;
             self.share_volumes(&req.id, &mut req.spec)?;
@@ -167,7 +172,12 @@ impl Sandbox {
         validate_id("container id", container_id)?;
         let removed = self.agent.remove_container(container_id).await;
         self.sizing.forget(container_id);
-        self.shared.remove(Path::new(container_id))?;
+        let unmounted = self.shared.remove(Path::new(container_id));
+        if removed.is_ok() && unmounted.is_ok() {
+            self.ledger
+                .note(|s| s.containers.retain(|c| c != container_id));
+        }
+        unmounted?;
         Ok(removed?)
     }
 

@@ -14,6 +14,7 @@ mod boot;
 mod cleanup;
 mod console;
 mod container;
+pub mod logs;
 mod sizing;
 mod state;
 
@@ -31,7 +32,7 @@ pub use self::{
     cleanup::{cleanup, CleanupError},
     console::CONSOLE_MAX,
     container::{ContainerRequest, ExecRequest, Mount},
-    state::{RecordedPid, State, STATE_FILE},
+    state::{BootRecord, LogRetention, RecordedPid, SandboxInfo, State, STATE_FILE},
 };
 use crate::{
     agent_client::{AgentClient, AgentError},
@@ -66,6 +67,9 @@ pub struct SandboxConfig {
     pub cgroup: Option<String>,
     /// The pod's sysctls (name, value), set by the agent (which checks them).
     pub sysctls: Vec<(String, String)>,
+    /// The pod's namespace and name, when the spec says (recorded for `shoji ps`).
+    pub pod_namespace: Option<String>,
+    pub pod_name: Option<String>,
 }
 
 impl SandboxConfig {
@@ -81,6 +85,8 @@ impl SandboxConfig {
             netns: None,
             cgroup: None,
             sysctls: Vec::new(),
+            pod_namespace: None,
+            pod_name: None,
         }
     }
 
@@ -240,7 +246,7 @@ impl Sandbox {
         {
             cg.leave(std::process::id(), &previous);
         }
-        cleanup::release(&self.dir, &state).await?;
+        cleanup::release(&self.dir, &state, &self.log).await?;
         Ok(())
     }
 }
