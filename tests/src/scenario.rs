@@ -75,8 +75,16 @@ impl ShojiRuntime {
             .expect("temp dir in /tmp");
         let run_dir = dir.path().join("run");
         let config = dir.path().join("config.toml");
-        std::fs::write(&config, format!("hypervisor = \"qemu\"\n{extra_config}\n"))
-            .expect("write config");
+        // Torn-down sandboxes' logs stay in this runtime's own directory, not the node's.
+        let logs = match extra_config.contains("log_dir") {
+            true => String::new(),
+            false => format!("log_dir = \"{}\"\n", dir.path().join("logs").display()),
+        };
+        std::fs::write(
+            &config,
+            format!("hypervisor = \"qemu\"\n{logs}{extra_config}\n"),
+        )
+        .expect("write config");
         let shim_dir = crate::bins::binary("containerd-shim-shoji-v2")
             .parent()
             .expect("bin dir")

@@ -63,6 +63,8 @@ impl TestEnv {
         std::fs::create_dir_all(&run_dir).expect("create the test run dir");
         let mut config = Config::load().expect("shoji configuration");
         config.run_dir = run_dir.clone();
+        // Torn-down sandboxes keep no logs in the node's log_dir (tests that check it set one).
+        config.log_retention = 0;
         // TCG under load: generous but bounded.
         config.timeouts.agent_ready = Duration::from_secs(60);
         config.timeouts.agent_call = Duration::from_secs(30);

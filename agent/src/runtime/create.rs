@@ -1,0 +1,164 @@
+//! CreateContainer: the container's rootfs assembled, its spec rewritten for the guest, the
+//! pod's namespaces and sysctls joined, and its init made by a `create` helper; on any
+//! error, everything of it is destroyed again.
+use std::{
+    collections::HashMap,
+    fs,
+    path::Path,
+    sync::{Arc, Mutex},
+};
+
+use shoji_agent_api::types::CreateContainerRequest;
+use slog::debug;
+
+use super::{
+    helper_err, internal, pod, process::Process, Container, Runtime, RuntimeError, CONTAINERS_DIR,
+    PTY_TIMEOUT,
+};
+use crate::{
+    cgroup,
+    container::{self, guest_spec, rootfs},
+    io::{ConsoleSocket, ProcessIo},
+    logger::log,
+};
+
+impl Runtime {
+    /// Creates a container (its init exists, not yet running). Runs to its end even if the
+    /// caller stops waiting (a ttrpc deadline): a half-made container would leak.
+    pub async fn create_container(
+        self: &Arc<Self>,
+        req: CreateContainerRequest,
+    ) -> Result<(), RuntimeError> {
+        let runtime = self.clone();
+        tokio::spawn(async move {
+            let id = req.container_id.clone();
+            let guard = runtime.lock(&id).await;
+            let created = runtime.create_locked(&req).await;
+            runtime.unlock(&id, guard);
+            created
+        })
+        .await
+        .map_err(internal("the create task"))?
+    }
+
+    async fn create_locked(&self, req: &CreateContainerRequest) -> Result<(), RuntimeError> {
+        let id = req.container_id.as_str();
+        guest_spec::validate_id("container", id)?;
+        let rootfs_req = req
+            .rootfs
+            .as_ref()
+            .filter(|r| !r.source.is_empty())
+            .ok_or_else(|| {
+                RuntimeError::InvalidArgument("CreateContainer needs rootfs.source".into())
+            })?;
+        if self.table.lock().unwrap().containers.contains_key(id) {
+            return Err(RuntimeError::AlreadyExists(format!(
+                "container {id:?} already exists"
+            )));
+        }
+        let dir = Path::new(CONTAINERS_DIR).join(id);
+        // A leftover of an earlier failed attempt must not leak into this one.
+        rootfs::teardown(&dir).map_err(internal("cleaning up an old container directory"))?;
+        fs::create_dir_all(&dir).map_err(internal("creating the container directory"))?;
+        match self
+            .create_in(
+                id,
+                &dir,
+                req,
+                Path::new(&rootfs_req.source),
+                rootfs_req.guest_overlay,
+            )
+            .await
+        {
+            Ok(c) => {
+                self.oom.watch(id, &c.cgroup);
+                self.table
+                    .lock()
+                    .unwrap()
+                    .containers
+                    .insert(id.to_string(), c);
+                debug!(log(), "container created"; "container" => id);
+                Ok(())
+            }
+            Err(e) => {
+                self.destroy(id, &dir).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn create_in(
+        &self,
+        id: &str,
+        dir: &Path,
+        req: &CreateContainerRequest,
+        source: &Path,
+        overlay: bool,
+    ) -> Result<Arc<Container>, RuntimeError> {
+        // Parse before mounting anything: bad JSON fails fast.
+        let parsed =
+            guest_spec::container_spec(&req.spec_json, id, Path::new("/"), req.terminal, None)?;
+        let pause = match parsed.joins_pod {
+            true => Some(self.pod.pause(&self.reaper).await?),
+            false => None,
+        };
+        let rootfs = rootfs::assemble(source, overlay, dir).map_err(|e| match e {
+            rootfs::RootfsError::NoSource(_) => RuntimeError::InvalidArgument(e.to_string()),
+            e => RuntimeError::Internal(e.to_string()),
+        })?;
+        let guest_spec::GuestSpec {
+            spec, net_sysctls, ..
+        } = guest_spec::container_spec(&req.spec_json, id, &rootfs, req.terminal, pause)?;
+        pod::set_net_sysctls(&net_sysctls)?;
+        guest_spec::check_executable(
+            &rootfs,
+            spec.process()
+                .as_ref()
+                .expect("container_spec checks the process"),
+        )?;
+        spec.save(dir.join("config.json"))
+            .map_err(internal("writing config.json"))?;
+
+        let (pio, child, console) = if req.terminal {
+            (
+                ProcessIo::tty(),
+                None,
+                Some(ConsoleSocket::bind().map_err(internal("console socket"))?),
+            )
+        } else {
+            let (pio, child) = ProcessIo::pipes(req.stdin).map_err(internal("stdio pipes"))?;
+            (pio, Some(child), None)
+        };
+        let born = std::time::Instant::now();
+        let pid = container::create::create(
+            &self.reaper,
+            id,
+            dir,
+            child.as_ref().map(|c| c.fds()),
+            console.as_ref().map(|c| c.path()),
+        )
+        .await
+        .map_err(helper_err(format!("creating container {id:?}")))?;
+        // The container holds its ends now; ours must go so that EOF can happen.
+        drop(child);
+        let init = Arc::new(Process::new("", dir.to_path_buf(), pio, None));
+        init.set_pid(&self.reaper, pid, born);
+        if let Some(console) = console {
+            let master = console
+                .receive(PTY_TIMEOUT)
+                .await
+                .map_err(internal("receiving the pty master"))?;
+            init.io
+                .set_master(master)
+                .map_err(internal("keeping the pty master"))?;
+        }
+        Ok(Arc::new(Container {
+            id: id.to_string(),
+            dir: dir.to_path_buf(),
+            rootfs,
+            cgroup: cgroup::dir(id),
+            init,
+            execs: Mutex::new(HashMap::new()),
+        }))
+    }
+}
