@@ -265,8 +265,8 @@ async fn privileged_netfilter_and_big_writes(env: &Env) -> Result {
         )
         .await?;
         check(
-            out.exit_code == 0 && out.stdout.contains(" 314572800 "),
-            || format!("300 MiB write in a 128 MiB pod: {out:?}"),
+            out.exit_code == 0 && out.stdout.contains(" 419430400 "),
+            || format!("400 MiB write in a 256 MiB VM: {out:?}"),
         )?;
         let on_host = std::fs::read_dir(&snapshots)?
             .filter_map(|e| std::fs::metadata(e.ok()?.path().join("fs").join(&name)).ok())

@@ -123,5 +123,5 @@ async fn with_pod(version: Version, net: u8) {
 
 #[tokio::test]
 async fn ps_metrics_and_logs_name_a_cri_pod_containerd_2() {
-    with_pod(Version::V2, 223).await
+    with_pod(Version::V2, 220).await
 }

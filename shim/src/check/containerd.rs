@@ -227,15 +227,12 @@ pub fn checks(path: &Path) -> (Vec<Check>, Option<ContainerdConfig>) {
             _ => line("shoji handler", Verdict::Ok, detail, None),
         });
     }
-    out.push(match cfg.systemd_cgroup {
-        Some(true) => line(
-            "cgroup driver",
-            Verdict::Warn,
-            "systemd (SystemdCgroup = true): shoji leaves systemd cgroup paths alone, so a VM is not in its pod's cgroup".into(),
-            Some("use the cgroupfs driver: SystemdCgroup = false and kubelet cgroupDriver: cgroupfs"),
-        ),
-        _ => line("cgroup driver", Verdict::Ok, "cgroupfs (SystemdCgroup is not set)".into(), None),
-    });
+    // Both drivers' cgroup paths put the VM in its pod's cgroup (host_cgroup): informational.
+    let driver = match cfg.systemd_cgroup {
+        Some(true) => "systemd (SystemdCgroup = true): VMs go in cri-containerd-<id>.scope",
+        _ => "cgroupfs (SystemdCgroup is not set)",
+    };
+    out.push(line("cgroup driver", Verdict::Ok, driver.into(), None));
     (out, Some(cfg))
 }
 
@@ -293,7 +290,7 @@ mod tests {
         };
         verdict("shoji handler", Verdict::Ok);
         verdict("shoji handler", Verdict::Missing);
-        verdict("cgroup driver", Verdict::Warn);
+        verdict("cgroup driver", Verdict::Ok);
         std::fs::remove_dir_all(d).unwrap();
     }
 
