@@ -15,7 +15,10 @@ use std::{
 
 use crate::{
     config::Config,
-    hypervisor::{Accel, HypervisorKind},
+    hypervisor::{
+        choice::{self, Choice},
+        Accel, HypervisorKind,
+    },
     kvm,
 };
 
@@ -64,17 +67,9 @@ impl fmt::Display for Check {
 
 /// Runs every check against `cfg`; `containerd_config` is containerd's configuration file.
 pub async fn run(cfg: &Config, containerd_config: &Path) -> Vec<Check> {
-    let needs_clh = cfg.hypervisor == HypervisorKind::Clh;
-    let kvm = kvm::probe_async().await;
-    let mut checks = vec![accelerator(cfg).await];
-    if needs_clh && !kvm.usable {
-        checks.push(Check {
-            name: "hypervisor",
-            verdict: Verdict::Missing,
-            detail: "hypervisor = \"clh\" needs a KVM that runs ordinary guests".into(),
-            fix: Some("set hypervisor = \"qemu\" in the configuration".into()),
-        });
-    }
+    let choice = choice::choose(cfg).await;
+    let needs_clh = choice.kind == HypervisorKind::Clh;
+    let mut checks = vec![hypervisor(&choice), accelerator(cfg, choice.kind).await];
     let setup = "run hack/setup.sh";
     checks.push(
         binary(
@@ -140,9 +135,34 @@ pub async fn run(cfg: &Config, containerd_config: &Path) -> Vec<Check> {
     checks
 }
 
-/// The accelerator a sandbox would get, as the shim decides it (`qemu.accel`, the probe).
-async fn accelerator(cfg: &Config) -> Check {
-    let (accel, reason) = match cfg.hypervisor {
+/// The VMM a sandbox would get, and why (as the shim decides it at every VM start).
+fn hypervisor(choice: &Choice) -> Check {
+    let kind = choice.kind;
+    match &choice.blocker {
+        None => Check {
+            name: "hypervisor",
+            verdict: Verdict::Ok,
+            detail: format!("{kind} ({})", choice.reason),
+            fix: None,
+        },
+        Some(why) => Check {
+            name: "hypervisor",
+            verdict: Verdict::Missing,
+            detail: format!(
+                "{kind} ({}), but Cloud Hypervisor cannot run here: {why}",
+                choice.reason
+            ),
+            fix: Some(
+                "set hypervisor = \"auto\" (QEMU here) or \"qemu\" in the configuration".into(),
+            ),
+        },
+    }
+}
+
+/// The accelerator a sandbox would get on `kind`, as the shim decides it (`qemu.accel`, the
+/// probe).
+async fn accelerator(cfg: &Config, kind: HypervisorKind) -> Check {
+    let (accel, reason) = match kind {
         HypervisorKind::Qemu => kvm::qemu_accel(cfg.qemu.accel).await,
         // Cloud Hypervisor has no software fallback: the probe is the answer.
         HypervisorKind::Clh => {
@@ -254,7 +274,7 @@ const CLH_TESTED_MAJORS: &[u32] = &[53, 54];
 
 /// The Cloud Hypervisor line: present and running, and a release the driver knows.
 async fn cloud_hypervisor(path: &Path, needed: bool) -> Check {
-    let install = "install the static release binary, see docs/cloud-hypervisor.md; needed only with hypervisor = \"clh\"";
+    let install = "install the static release binary, see docs/cloud-hypervisor.md; hypervisor = \"auto\" uses it on KVM nodes";
     let mut check = binary("cloud-hypervisor", path, &["--version"], needed, install).await;
     if check.verdict == Verdict::Ok {
         match clh_major_version(&check.detail) {

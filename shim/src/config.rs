@@ -9,8 +9,8 @@ use std::{
 };
 
 use serde::Deserialize;
-
-use crate::hypervisor::HypervisorKind;
+/// Bare binary names are looked up in `$PATH`, then `~/.cargo/bin`.
+pub use shoji_probe::find_binary;
 
 /// Where the configuration file is read from when `$SHOJI_CONFIG` is not set.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/shoji/config.toml";
@@ -75,8 +75,9 @@ pub enum ConfigError {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// `qemu` or `clh` (Cloud Hypervisor; needs a KVM that runs ordinary guests).
-    pub hypervisor: HypervisorKind,
+    /// `auto` (Cloud Hypervisor where it can run, else QEMU; see
+    /// [`crate::hypervisor::choice`]), `qemu` or `clh`.
+    pub hypervisor: HypervisorChoice,
     /// Guest kernel (uncompressed vmlinux).
     pub kernel: PathBuf,
     /// Guest initramfs holding shoji-agent as /init.
@@ -131,6 +132,15 @@ pub struct QemuConfig {
     pub accel: AccelChoice,
     /// TCG translation cache size (MiB) when QEMU has to emulate (bounds QEMU's RSS).
     pub tcg_tb_size_mib: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HypervisorChoice {
+    Auto,
+    Qemu,
+    /// Cloud Hypervisor: needs a KVM that runs ordinary guests.
+    Clh,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -198,7 +208,7 @@ impl Default for Config {
     fn default() -> Self {
         let cache = cache_dir();
         Config {
-            hypervisor: HypervisorKind::Qemu,
+            hypervisor: HypervisorChoice::Auto,
             kernel: cache.join("vmlinux"),
             initrd: cache.join("initramfs.img"),
             default_vcpus: 1,
@@ -426,28 +436,6 @@ pub fn cache_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_CACHE_DIR))
 }
 
-/// Finds a binary in `$PATH`, then in `~/.cargo/bin` (where `cargo install` puts virtiofsd
-/// and vhost-device-vsock; containerd starts the shim with a minimal PATH). Returns the bare
-/// name when not found, so the error at launch names what is missing.
-pub fn find_binary(name: &str) -> PathBuf {
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/root"));
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain([home.join(".cargo/bin"), PathBuf::from("/root/.cargo/bin")])
-        .map(|dir| dir.join(name))
-        .find(|p| is_executable(p))
-        .unwrap_or_else(|| PathBuf::from(name))
-}
-
-fn is_executable(p: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    p.metadata()
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -459,6 +447,11 @@ mod tests {
     #[test]
     fn empty_file_gives_defaults() {
         assert_eq!(parse("").unwrap(), Config::default());
+        assert_eq!(Config::default().hypervisor, HypervisorChoice::Auto);
+        assert_eq!(
+            parse("hypervisor = \"qemu\"").unwrap().hypervisor,
+            HypervisorChoice::Qemu
+        );
     }
 
     #[test]
@@ -495,7 +488,7 @@ mod tests {
             "#,
         )
         .unwrap();
-        assert_eq!(cfg.hypervisor, HypervisorKind::Clh);
+        assert_eq!(cfg.hypervisor, HypervisorChoice::Clh);
         assert_eq!(cfg.kernel, PathBuf::from("/k"));
         assert_eq!(cfg.default_memory_mib, 512);
         assert_eq!(cfg.virtiofsd.cache, "never");

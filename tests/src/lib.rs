@@ -1,5 +1,6 @@
 //! Test harness: real containerd, real VMs.
 
+pub mod backend;
 pub mod bench;
 pub mod bins;
 pub mod cni;

@@ -60,7 +60,8 @@ impl Runtime {
 }
 
 /// shoji with a run directory and config file of its own (`extra` TOML lines appended to
-/// `hypervisor = "qemu"`); both are removed when this is dropped.
+/// `hypervisor = "<the backend under test>"`, see [`crate::backend`]); both are removed when
+/// this is dropped.
 pub struct ShojiRuntime {
     pub runtime: Runtime,
     _dir: tempfile::TempDir,
@@ -82,7 +83,10 @@ impl ShojiRuntime {
         };
         std::fs::write(
             &config,
-            format!("hypervisor = \"qemu\"\n{logs}{extra_config}\n"),
+            format!(
+                "hypervisor = \"{}\"\n{logs}{extra_config}\n",
+                crate::backend::hypervisor()
+            ),
         )
         .expect("write config");
         let shim_dir = crate::bins::binary("containerd-shim-shoji-v2")

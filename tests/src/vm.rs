@@ -1,5 +1,6 @@
-//! VM test harness: a per-test run directory, TCG-sized configuration, a machine-wide bound
-//! on concurrent VMs, the busybox rootfs fixture, a container runner and leak checks.
+//! VM test harness: a per-test run directory, TCG-sized configuration on the backend under
+//! test ([`crate::backend`]), a machine-wide bound on concurrent VMs, the busybox rootfs
+//! fixture, a container runner and leak checks.
 //!
 //! Under TCG every booting VM keeps a host core busy, so tests take one of [`VM_SLOTS`]
 //! slots (a `flock`ed file: works across nextest's test processes and cargo's test threads)
@@ -57,11 +58,14 @@ pub struct TestEnv {
 
 impl TestEnv {
     pub async fn new(name: &str) -> TestEnv {
+        // First: on a host where the backend under test cannot run, this says why.
+        let hypervisor = crate::backend::choice();
         let slot = vm_slot().await;
         let run_dir = PathBuf::from(format!("/run/shoji-test/{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&run_dir);
         std::fs::create_dir_all(&run_dir).expect("create the test run dir");
         let mut config = Config::load().expect("shoji configuration");
+        config.hypervisor = hypervisor;
         config.run_dir = run_dir.clone();
         // Torn-down sandboxes keep no logs in the node's log_dir (tests that check it set one).
         config.log_retention = 0;

@@ -1,287 +1,31 @@
 //! The Cloud Hypervisor driver against the fake Cloud Hypervisor (`fake-cloud-hypervisor`,
-//! see tests/src/fake_clh.rs), with a real virtiofsd and real tap devices in a network
-//! namespace created by the test.
+//! see tests/src/fake_clh/), with a real virtiofsd and real tap devices in a network
+//! namespace created by the test: the boot sequence and its bodies, resize, stop, bad specs,
+//! a failed boot, a VMM death after boot. The other fault cases are in clh_faults.rs.
 use std::{
-    path::{Path, PathBuf},
-    process::Command,
-    sync::atomic::{AtomicU32, Ordering},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    path::Path,
+    time::{Duration, Instant},
 };
 
 use serde_json::Value;
 use shoji::{
-    daemon::{DaemonError, NoLedger},
+    daemon::DaemonError,
     hypervisor::{
-        clh::{net_config, vm_config, Clh, ClhOptions},
-        Hypervisor, HypervisorError, NetDevice, ShareDevice, VmSpec, VsockDevice,
+        clh::{net_config, vm_config},
+        Hypervisor, HypervisorError,
     },
-    sharefs::{Virtiofsd, VirtiofsdOptions},
 };
-use shoji_tests::fake_clh::{FakeClh, Record};
+use shoji_tests::fake_clh::{unix_ms, DriverEnv, Record};
 
 const FAKE: &str = env!("CARGO_BIN_EXE_fake-cloud-hypervisor");
 
-/// One test's world: a temp dir holding the sandbox dir, the shared dir, a stand-in kernel
-/// and initramfs (the fake only opens them), the fake's wrapper script, and a real
-/// virtiofsd serving the shared dir (the sandbox's job outside these tests).
-struct Env {
-    dir: tempfile::TempDir,
-    fake: FakeClh,
-    netns: Option<Netns>,
-    virtiofsd: std::sync::Mutex<Option<Virtiofsd>>,
-}
-
-impl Env {
-    async fn new(fake_flags: &[&str]) -> Env {
-        let dir = tempfile::Builder::new()
-            .prefix("shoji-clh-")
-            .tempdir()
-            .unwrap();
-        for d in ["sandbox", "shared"] {
-            std::fs::create_dir(dir.path().join(d)).unwrap();
-        }
-        for f in ["vmlinux", "initramfs.img"] {
-            std::fs::write(dir.path().join(f), b"stand-in").unwrap();
-        }
-        let fake = FakeClh::install(Path::new(FAKE), dir.path(), fake_flags).unwrap();
-        let virtiofsd = Virtiofsd::spawn(
-            &VirtiofsdOptions {
-                binary: virtiofsd(),
-                cache: "never".into(),
-                shared_dir: dir.path().join("shared"),
-                socket: dir.path().join("sandbox/virtiofsd.sock"),
-                log: dir.path().join("virtiofsd.log"),
-            },
-            &NoLedger,
-        )
-        .unwrap();
-        virtiofsd.ready(Duration::from_secs(10)).await.unwrap();
-        Env {
-            dir,
-            fake,
-            netns: None,
-            virtiofsd: std::sync::Mutex::new(Some(virtiofsd)),
-        }
-    }
-
-    async fn stop_virtiofsd(&self) {
-        let v = self.virtiofsd.lock().unwrap().take();
-        if let Some(v) = v {
-            v.stop(Duration::from_secs(1)).await;
-        }
-    }
-
-    fn with_taps(mut self, taps: &[&str]) -> Env {
-        self.netns = Some(Netns::new(taps));
-        self
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn spec(&self) -> VmSpec {
-        let sb = self.path("sandbox");
-        let nets = match &self.netns {
-            Some(ns) => ns
-                .taps
-                .iter()
-                .enumerate()
-                .map(|(i, tap)| NetDevice {
-                    tap: tap.clone(),
-                    mac: format!("02:00:00:00:00:0{i}"),
-                    mtu: 1400,
-                    netns: Some(ns.path.clone()),
-                })
-                .collect(),
-            None => Vec::new(),
-        };
-        VmSpec {
-            id: "clh-test".into(),
-            dir: sb.clone(),
-            kernel: self.path("vmlinux"),
-            initrd: self.path("initramfs.img"),
-            kernel_args: vec!["shoji.share=shoji".into()],
-            vcpus: 1,
-            max_vcpus: 2,
-            memory_mib: 256,
-            share: Some(ShareDevice {
-                tag: "shoji".into(),
-                socket: sb.join("virtiofsd.sock"),
-                backend: self
-                    .virtiofsd
-                    .lock()
-                    .unwrap()
-                    .as_ref()
-                    .map(|v| v.exit_watch())
-                    .unwrap_or_else(|| tokio::sync::watch::channel(None).1),
-            }),
-            vsock: VsockDevice {
-                cid: 3,
-                socket: sb.join("vsock.sock"),
-            },
-            nets,
-            console_log: sb.join("console.log"),
-        }
-    }
-
-    fn options(&self) -> ClhOptions {
-        ClhOptions {
-            api_timeout: Duration::from_secs(2),
-            boot_timeout: Duration::from_secs(5),
-            start_timeout: Duration::from_secs(10),
-            ..ClhOptions::new(self.fake.binary.clone())
-        }
-    }
-
-    fn driver(&self) -> Clh {
-        Clh::new(
-            self.options(),
-            std::sync::Arc::new(NoLedger),
-            &slog::Logger::root(slog::Discard, slog::o!()),
-        )
-    }
-
-    /// Every request so far as `(call, body, fd count, tap names, status)`.
-    fn requests(&self) -> Vec<Req> {
-        self.fake
-            .records()
-            .into_iter()
-            .filter_map(|r| match r {
-                Record::Request {
-                    call,
-                    body,
-                    fds,
-                    taps,
-                    status,
-                    ..
-                } => Some((call, body, fds, taps, status)),
-                _ => None,
-            })
-            .collect()
-    }
-
-    /// Nothing the test started is left: no process mentions the test dir, no socket remains.
-    async fn assert_nothing_left(&self) {
-        self.stop_virtiofsd().await;
-        let marker = self.dir.path().to_string_lossy().into_owned();
-        let deadline = Instant::now() + Duration::from_secs(3);
-        loop {
-            let left = processes_mentioning(&marker);
-            if left.is_empty() {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "processes left behind: {left:#?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let sb = self.path("sandbox");
-        for sock in ["clh-api.sock", "vsock.sock"] {
-            assert!(!sb.join(sock).exists(), "{sock} left behind");
-        }
-    }
-}
-
-type Req = (String, String, usize, Vec<String>, Option<u16>);
-
-fn virtiofsd() -> PathBuf {
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| "/root".into());
-    let p = home.join(".cargo/bin/virtiofsd");
-    assert!(
-        p.exists(),
-        "these tests need a real virtiofsd at {}",
-        p.display()
-    );
-    p
-}
-
-/// `pid: cmdline` of every process whose command line contains `marker`.
-fn processes_mentioning(marker: &str) -> Vec<String> {
-    let me = std::process::id().to_string();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .chars()
-                .all(|c| c.is_ascii_digit())
-                && e.file_name() != *me
-        })
-        .filter_map(|e| {
-            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            cmdline
-                .contains(marker)
-                .then(|| format!("{}: {cmdline}", e.file_name().to_string_lossy()))
-        })
-        .collect()
-}
-
-/// A network namespace with tap devices, removed on drop.
-struct Netns {
-    name: String,
-    path: PathBuf,
-    taps: Vec<String>,
-}
-
-impl Netns {
-    fn new(taps: &[&str]) -> Netns {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "shoji-clh-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        );
-        ip(&["netns", "add", &name]);
-        for tap in taps {
-            ip(&["-n", &name, "tuntap", "add", "dev", tap, "mode", "tap"]);
-        }
-        Netns {
-            path: PathBuf::from("/run/netns").join(&name),
-            name,
-            taps: taps.iter().map(|t| t.to_string()).collect(),
-        }
-    }
-
-    /// `net:[inode]`, as /proc/<pid>/ns/net reads.
-    fn id(&self) -> String {
-        use std::os::unix::fs::MetadataExt;
-        format!("net:[{}]", std::fs::metadata(&self.path).unwrap().ino())
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
+async fn with_fake(fake_flags: &[&str]) -> DriverEnv {
+    DriverEnv::new(Path::new(FAKE), fake_flags).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn boot_sequence_bodies_tap_fds_resize_and_stop() {
-    let env = Env::new(&[]).await.with_taps(&["ctap0", "ctap1"]);
+    let env = with_fake(&[]).await.with_taps(&["ctap0", "ctap1"]);
     let spec = env.spec();
     let mut vm = env.driver();
 
@@ -425,46 +169,8 @@ async fn boot_sequence_bodies_tap_fds_resize_and_stop() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hung_api_call_times_out_and_everything_is_torn_down() {
-    let env = Env::new(&["--fake-hang", "vm.create"]).await;
-    let mut vm = env.driver();
-    vm.prepare(&env.spec()).await.unwrap();
-    let t = Instant::now();
-    let err = vm.start().await.unwrap_err();
-    let took = t.elapsed();
-    match &err {
-        HypervisorError::Timeout { what, timeout, .. } => {
-            assert!(what.contains("vm.create"), "{err}");
-            assert_eq!(*timeout, Duration::from_secs(2));
-        }
-        other => panic!("expected a timeout, got {other}"),
-    }
-    assert!(
-        took >= Duration::from_secs(2) && took < Duration::from_secs(6),
-        "took {took:?}"
-    );
-    let calls = env.fake.calls();
-    assert_eq!(
-        calls.last().unwrap(),
-        &("vm.create".to_string(), None),
-        "{calls:?}"
-    );
-    let exit = tokio::time::timeout(Duration::from_secs(2), vm.wait_exit())
-        .await
-        .expect("wait_exit after failed start");
-    assert!(
-        exit.reason
-            .starts_with("start failed: cloud-hypervisor API call vm.create timed out"),
-        "{}",
-        exit.reason
-    );
-    assert_eq!(vm.pid(), None);
-    env.assert_nothing_left().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_boot_tears_down_the_vmm() {
-    let env = Env::new(&[]).await.with_taps(&["ctap0"]);
+    let env = with_fake(&[]).await.with_taps(&["ctap0"]);
     let spec = env.spec();
     let mut vm = env.driver();
     vm.prepare(&spec).await.unwrap();
@@ -488,7 +194,7 @@ async fn failed_boot_tears_down_the_vmm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_virtiofsd_is_caught_before_vm_boot() {
     // The fake waits the real 60 s for a vhost-user back-end: the driver must not get there.
-    let env = Env::new(&[]).await;
+    let env = with_fake(&[]).await;
     let spec = env.spec();
     let mut vm = env.driver();
     vm.prepare(&spec).await.unwrap();
@@ -519,7 +225,7 @@ async fn dead_virtiofsd_is_caught_before_vm_boot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vmm_death_after_boot_is_reported_within_a_second() {
-    let env = Env::new(&["--fake-die-after-boot-ms", "500"]).await;
+    let env = with_fake(&["--fake-die-after-boot-ms", "500"]).await;
     let mut vm = env.driver();
     vm.prepare(&env.spec()).await.unwrap();
     vm.start().await.unwrap();
@@ -567,7 +273,7 @@ async fn vmm_death_after_boot_is_reported_within_a_second() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_kills_a_vmm_that_does_not_shut_down() {
-    let env = Env::new(&["--fake-hang", "vm.shutdown"]).await;
+    let env = with_fake(&["--fake-hang", "vm.shutdown"]).await;
     let mut vm = env.driver();
     vm.prepare(&env.spec()).await.unwrap();
     vm.start().await.unwrap();
@@ -588,7 +294,7 @@ async fn stop_kills_a_vmm_that_does_not_shut_down() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vmm_failing_at_launch_is_reported_with_its_error() {
-    let env = Env::new(&["--fake-no-such-flag", "x"]).await;
+    let env = with_fake(&["--fake-no-such-flag", "x"]).await;
     let mut vm = env.driver();
     vm.prepare(&env.spec()).await.unwrap();
     let err = vm.start().await.unwrap_err();
@@ -611,7 +317,7 @@ async fn vmm_failing_at_launch_is_reported_with_its_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_specs_are_rejected_with_what_is_wrong() {
-    let env = Env::new(&[]).await.with_taps(&["ctap0"]);
+    let env = with_fake(&[]).await.with_taps(&["ctap0"]);
     let mut vm = env.driver();
 
     let mut s = env.spec();
@@ -653,28 +359,19 @@ async fn bad_specs_are_rejected_with_what_is_wrong() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_the_driver_without_stop_leaves_nothing_running() {
-    let env = Env::new(&[]).await;
+    let env = with_fake(&[]).await;
     let mut vm = env.driver();
     vm.prepare(&env.spec()).await.unwrap();
     vm.start().await.unwrap();
     assert!(vm.pid().is_some());
     drop(vm);
     env.stop_virtiofsd().await;
-    let marker = env.dir.path().to_string_lossy().into_owned();
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while !processes_mentioning(&marker).is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "left running: {:#?}",
-            processes_mentioning(&marker)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    env.assert_no_process_left().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_driver_runs_one_vm() {
-    let env = Env::new(&[]).await;
+    let env = with_fake(&[]).await;
     let mut vm = env.driver();
     vm.prepare(&env.spec()).await.unwrap();
     vm.start().await.unwrap();
@@ -695,76 +392,9 @@ async fn a_driver_runs_one_vm() {
     env.assert_nothing_left().await;
 }
 
-/// The sandbox on the CH driver: a VMM that dies while the guest boots is reported at once
-/// with CH's error (not after the agent timeout), and the sandbox leaves nothing behind.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sandbox_reports_a_vmm_death_during_boot_with_its_error() {
-    use shoji::{
-        config::Config,
-        hypervisor::HypervisorKind,
-        sandbox::{Sandbox, SandboxConfig, SandboxError},
-    };
-    let env = Env::new(&["--fake-die-after-boot-ms", "300"]).await;
-    let mut config = Config {
-        hypervisor: HypervisorKind::Clh,
-        kernel: env.path("vmlinux"),
-        initrd: env.path("initramfs.img"),
-        run_dir: env.path("run"),
-        ..Config::default()
-    };
-    config.clh.path = env.fake.binary.clone();
-    config.virtiofsd.path = virtiofsd();
-    config.timeouts.agent_ready = Duration::from_secs(30);
-    let log = slog::Logger::root(slog::Discard, slog::o!());
-    // The sandbox runs a virtiofsd of its own.
-    env.stop_virtiofsd().await;
-    let t = Instant::now();
-    let err = Sandbox::start(SandboxConfig::new("clhsb", config), log)
-        .await
-        .err()
-        .expect("start must fail");
-    assert!(
-        t.elapsed() < Duration::from_secs(5),
-        "reported after {:?}",
-        t.elapsed()
-    );
-    match &err {
-        SandboxError::VmExited { exit, .. } => {
-            assert_eq!(exit.status, Some(1));
-            assert!(
-                exit.reason.contains("VCPU generated error"),
-                "{}",
-                exit.reason
-            );
-        }
-        other => panic!("expected VmExited, got {other}"),
-    }
-    let calls: Vec<String> = env.fake.calls().into_iter().map(|c| c.0).collect();
-    assert!(
-        calls.ends_with(&["vm.create".into(), "vm.boot".into(), "vm.info".into()]),
-        "{calls:?}"
-    );
-    let marker = env.dir.path().to_string_lossy().into_owned();
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while !processes_mentioning(&marker).is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "left running: {:#?}",
-            processes_mentioning(&marker)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let left: Vec<_> = std::fs::read_dir(env.path("run"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    assert!(left.is_empty(), "run dir entries left: {left:?}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vmm_crash_during_boot_is_reported_with_its_panic() {
-    let env = Env::new(&["--fake-crash", "vm.boot"]).await;
+    let env = with_fake(&["--fake-crash", "vm.boot"]).await;
     let mut vm = env.driver();
     vm.prepare(&env.spec()).await.unwrap();
     let err = vm.start().await.unwrap_err();

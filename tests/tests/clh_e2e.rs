@@ -3,45 +3,45 @@
 //! tests/src/vm.rs, as the QEMU tests in vm_sandbox.rs). It needs a KVM host that runs
 //! ordinary guests and `cloud-hypervisor` installed, so it only runs on request:
 //!
-//!     SHOJI_TEST_CLH=1 cargo test -p shoji-tests --test clh_e2e -- --ignored
+//!     SHOJI_TEST_HYPERVISOR=clh cargo nextest run -p shoji-tests --test clh_e2e --run-ignored all
 //!
-//! The same scenario also runs here on QEMU (not ignored), so the scenario itself is known
-//! to work on every host and a CH failure points at the CH path.
+//! (`hack/validate-node.sh` runs it.) The same scenario also runs here on QEMU (not ignored),
+//! so the scenario itself is known to work on every host and a CH failure points at the CH
+//! path.
 use std::time::{Duration, Instant};
 
-use shoji::hypervisor::HypervisorKind;
-use shoji_tests::vm::{remove_container, run_container, TestEnv};
+use shoji::{config::HypervisorChoice, hypervisor::HypervisorKind};
+use shoji_tests::{
+    backend,
+    vm::{remove_container, run_container, TestEnv},
+};
 
 /// Bound for the whole scenario (TCG on a loaded 2-core host boots in seconds).
 const LIMIT: Duration = Duration::from_secs(180);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs real KVM + cloud-hypervisor; run with SHOJI_TEST_CLH=1 cargo test -p shoji-tests --test clh_e2e -- --ignored"]
+#[ignore = "needs real KVM + cloud-hypervisor; run with SHOJI_TEST_HYPERVISOR=clh and --run-ignored"]
 async fn busybox_echo_on_cloud_hypervisor() {
+    // Also says why when Cloud Hypervisor cannot run here.
     assert_eq!(
-        std::env::var("SHOJI_TEST_CLH").as_deref(),
-        Ok("1"),
-        "this test drives a real Cloud Hypervisor: set SHOJI_TEST_CLH=1 on a KVM host with cloud-hypervisor installed"
+        backend::hypervisor(),
+        HypervisorKind::Clh,
+        "this test drives a real Cloud Hypervisor: set {}=clh on a KVM host with cloud-hypervisor installed",
+        backend::ENV
     );
-    let kvm = shoji::kvm::probe();
-    assert!(
-        kvm.usable,
-        "KVM cannot run ordinary guests here: {}",
-        kvm.reason
-    );
-    run_scenario("clh-e2e", HypervisorKind::Clh, "cloud-hyperviso").await;
+    run_scenario("clh-e2e", HypervisorChoice::Clh, "cloud-hyperviso").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn same_scenario_on_qemu() {
-    run_scenario("clh-e2e-qemu", HypervisorKind::Qemu, "qemu-system-x86").await;
+    run_scenario("clh-e2e-qemu", HypervisorChoice::Qemu, "qemu-system-x86").await;
 }
 
 /// `vmm_comm`: the VMM's /proc comm (process names are cut at 15 bytes).
-async fn run_scenario(name: &str, kind: HypervisorKind, vmm_comm: &str) {
+async fn run_scenario(name: &str, kind: HypervisorChoice, vmm_comm: &str) {
     let mut env = TestEnv::new(name).await;
     env.config.hypervisor = kind;
-    if kind == HypervisorKind::Clh {
+    if kind == HypervisorChoice::Clh {
         let ch = &env.config.clh.path;
         assert!(
             ch.is_file(),

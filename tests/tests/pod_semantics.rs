@@ -8,8 +8,9 @@
 //! and run through the host's dynamic loader: no image has them and no registry is reachable here.
 use std::{path::Path, time::Duration};
 
+use shoji::hypervisor::HypervisorKind;
 use shoji_tests::{
-    cni,
+    backend, cni,
     containerd::Version,
     cri::{self, api},
     image::BUSYBOX,
@@ -104,9 +105,10 @@ async fn shared_namespaces_and_sysctls(env: &Env) -> Result {
         sh_ok(&cri, &a, "echo from-a > /dev/shm/probe").await?;
         for id in [&b, &own] {
             let got = sh_ok(&cri, id, "cat /dev/shm/probe; df -k /dev/shm | tail -1").await?;
-            check(got.starts_with("from-a\n") && got.contains(" 65536 "), || {
-                format!("/dev/shm in {id}: want a's file on a 64 MiB tmpfs, got {got:?}")
-            })?;
+            check(
+                got.starts_with("from-a\n") && got.contains(" 65536 "),
+                || format!("/dev/shm in {id}: want a's file on a 64 MiB tmpfs, got {got:?}"),
+            )?;
         }
         // A container without shareProcessNamespace has its own PID namespace, still the pod's IPC.
         let (pa, po) = (ns(a.clone(), "pid").await?, ns(own.clone(), "pid").await?);
@@ -325,10 +327,12 @@ side_by_side!(shared_namespaces_and_sysctls, 221);
 side_by_side!(privileged_netfilter_and_big_writes, 241);
 side_by_side!(update_resources, 245);
 
-/// The documented difference of the QEMU backend: it cannot resize a running VM, so an update
-/// the pod's VM cannot hold is refused with the sizes named, and the container keeps its limits.
+/// An update the pod's VM cannot hold. Cloud Hypervisor grows the VM (`vm.resize`) and the
+/// container gets its new limits. The documented difference of the QEMU backend: it cannot
+/// resize a running VM, so the update is refused with the sizes named, and the container
+/// keeps its limits.
 #[tokio::test]
-async fn an_update_beyond_the_vm_is_refused_on_qemu() {
+async fn an_update_beyond_the_vm_grows_it_or_is_refused() {
     let shoji = ShojiRuntime::new("");
     on(&shoji.runtime, Version::V2, 226, async |env: &Env| {
         let work = tempfile::Builder::new().prefix("shoji-pod-").tempdir()?;
@@ -340,19 +344,29 @@ async fn an_update_beyond_the_vm_is_refused_on_qemu() {
             let mut c = cri::container_config("c", BUSYBOX, &["sleep", "1000"]);
             c.linux.get_or_insert_with(Default::default).resources = Some(resources(1000, 128));
             let c = pods.start(&pod, &cfg, &c).await?;
-            match cri
+            let update = cri
                 .update_container_resources(&c, resources(1000, 512))
-                .await
-            {
-                Ok(()) => return Err("a 512 MiB limit in a 192 MiB VM was accepted".into()),
-                Err(e) => check(e.to_string().contains("cannot resize a running VM"), || {
-                    format!("the refusal does not say why: {e}")
-                })?,
-            }
+                .await;
             let got = sh_ok(&cri, &c, LIMITS).await?;
-            check(got == format!("{}\n100000", 128 * MIB), || {
-                format!("limits after a refused update: {got:?}")
-            })
+            match (backend::hypervisor(), update) {
+                (HypervisorKind::Clh, Ok(())) => {
+                    check(got == format!("{}\n100000", 512 * MIB), || {
+                        format!("limits after the VM grew: {got:?}")
+                    })
+                }
+                (HypervisorKind::Clh, Err(e)) => Err(format!("the VM did not grow: {e}").into()),
+                (HypervisorKind::Qemu, Ok(())) => {
+                    Err("a 512 MiB limit in a 192 MiB VM was accepted".into())
+                }
+                (HypervisorKind::Qemu, Err(e)) => {
+                    check(e.to_string().contains("cannot resize a running VM"), || {
+                        format!("the refusal does not say why: {e}")
+                    })?;
+                    check(got == format!("{}\n100000", 128 * MIB), || {
+                        format!("limits after a refused update: {got:?}")
+                    })
+                }
+            }
         })
         .await
     })
@@ -387,7 +401,7 @@ async fn systemd_cgroup_path(env: &Env) -> Result {
             .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).ok())
             .map(|c| c.trim().to_string())
             .collect();
-        check(comms.iter().any(|c| c.starts_with("qemu-system")), || {
+        check(comms.iter().any(|c| c == backend::vmm_comm()), || {
             format!("{} holds {comms:?}, not the VM", scope.display())
         })
     })

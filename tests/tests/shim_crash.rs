@@ -3,8 +3,9 @@
 //! `containerd-shim-shoji-v2 delete` (what containerd runs for a dead shim) and, separately,
 //! by `shoji cleanup`: no tap, tc filter, cgroup, mount, process or directory is left.
 //!
-//! The VM never comes up: the configured "QEMU" is a script that sleeps, so the boot waits
-//! for its QMP socket while everything before it exists.
+//! The VM never comes up: the configured VMM (QEMU or Cloud Hypervisor, as
+//! `SHOJI_TEST_HYPERVISOR` selects) is a script that sleeps, so the boot waits for its control
+//! socket while everything before it exists.
 use std::{
     path::{Path, PathBuf},
     process::Stdio,
@@ -13,7 +14,7 @@ use std::{
 
 use shoji::sandbox::State;
 use shoji_tests::{
-    bins,
+    backend, bins,
     containerd::Version,
     image::BUSYBOX,
     scenario::{self, Env, ShojiRuntime, CTR_NAMESPACE},
@@ -35,7 +36,7 @@ fn check(cond: bool, what: impl FnOnce() -> String) -> Result {
 
 /// A "VMM" that never answers, and the config lines that make the boot wait for it.
 fn hanging_vmm_config(dir: &Path) -> String {
-    let script = dir.join("hanging-qemu");
+    let script = dir.join("hanging-vmm");
     std::fs::write(&script, "#!/bin/sh\nexec sleep 1000\n").unwrap();
     std::process::Command::new("chmod")
         .arg("755")
@@ -43,7 +44,8 @@ fn hanging_vmm_config(dir: &Path) -> String {
         .status()
         .unwrap();
     format!(
-        "[qemu]\npath = \"{}\"\n[timeouts]\nvm_start_ms = 120000",
+        "[{}]\npath = \"{}\"\n[timeouts]\nvm_start_ms = 120000",
+        backend::hypervisor(),
         script.display()
     )
 }
@@ -118,7 +120,7 @@ async fn wait_mid_boot(run_dir: &Path, id: &str, netns: &PodNetns) -> Result<Sta
         if let Ok(state) = State::read(&run_dir.join(id)) {
             if state.network.is_some()
                 && state.cgroup.is_some()
-                && state.pids.iter().any(|p| p.name == "qemu")
+                && state.pids.iter().any(|p| p.name == backend::vmm_name())
             {
                 check(netns.has_tap() && netns.has_redirect(), || {
                     "recorded taps are not in the pod netns".into()
@@ -272,7 +274,8 @@ async fn owner_killed_mid_boot_is_cleaned_by_shoji_cleanup() {
         std::fs::write(
             &config,
             format!(
-                "hypervisor = \"qemu\"\nrun_dir = \"{}\"\n{}\n",
+                "hypervisor = \"{}\"\nrun_dir = \"{}\"\n{}\n",
+                backend::hypervisor(),
                 run_dir.display(),
                 hanging_vmm_config(scratch.path())
             ),

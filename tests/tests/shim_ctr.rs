@@ -365,7 +365,8 @@ async fn vmm_killed_ends_the_task(env: Env) -> (Env, Result) {
         wait_status(&env, "vmmkill", "RUNNING").await?;
         let pid = task_pid(&env, "vmmkill").await?;
         let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        check(cmdline.contains("qemu"), || {
+        let vmm = shoji_tests::backend::vmm_name();
+        check(cmdline.contains(vmm), || {
             format!("task pid {pid} should be the VMM: {cmdline:?}")
         })?;
         nix::sys::signal::kill(

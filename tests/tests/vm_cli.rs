@@ -132,7 +132,10 @@ async fn cleanup_removes_what_a_killed_runtime_left() {
         .collect();
     assert_eq!(ids.len(), 1, "{ids:?}");
     let pids = std::fs::read_to_string(env.run_dir.join(&ids[0]).join("state.json")).unwrap();
-    assert!(pids.contains("qemu"), "state.json records the VMM: {pids}");
+    assert!(
+        pids.contains(shoji_tests::backend::vmm_name()),
+        "state.json records the VMM: {pids}"
+    );
     let state: serde_json::Value = serde_json::from_str(&pids).unwrap();
     let alive = state["pids"]
         .as_array()

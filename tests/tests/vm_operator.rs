@@ -10,7 +10,7 @@ use std::{
 use serde_json::Value;
 use shoji::{agent_client::AgentClient, agent_client::AgentError};
 use shoji_agent_api::types::DebugConsoleRequest;
-use shoji_tests::{bins, metrics, vm::TestEnv};
+use shoji_tests::{backend, bins, metrics, vm::TestEnv};
 
 /// The `shoji` CLI with a configuration file of this test (run dir, log dir, debug console).
 struct Cli {
@@ -178,9 +178,10 @@ async fn ps_logs_console_metrics_and_cleanup_on_a_running_and_a_killed_sandbox()
     let r = all.iter().find(|s| id(s) == running).unwrap();
     let k = all.iter().find(|s| id(s) == killed).unwrap();
     assert_eq!(r["state"], "running");
+    let hypervisor = backend::hypervisor().to_string();
     assert_eq!(
         (r["hypervisor"].as_str(), r["vcpus"].as_u64()),
-        (Some("qemu"), Some(1))
+        (Some(hypervisor.as_str()), Some(1))
     );
     assert!(
         r["accel"].is_string() && r["memory_mib"].as_u64() == Some(256),
@@ -194,8 +195,8 @@ async fn ps_logs_console_metrics_and_cleanup_on_a_running_and_a_killed_sandbox()
         .iter()
         .map(|p| p["name"].as_str().unwrap())
         .collect();
-    for want in ["qemu", "virtiofsd", "vhost-device-vsock"] {
-        assert!(names.contains(&want), "{names:?}");
+    for want in backend::vm_processes() {
+        assert!(names.contains(want), "{names:?}");
     }
     assert!(r["boot"]["agent_ready_ms"].as_f64().unwrap() > 0.0);
     assert!(r["debug_console"].as_bool().unwrap() && r["hint"].is_null());
@@ -208,7 +209,10 @@ async fn ps_logs_console_metrics_and_cleanup_on_a_running_and_a_killed_sandbox()
         "{table}"
     );
     let row = table.lines().find(|l| l.starts_with(&running)).unwrap();
-    assert!(row.contains("running") && row.contains("qemu/"), "{table}");
+    assert!(
+        row.contains("running") && row.contains(&format!("{hypervisor}/")),
+        "{table}"
+    );
 
     // console: refused by a CLI whose configuration does not allow it, then a shell.
     let out = plain.run(&["console", &running]);
@@ -274,7 +278,7 @@ async fn ps_logs_console_metrics_and_cleanup_on_a_running_and_a_killed_sandbox()
     assert_eq!(
         gauge(
             "shoji_sandbox_info",
-            &[("state", "running"), ("hypervisor", "qemu")]
+            &[("state", "running"), ("hypervisor", hypervisor.as_str())]
         ),
         1.0
     );
@@ -290,7 +294,12 @@ async fn ps_logs_console_metrics_and_cleanup_on_a_running_and_a_killed_sandbox()
             &[("phase", "agent_ready")]
         ) > 0.0
     );
-    assert!(gauge("shoji_sandbox_process_rss_bytes", &[("process", "qemu")]) > 10e6);
+    assert!(
+        gauge(
+            "shoji_sandbox_process_rss_bytes",
+            &[("process", backend::vmm_name())]
+        ) > 10e6
+    );
     assert!(
         gauge(
             "shoji_sandbox_process_pss_bytes",

@@ -47,9 +47,10 @@ async fn agent_health_and_guest_details() {
     assert!(d.mem_used_bytes > 0 && d.mem_used_bytes < d.mem_total_bytes);
     assert!(d.agent_rss_bytes > 0);
     assert_eq!(d.hostname, "health");
+    let want = shoji_tests::backend::vm_processes();
     assert!(
-        sandbox.pids().len() >= 3,
-        "VMM + virtiofsd + vhost-device-vsock: {:?}",
+        sandbox.pids().len() >= want.len(),
+        "{want:?}: {:?}",
         sandbox.pids()
     );
     finish(env, sandbox).await;

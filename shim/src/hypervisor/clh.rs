@@ -32,7 +32,7 @@ mod vm_config;
 
 use self::logs::{Files, API_SOCKET};
 pub use api::readable_error;
-pub use vm_config::{net_config, vm_config, KERNEL_ARGS};
+pub use vm_config::{net_config, vm_config, HOTPLUG_ALIGN_MIB, KERNEL_ARGS};
 
 /// How the driver runs Cloud Hypervisor.
 #[derive(Debug, Clone)]
@@ -245,7 +245,8 @@ impl Hypervisor for Clh {
         Capabilities {
             accel: Accel::Kvm,
             cpu_hotplug: true,
-            memory_hotplug: self.opts.memory_hotplug_mib > 0,
+            memory_hotplug_block_mib: (self.opts.memory_hotplug_mib > 0)
+                .then_some(HOTPLUG_ALIGN_MIB),
         }
     }
 
@@ -320,6 +321,18 @@ impl Hypervisor for Clh {
                     "resize",
                     format!(
                         "{m} MiB is outside {}..={max} MiB (memory is only ever added)",
+                        self.memory_mib
+                    ),
+                ));
+            }
+            // CH refuses any other size ("The requested hotplug memory addition is not a
+            // valid size"): each addition is one ACPI DIMM of whole blocks.
+            if !(m - self.memory_mib).is_multiple_of(HOTPLUG_ALIGN_MIB) {
+                return Err(invalid(
+                    "resize",
+                    format!(
+                        "{m} MiB adds {} MiB to {} MiB, not a multiple of the {HOTPLUG_ALIGN_MIB} MiB hot-plug block",
+                        m - self.memory_mib,
                         self.memory_mib
                     ),
                 ));

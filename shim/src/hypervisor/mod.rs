@@ -8,7 +8,8 @@
 //! ([`VsockDevice::socket`]) with the `CONNECT <port>` handshake.
 //!
 //! Drivers: [`qemu`] (microvm, virtio-mmio, vhost-user back-ends; KVM or TCG) and [`clh`]
-//! (Cloud Hypervisor over its REST API; the production backend on KVM hosts).
+//! (Cloud Hypervisor over its REST API; the production backend on KVM hosts). [`choice`]
+//! picks one for `hypervisor = "auto"`.
 use std::{
     future::Future,
     path::PathBuf,
@@ -23,6 +24,7 @@ use tokio::sync::watch;
 
 use crate::daemon::{DaemonError, ExitWatch, PidLedger};
 
+pub mod choice;
 pub mod clh;
 pub mod qemu;
 pub mod tap;
@@ -34,6 +36,16 @@ pub enum HypervisorKind {
     /// Cloud Hypervisor.
     Clh,
     Qemu,
+}
+
+impl std::fmt::Display for HypervisorKind {
+    /// The configuration's name for it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HypervisorKind::Clh => "clh",
+            HypervisorKind::Qemu => "qemu",
+        })
+    }
 }
 
 /// Everything a driver needs to start a sandbox's VM. Paths are on the host.
@@ -103,7 +115,9 @@ pub enum Accel {
 pub struct Capabilities {
     pub accel: Accel,
     pub cpu_hotplug: bool,
-    pub memory_hotplug: bool,
+    /// Memory hot-plug: the VM's memory grows in whole blocks of this many MiB (`None`: it
+    /// cannot grow).
+    pub memory_hotplug_block_mib: Option<u64>,
 }
 
 /// How a VM ended.

@@ -60,7 +60,12 @@ pub(super) async fn boot(cfg: SandboxConfig, log: Logger) -> Result<Sandbox> {
         r => r.map_err(io(format!("create {}", dir.display())))?,
     }
     let log = log.new(slog::o!("sandbox" => cfg.id.clone()));
-    let ledger = match Ledger::create(&dir, initial_state(&cfg), &log) {
+    let choice = hypervisor::choice::choose(c).await;
+    info!(log, "hypervisor chosen"; "hypervisor" => ?choice.kind, "why" => &choice.reason);
+    if let Some(blocker) = &choice.blocker {
+        warn!(log, "the configured hypervisor cannot run guests here"; "why" => blocker);
+    }
+    let ledger = match Ledger::create(&dir, initial_state(&cfg, choice.kind), &log) {
         Ok(l) => Arc::new(l),
         Err(e) => {
             let _ = std::fs::remove_dir(&dir);
@@ -75,7 +80,7 @@ pub(super) async fn boot(cfg: SandboxConfig, log: Logger) -> Result<Sandbox> {
         virtiofsd: None,
         driver: None,
     };
-    match boot.run(&cfg, &dir).await {
+    match boot.run(&cfg, choice.kind, &dir).await {
         Ok((agent, end, boot_times)) => {
             let driver = boot.driver.take().expect("driver");
             let vmm_pid = driver.pid().unwrap_or(0);
@@ -127,6 +132,7 @@ impl Boot {
     async fn run(
         &mut self,
         cfg: &SandboxConfig,
+        kind: HypervisorKind,
         dir: &Path,
     ) -> Result<(AgentClient, watch::Receiver<Option<VmExit>>, BootTimes)> {
         let c = &cfg.config;
@@ -171,7 +177,7 @@ impl Boot {
             self.ledger.as_ref(),
         )?);
         let driver = self.driver.insert(hypervisor::new(
-            driver_options(c).await,
+            driver_options(c, kind).await,
             self.ledger.clone(),
             &self.log,
         ));
@@ -312,14 +318,14 @@ impl Boot {
 }
 
 /// The ledger as the boot begins: what the sandbox is and where its logs will go.
-fn initial_state(cfg: &SandboxConfig) -> State {
+fn initial_state(cfg: &SandboxConfig, hypervisor: HypervisorKind) -> State {
     let c = &cfg.config;
     State {
         id: cfg.id.clone(),
         info: Some(SandboxInfo {
             pod_namespace: cfg.pod_namespace.clone(),
             pod_name: cfg.pod_name.clone(),
-            hypervisor: c.hypervisor,
+            hypervisor,
             accel: None,
             vcpus: cfg.vcpus,
             memory_mib: cfg.memory_mib,
@@ -350,9 +356,9 @@ fn share_debug_shell(shared: &SharedDir, log: &Logger) {
     }
 }
 
-/// The driver for the configured hypervisor, and how it runs its VMM.
-async fn driver_options(c: &Config) -> DriverOptions {
-    match c.hypervisor {
+/// The driver for the chosen hypervisor, and how it runs its VMM.
+async fn driver_options(c: &Config, kind: HypervisorKind) -> DriverOptions {
+    match kind {
         HypervisorKind::Qemu => {
             let (accel, accel_reason) = crate::kvm::qemu_accel(c.qemu.accel).await;
             DriverOptions::Qemu(QemuOptions {

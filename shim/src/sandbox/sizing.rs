@@ -1,14 +1,18 @@
 //! The VM's size against what its containers ask. Every guest container's CPU and memory
 //! limits are kept; an update whose pod total no longer fits the VM grows the VM first
-//! where the hypervisor can (Cloud Hypervisor's `vm.resize`), within the configured
-//! maxima, and is refused with the sizes named before anything changed where it cannot
-//! (QEMU hot-plugs neither). A VM never shrinks: memory unplug is not offered.
+//! where the hypervisor can (Cloud Hypervisor's `vm.resize`; memory in whole hot-plug
+//! blocks), within the configured maxima, and is refused with the sizes named before
+//! anything changed where it cannot (QEMU hot-plugs neither). A VM never shrinks: memory
+//! unplug is not offered.
 use std::{collections::HashMap, sync::Mutex};
 
 use oci_spec::runtime::LinuxResources;
 
 use super::{Result, Sandbox, SandboxError};
-use crate::oci::VmSize;
+use crate::{
+    hypervisor::{Capabilities, HypervisorKind},
+    oci::VmSize,
+};
 
 /// What a container asks of the VM; 0: no limit.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -99,6 +103,64 @@ impl Sizing {
     }
 }
 
+/// A resize to ask the driver for: the vCPU count and memory size that change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Resize {
+    vcpus: Option<u32>,
+    memory_mib: Option<u64>,
+}
+
+impl Resize {
+    fn apply(self, have: VmSize) -> VmSize {
+        VmSize {
+            vcpus: self.vcpus.unwrap_or(have.vcpus),
+            memory_mib: self.memory_mib.unwrap_or(have.memory_mib),
+        }
+    }
+}
+
+/// The resize that takes a VM of `have` to at least `want` on a `kind` backend that can do
+/// `caps` (memory grows in whole hot-plug blocks, so it is rounded up), without passing
+/// `max`; or why there is none.
+fn plan_resize(
+    have: VmSize,
+    want: VmSize,
+    max: VmSize,
+    kind: HypervisorKind,
+    caps: Capabilities,
+) -> Result<Resize> {
+    let more_memory = want.memory_mib > have.memory_mib;
+    let cannot = (want.vcpus > have.vcpus && !caps.cpu_hotplug)
+        || (more_memory && caps.memory_hotplug_block_mib.is_none());
+    if cannot {
+        return Err(SandboxError::Invalid(format!(
+            "the pod's containers would need a VM of {} vCPUs and {} MiB; it has {} and {} MiB, \
+             and the {kind} backend cannot resize a running VM (Cloud Hypervisor can)",
+            want.vcpus, want.memory_mib, have.vcpus, have.memory_mib,
+        )));
+    }
+    let memory_mib = match caps.memory_hotplug_block_mib {
+        Some(block) if more_memory => {
+            let grown =
+                have.memory_mib + (want.memory_mib - have.memory_mib).next_multiple_of(block);
+            if grown > max.memory_mib {
+                return Err(SandboxError::Invalid(format!(
+                    "the pod's containers would need a VM of {} MiB; the {kind} backend adds memory \
+                     in {block} MiB blocks, so it would get {grown} MiB, above max_memory_mib = {} \
+                     (shoji configuration)",
+                    want.memory_mib, max.memory_mib
+                )));
+            }
+            Some(grown)
+        }
+        _ => None,
+    };
+    Ok(Resize {
+        vcpus: (want.vcpus > have.vcpus).then_some(want.vcpus),
+        memory_mib,
+    })
+}
+
 impl Sandbox {
     /// New cgroup limits for a container in the guest, the VM grown first if the pod's
     /// containers no longer fit it.
@@ -125,26 +187,18 @@ impl Sandbox {
             .as_mut()
             .ok_or_else(|| SandboxError::Invalid("the VM is stopped".into()))?;
         let have = self.sizing.size();
-        let caps = driver.capabilities();
-        if (want.vcpus > have.vcpus && !caps.cpu_hotplug)
-            || (want.memory_mib > have.memory_mib && !caps.memory_hotplug)
-        {
-            return Err(SandboxError::Invalid(format!(
-                "the pod's containers would need a VM of {} vCPUs and {} MiB; it has {} and {} MiB, \
-                 and the {:?} backend cannot resize a running VM (Cloud Hypervisor can)",
-                want.vcpus,
-                want.memory_mib,
-                have.vcpus,
-                have.memory_mib,
-                driver.kind()
-            )));
-        }
-        let vcpus = (want.vcpus > have.vcpus).then_some(want.vcpus);
-        let memory = (want.memory_mib > have.memory_mib).then_some(want.memory_mib);
-        driver.resize(vcpus, memory).await?;
-        *self.sizing.size.lock().unwrap() = want;
+        let resize = plan_resize(
+            have,
+            want,
+            self.sizing.max,
+            driver.kind(),
+            driver.capabilities(),
+        )?;
+        driver.resize(resize.vcpus, resize.memory_mib).await?;
+        let grown = resize.apply(have);
+        *self.sizing.size.lock().unwrap() = grown;
         slog::info!(self.log, "VM grown for the pod's containers";
-            "vcpus" => want.vcpus, "memory_mib" => want.memory_mib);
+            "vcpus" => grown.vcpus, "memory_mib" => grown.memory_mib);
         Ok(())
     }
 }
@@ -172,6 +226,78 @@ mod tests {
             )
             .build()
             .unwrap()
+    }
+
+    fn size(vcpus: u32, memory_mib: u64) -> VmSize {
+        VmSize { vcpus, memory_mib }
+    }
+
+    const CLH: Capabilities = Capabilities {
+        accel: crate::hypervisor::Accel::Kvm,
+        cpu_hotplug: true,
+        memory_hotplug_block_mib: Some(128),
+    };
+    const QEMU: Capabilities = Capabilities {
+        accel: crate::hypervisor::Accel::Tcg,
+        cpu_hotplug: false,
+        memory_hotplug_block_mib: None,
+    };
+
+    fn plan(have: VmSize, want: VmSize, caps: Capabilities) -> Result<Resize> {
+        let kind = match caps.cpu_hotplug {
+            true => HypervisorKind::Clh,
+            false => HypervisorKind::Qemu,
+        };
+        plan_resize(have, want, size(4, 2048), kind, caps)
+    }
+
+    #[test]
+    fn a_resize_asks_only_for_what_grows_and_memory_in_whole_blocks() {
+        let have = size(1, 320);
+        let resize = |vcpus, memory_mib| Resize { vcpus, memory_mib };
+        assert_eq!(
+            plan(have, size(2, 320), CLH).unwrap(),
+            resize(Some(2), None)
+        );
+        // 320 → 448 is one 128 MiB block; 321 MiB needs a whole one as well.
+        assert_eq!(
+            plan(have, size(1, 448), CLH).unwrap(),
+            resize(None, Some(448))
+        );
+        assert_eq!(
+            plan(have, size(1, 321), CLH).unwrap(),
+            resize(None, Some(448))
+        );
+        let both = plan(have, size(3, 600), CLH).unwrap();
+        assert_eq!(both, resize(Some(3), Some(704)));
+        assert_eq!(both.apply(have), size(3, 704));
+        // Rounding up must not pass max_memory_mib.
+        let e = plan(size(1, 1984), size(1, 2000), CLH)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("in 128 MiB blocks, so it would get 2112 MiB, above max_memory_mib = 2048"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_backend_that_cannot_hot_plug_is_named_with_the_sizes() {
+        let have = size(1, 320);
+        for want in [size(2, 320), size(1, 448)] {
+            let e = plan(have, want, QEMU).unwrap_err().to_string();
+            assert!(
+                e.contains("it has 1 and 320 MiB, and the qemu backend cannot resize a running VM"),
+                "{e}"
+            );
+        }
+        // Memory hot-plug off (memory_hotplug_mib = 0): CPUs still grow, memory cannot.
+        let cpus_only = Capabilities {
+            memory_hotplug_block_mib: None,
+            ..CLH
+        };
+        assert!(plan(have, size(2, 320), cpus_only).is_ok());
+        assert!(plan(have, size(1, 448), cpus_only).is_err());
     }
 
     #[test]

@@ -20,15 +20,24 @@ pub(super) struct Request {
 pub(super) struct Response {
     pub(super) status: u16,
     pub(super) body: Option<String>,
-    /// Exit the process once the response is written (vmm.shutdown).
-    pub(super) exit: bool,
+    /// What the process does once the response is written.
+    pub(super) then: Then,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+pub(super) enum Then {
+    Serve,
+    /// Exits on its own (vmm.shutdown).
+    Exit,
+    /// Is killed with SIGKILL, as by the OOM killer (`--fake-die-after`).
+    Die,
 }
 
 pub(super) fn ok() -> Response {
     Response {
         status: 204,
         body: None,
-        exit: false,
+        then: Then::Serve,
     }
 }
 
@@ -36,7 +45,7 @@ pub(super) fn json_response(status: u16, v: Value) -> Response {
     Response {
         status,
         body: Some(v.to_string()),
-        exit: false,
+        then: Then::Serve,
     }
 }
 

@@ -25,12 +25,19 @@
 //! count and tap names, exit), `--fake-fs-wait-ms N`, `--fake-hang CALL` (never answer that
 //! call, holding the API like a stuck VMM; repeatable), `--fake-die-after-boot-ms N` (the
 //! vCPU fails N ms after boot: ERROR line, events, exit status 1), `--fake-crash CALL` (the
-//! VMM panics on that call without answering: panic message on stderr, abort).
+//! VMM panics on that call without answering: panic message on stderr, abort),
+//! `--fake-die-after CALL` (answers that call, then is killed with SIGKILL, as by the OOM
+//! killer), `--fake-reject CALL=STATUS` (answers that call with STATUS and an error chain in
+//! CH's style, changing nothing), `--fake-boot-ms N` (vm.boot takes N ms, the API blocked
+//! meanwhile), `--fake-console LINE` (the guest writes LINE on its serial port at boot;
+//! repeatable), `--fake-console-flood` (the guest writes to its serial port at about 4 MB/s
+//! until the VM ends).
+mod env;
 mod http;
 mod vmm;
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     os::unix::net::UnixListener,
     path::{Path, PathBuf},
     sync::Arc,
@@ -39,8 +46,11 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-pub use self::http::{raw_request, RawResponse};
 use self::vmm::Fake;
+pub use self::{
+    env::{processes_mentioning, virtiofsd, DriverEnv, Req},
+    http::{raw_request, RawResponse},
+};
 
 /// One line of the `--fake-record` file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -81,6 +91,11 @@ pub(crate) struct Args {
     pub(crate) hang: HashSet<String>,
     pub(crate) die_after_boot: Option<Duration>,
     pub(crate) crash: HashSet<String>,
+    pub(crate) die_after: HashSet<String>,
+    pub(crate) reject: HashMap<String, u16>,
+    pub(crate) boot_delay: Duration,
+    pub(crate) console: Vec<String>,
+    pub(crate) console_flood: bool,
 }
 
 fn parse_args(argv: &[String]) -> Result<Args, String> {
@@ -94,8 +109,13 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
             Some((f, v)) if f.starts_with("--") => (f, Some(v.to_string())),
             _ => (arg.as_str(), None),
         };
-        if flag == "-v" || flag == "-vv" {
-            continue;
+        match flag {
+            "-v" | "-vv" => continue,
+            "--fake-console-flood" => {
+                args.console_flood = true;
+                continue;
+            }
+            _ => {}
         }
         let value = match inline {
             Some(v) => v,
@@ -126,6 +146,18 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
             "--fake-crash" => {
                 args.crash.insert(value);
             }
+            "--fake-die-after" => {
+                args.die_after.insert(value);
+            }
+            "--fake-reject" => {
+                let (call, status) = value
+                    .split_once('=')
+                    .and_then(|(c, s)| Some((c.to_string(), s.parse::<u16>().ok()?)))
+                    .ok_or_else(|| format!("{flag}: expected CALL=STATUS, got {value:?}"))?;
+                args.reject.insert(call, status);
+            }
+            "--fake-boot-ms" => args.boot_delay = millis(&value)?,
+            "--fake-console" => args.console.push(value),
             _ => return Err(format!("unexpected argument '{flag}' found")),
         }
     }
@@ -172,7 +204,8 @@ pub fn main() -> i32 {
     0
 }
 
-fn unix_ms() -> u64 {
+/// Now, in ms since the epoch (as the fake records its exit).
+pub fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()

@@ -15,7 +15,7 @@ use std::{
 use serde_json::{json, Value};
 
 use super::{
-    http::{encode, error, json_response, ok, read_request, Request, Response},
+    http::{encode, error, json_response, ok, read_request, Request, Response, Then},
     unix_ms, Args, Record,
 };
 
@@ -29,6 +29,9 @@ pub(super) struct Vm {
     /// Open vhost-user (virtio-fs) connections and the hybrid-vsock listener of a booted VM.
     pub(super) fs_conns: Vec<UnixStream>,
     pub(super) vsock: Option<UnixListener>,
+    /// The serial port's file of a booted VM (`--fake-console-flood` writes through a weak
+    /// reference, so it stops when the VM does).
+    pub(super) console: Option<Arc<File>>,
 }
 
 #[derive(Default, Clone, Copy, PartialEq)]
@@ -107,6 +110,18 @@ impl Fake {
         }
     }
 
+    /// SIGKILL from outside, as the OOM killer does it: no log line, no event.
+    pub(super) fn die(&self) -> ! {
+        self.record(Record::Exit {
+            code: 128 + libc::SIGKILL,
+            reason: "killed (--fake-die-after)".into(),
+            unix_ms: unix_ms(),
+        });
+        // SAFETY: kill(2) of this very process.
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        unreachable!("SIGKILL is not caught")
+    }
+
     pub(super) fn exit(&self, code: i32, reason: &str) -> ! {
         self.record(Record::Exit {
             code,
@@ -127,9 +142,13 @@ impl Fake {
             };
             let resp = self.handle(req, fds);
             let _ = conn.write_all(&encode(&resp));
-            if resp.exit {
-                let _ = conn.flush();
-                self.exit(0, "vmm.shutdown");
+            match resp.then {
+                Then::Serve => {}
+                Then::Exit => {
+                    let _ = conn.flush();
+                    self.exit(0, "vmm.shutdown");
+                }
+                Then::Die => self.die(),
             }
         }
     }
@@ -175,7 +194,12 @@ impl Fake {
             });
             std::process::abort();
         }
-        let resp = match (req.method.as_str(), call.as_str()) {
+        if let Some(&status) = self.args.reject.get(&call) {
+            let resp = error(status, &rejection(status, &call));
+            self.record(record(Some(resp.status)));
+            return resp;
+        }
+        let mut resp = match (req.method.as_str(), call.as_str()) {
             ("GET", "vmm.ping") => json_response(
                 200,
                 json!({"build_version": "v53.0-246-gfake", "version": "54.0.0",
@@ -271,11 +295,14 @@ impl Fake {
                 Response {
                     status: 200,
                     body: Some(String::new()),
-                    exit: true,
+                    then: Then::Exit,
                 }
             }
             _ => error(404, &["Not Found"]),
         };
+        if self.args.die_after.contains(&call) {
+            resp.then = Then::Die;
+        }
         self.record(record(Some(resp.status)));
         resp
     }
@@ -315,6 +342,7 @@ impl Fake {
         vm.state = State::Created;
         vm.fs_conns.clear();
         vm.vsock = None;
+        vm.console = None;
     }
 
     pub(super) fn boot(self: &Arc<Self>, vm: &mut Vm) -> Response {
@@ -326,6 +354,8 @@ impl Fake {
             // Approximation.
             return error(500, &[API_ERROR, BOOT, "VM is already running"]);
         }
+        // Creating the devices and loading the kernel, with the API blocked meanwhile.
+        std::thread::sleep(self.args.boot_delay);
         if let Err(chain) = validate(&config) {
             let mut all = vec![API_ERROR, BOOT, "Failed to validate config"];
             all.extend(chain.iter().map(String::as_str));
@@ -392,7 +422,9 @@ impl Fake {
             .as_str()
             .filter(|_| config["serial"]["mode"] == "File")
         {
-            let _ = File::create(file);
+            // As CH opens it: truncated, written at its own offset (not appended).
+            vm.console = File::create(file).ok().map(Arc::new);
+            self.guest_output(vm);
         }
         vm.fs_conns = fs_conns;
         vm.state = State::Running;
@@ -412,6 +444,30 @@ impl Fake {
             });
         }
         ok()
+    }
+
+    /// What the guest writes on its serial port: `--fake-console` lines once, and with
+    /// `--fake-console-flood` numbered lines as fast as about 4 MB/s until the VM ends.
+    fn guest_output(&self, vm: &Vm) {
+        let Some(console) = &vm.console else { return };
+        for line in &self.args.console {
+            let _ = writeln!(&**console, "{line}");
+        }
+        if self.args.console_flood {
+            let console = Arc::downgrade(console);
+            std::thread::spawn(move || {
+                let chunk: String = (0..64)
+                    .map(|i| format!("[{i:>4}] a guest flooding its console {}\n", "x".repeat(24)))
+                    .collect();
+                while let Some(f) = console.upgrade() {
+                    if (&*f).write_all(chunk.as_bytes()).is_err() {
+                        return;
+                    }
+                    drop(f);
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            });
+        }
     }
 
     /// vm.add-*: on a created VM only the config changes (204); on a running one the device
@@ -479,6 +535,29 @@ impl Fake {
     }
 }
 
+/// The error chain of a call rejected with `--fake-reject CALL=STATUS`, in CH's style: the
+/// API's outer message for that call, then (for a 400) config validation.
+fn rejection(status: u16, call: &str) -> Vec<&'static str> {
+    let what = match call {
+        "vm.create" => "The VM could not be created",
+        "vm.boot" => "The VM could not boot",
+        "vm.info" => "The VM info is not available",
+        "vm.add-net" => "The network device could not be added to the VM",
+        "vm.resize" => "The VM could not be resized",
+        "vm.shutdown" => "The VM could not shutdown",
+        _ => "The request failed",
+    };
+    match status {
+        400 => vec![
+            API_ERROR,
+            what,
+            "Failed to validate config",
+            "rejected by --fake-reject",
+        ],
+        _ => vec![API_ERROR, what, "rejected by --fake-reject"],
+    }
+}
+
 /// vm.resize: a created VM only has its config edited (validated at the next boot); a
 /// running one is checked against its limits.
 fn resize(vm: &mut Vm, body: &[u8]) -> Response {
@@ -513,18 +592,22 @@ fn resize(vm: &mut Vm, body: &[u8]) -> Response {
     if let Some(ram) = req["desired_ram"].as_i64() {
         let size = full["memory"]["size"].as_i64().unwrap_or(0);
         if running {
+            // ACPI hot-plug (MemoryManager::resize in CH's source, not recorded): memory only
+            // grows, by one DIMM of whole 128 MiB blocks, within the reserved room.
             let room = full["memory"]["hotplug_size"].as_i64().unwrap_or(0);
-            if ram < size || ram > size + room {
-                // Approximation.
-                return error(
-                    500,
-                    &[
-                        API_ERROR,
-                        RESIZE,
-                        "Cannot hotplug memory",
-                        "Insufficient space for hotplug",
-                    ],
-                );
+            let current = size + full["memory"]["hotplugged_size"].as_i64().unwrap_or(0);
+            if ram <= current {
+                return ok();
+            }
+            let failure = if (ram - current) % (128 << 20) != 0 {
+                Some("The requested hotplug memory addition is not a valid size")
+            } else if ram > size + room {
+                Some("Not enough space in the hotplug RAM region")
+            } else {
+                None
+            };
+            if let Some(why) = failure {
+                return error(500, &[API_ERROR, RESIZE, "Memory manager error", why]);
             }
             config["memory"] = full["memory"].clone();
             config["memory"]["hotplugged_size"] = json!(ram - size);

@@ -309,7 +309,7 @@ impl Hypervisor for Qemu {
         Capabilities {
             accel: self.opts.accel,
             cpu_hotplug: false,
-            memory_hotplug: false,
+            memory_hotplug_block_mib: None,
         }
     }
 

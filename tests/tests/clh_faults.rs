@@ -1,0 +1,395 @@
+//! The Cloud Hypervisor path's share of the fault and hostile-input cases, against the fake
+//! Cloud Hypervisor (tests/src/fake_clh/): the VMM killed after each boot step, each call
+//! answered with an error in CH's format, each call hanging, a slow boot, and, through the
+//! sandbox, a VMM death during boot, a guest that never announces its agent (its console
+//! quoted) and a guest flooding its console (kept under its cap). Each case is bounded, names
+//! its cause and leaves nothing behind. The QEMU path's counterparts run real VMs
+//! (vm_start_failures.rs, vm_sandbox.rs, shim_faults.rs).
+use std::{
+    os::unix::fs::MetadataExt,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use shoji::{
+    daemon::DaemonError,
+    hypervisor::{
+        clh::{Clh, ClhOptions},
+        Hypervisor, HypervisorError,
+    },
+    sandbox::{Sandbox, SandboxConfig, SandboxError, CONSOLE_MAX},
+};
+use shoji_tests::fake_clh::DriverEnv;
+
+const FAKE: &str = env!("CARGO_BIN_EXE_fake-cloud-hypervisor");
+
+/// The driver's time limits in these tests: short, so that every hang is quick to see.
+const API: Duration = Duration::from_secs(1);
+const BOOT: Duration = Duration::from_secs(2);
+const START: Duration = Duration::from_secs(2);
+
+async fn with_fake(fake_flags: &[&str]) -> DriverEnv {
+    DriverEnv::new(Path::new(FAKE), fake_flags)
+        .await
+        .with_taps(&["ftap0"])
+}
+
+/// A driver with the short limits.
+fn driver(env: &DriverEnv) -> Clh {
+    env.driver_with(ClhOptions {
+        api_timeout: API,
+        boot_timeout: BOOT,
+        start_timeout: START,
+        ..env.options()
+    })
+}
+
+/// Starts a VM on `env`'s fake, which must fail; returns the error and how long it took,
+/// after checking that the failed start left nothing and published its end.
+async fn failed_start(env: &DriverEnv) -> (HypervisorError, Duration) {
+    let mut vm = driver(env);
+    vm.prepare(&env.spec()).await.unwrap();
+    let t = Instant::now();
+    let err = vm.start().await.expect_err("start must fail");
+    let took = t.elapsed();
+    let exit = tokio::time::timeout(Duration::from_secs(2), vm.wait_exit())
+        .await
+        .expect("the failed start published the VM's end");
+    // The driver's own account, or (when the VMM died by itself) the VMM's death as its
+    // exit watch saw it first: both name what ended the VM.
+    assert!(
+        exit.reason.starts_with("start failed: ")
+            || exit.reason.starts_with("cloud-hypervisor exited"),
+        "{}",
+        exit.reason
+    );
+    assert_eq!(vm.pid(), None);
+    env.assert_nothing_left().await;
+    (err, took)
+}
+
+/// The calls the fake answered, in order.
+fn calls(env: &DriverEnv) -> Vec<String> {
+    env.fake.calls().into_iter().map(|c| c.0).collect()
+}
+
+/// The VMM killed (SIGKILL, as by the OOM killer) right after it answered `after`: the next
+/// call (`next`) fails, and the start reports the VMM's death, naming that step.
+async fn vmm_killed_after(after: &str, next: &str) {
+    let env = with_fake(&["--fake-die-after", after]).await;
+    let (err, took) = failed_start(&env).await;
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+    match &err {
+        HypervisorError::Daemon(DaemonError::Died {
+            what: "cloud-hypervisor",
+            status,
+            detail,
+        }) => {
+            assert_eq!(*status, Some(128 + libc::SIGKILL), "{err}");
+            assert!(
+                detail.starts_with("no error output (the step that failed: cloud-hypervisor API ")
+                    && detail.contains(next),
+                "{detail}"
+            );
+        }
+        other => panic!("expected the VMM's death, got {other}"),
+    }
+    assert_eq!(calls(&env).last().map(String::as_str), Some(after));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vmm_killed_after_launch() {
+    vmm_killed_after("vmm.ping", "vm.create").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vmm_killed_after_vm_create() {
+    vmm_killed_after("vm.create", "vm.add-net").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vmm_killed_after_vm_add_net() {
+    vmm_killed_after("vm.add-net", "vm.boot").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vmm_killed_after_vm_boot() {
+    vmm_killed_after("vm.boot", "vm.info").await
+}
+
+/// Each call answered with an error in CH's format (status and a JSON array of strings,
+/// outer to inner): the start fails with that status and the chain joined, at once, and
+/// nothing after the failed call is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_errors_are_reported_with_chs_status_and_error_chain() {
+    for (call, status, chain) in [
+        ("vm.create", 500, "The VM could not be created: rejected by --fake-reject"),
+        (
+            "vm.add-net",
+            400,
+            "The network device could not be added to the VM: Failed to validate config: rejected by --fake-reject",
+        ),
+        (
+            "vm.boot",
+            400,
+            "The VM could not boot: Failed to validate config: rejected by --fake-reject",
+        ),
+        ("vm.info", 500, "The VM info is not available: rejected by --fake-reject"),
+    ] {
+        let env = with_fake(&["--fake-reject", &format!("{call}={status}")]).await;
+        let (err, took) = failed_start(&env).await;
+        assert!(took < Duration::from_secs(3), "{call}: took {took:?}");
+        match &err {
+            HypervisorError::Api {
+                call: c,
+                status: s,
+                body,
+            } => assert_eq!(
+                (c.as_str(), *s, body.as_str()),
+                (call, status, format!("Error from API: {chain}").as_str())
+            ),
+            other => panic!("{call}: expected an API error, got {other}"),
+        }
+        assert_eq!(calls(&env).last().map(String::as_str), Some(call));
+    }
+}
+
+/// A VMM whose API answers, but only with errors, is given `start_timeout`, and the error is
+/// quoted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vmm_that_only_answers_errors_times_out_with_its_error() {
+    let env = with_fake(&["--fake-reject", "vmm.ping=500"]).await;
+    let (err, took) = failed_start(&env).await;
+    assert!(took >= START && took < START * 2, "took {took:?}");
+    match &err {
+        HypervisorError::Timeout {
+            what,
+            timeout,
+            detail,
+        } => {
+            assert_eq!(
+                (what.as_str(), *timeout),
+                ("cloud-hypervisor API (vmm.ping)", START)
+            );
+            assert_eq!(
+                detail.as_deref(),
+                Some("vmm.ping failed with 500: Error from API: The request failed: rejected by --fake-reject")
+            );
+        }
+        other => panic!("expected a timeout, got {other}"),
+    }
+}
+
+/// CH's own 5xx, unprovoked: a virtio-fs socket that exists but that nobody serves makes
+/// `vm.boot` wait for its vhost-user connection (60 s in CH, shortened here) and fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_virtiofs_socket_nobody_serves_fails_vm_boot_with_chs_error() {
+    let env = with_fake(&["--fake-fs-wait-ms", "300"]).await;
+    let mut spec = env.spec();
+    let share = spec.share.as_mut().unwrap();
+    share.socket = env.path("sandbox/stale-virtiofsd.sock");
+    drop(std::os::unix::net::UnixListener::bind(&share.socket).unwrap());
+    let mut vm = driver(&env);
+    vm.prepare(&spec).await.unwrap();
+    let err = vm.start().await.expect_err("start must fail");
+    match &err {
+        HypervisorError::Api { call, status, body } => assert_eq!(
+            (call.as_str(), *status, body.as_str()),
+            (
+                "vm.boot",
+                500,
+                "Error from API: The VM could not boot: Error from device manager: \
+                 Cannot create virtio-fs device: Timed out waiting for vhost-user connection"
+            )
+        ),
+        other => panic!("expected an API error, got {other}"),
+    }
+    env.assert_nothing_left().await;
+}
+
+/// Each call hanging (a stuck VMM thread holds the whole API): the start fails when that
+/// call's limit runs out, naming the call and the limit, and the stuck VMM is killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_api_call_times_out_at_each_step() {
+    for (call, limit) in [
+        ("vmm.ping", START),
+        ("vm.create", API),
+        ("vm.add-net", API),
+        ("vm.boot", BOOT),
+        ("vm.info", API),
+    ] {
+        let env = with_fake(&["--fake-hang", call]).await;
+        let (err, took) = failed_start(&env).await;
+        assert!(
+            took >= limit && took < limit + Duration::from_secs(2),
+            "{call}: took {took:?}"
+        );
+        match &err {
+            HypervisorError::Timeout { what, timeout, .. } => {
+                assert!(what.contains(call), "{err}");
+                assert_eq!(*timeout, limit, "{err}");
+            }
+            other => panic!("{call}: expected a timeout, got {other}"),
+        }
+        assert_eq!(
+            env.fake.calls().last().unwrap(),
+            &(call.to_string(), None),
+            "{call}: the hung call is the last one"
+        );
+    }
+}
+
+/// A slow `vm.boot` (CH creates every device in it) is waited for within `boot_timeout`;
+/// beyond it the start fails and the VMM, still booting, is killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_boot_is_waited_for_within_its_limit() {
+    let env = with_fake(&["--fake-boot-ms", "1200"]).await;
+    let mut vm = driver(&env);
+    vm.prepare(&env.spec()).await.unwrap();
+    let t = Instant::now();
+    vm.start().await.unwrap();
+    assert!(
+        t.elapsed() >= Duration::from_millis(1200),
+        "{:?}",
+        t.elapsed()
+    );
+    vm.stop(Duration::from_secs(2)).await.unwrap();
+    env.assert_nothing_left().await;
+
+    let env = with_fake(&["--fake-boot-ms", "5000"]).await;
+    let (err, took) = failed_start(&env).await;
+    assert!(took < BOOT + Duration::from_secs(2), "took {took:?}");
+    assert!(
+        matches!(&err, HypervisorError::Timeout { what, timeout, .. }
+            if what.contains("vm.boot") && *timeout == BOOT),
+        "{err}"
+    );
+}
+
+/// Starts a sandbox on the fake (with a virtiofsd of its own; no agent ever answers), which
+/// must fail; `during` looks at its directory while it starts. Then nothing may be left.
+async fn failed_sandbox(
+    env: &DriverEnv,
+    agent_ready: Duration,
+    mut during: impl FnMut(&Path),
+) -> SandboxError {
+    env.stop_virtiofsd().await;
+    let mut config = env.sandbox_config();
+    config.timeouts.agent_ready = agent_ready;
+    let cfg = SandboxConfig::new("clhsb", config);
+    let dir = cfg.dir();
+    let log = slog::Logger::root(slog::Discard, slog::o!());
+    let start = tokio::spawn(Sandbox::start(cfg, log));
+    while !start.is_finished() {
+        during(&dir);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let err = start.await.unwrap().err().expect("start must fail");
+    env.assert_no_process_left().await;
+    let left = env.run_dir_entries();
+    assert!(left.is_empty(), "run dir entries left: {left:?}");
+    err
+}
+
+/// The sandbox on the CH driver: a VMM that dies while the guest boots is reported at once
+/// with CH's error (not after the agent timeout), and the sandbox leaves nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandbox_reports_a_vmm_death_during_boot_with_its_error() {
+    let env = with_fake(&["--fake-die-after-boot-ms", "300"]).await;
+    let t = Instant::now();
+    let err = failed_sandbox(&env, Duration::from_secs(30), |_| {}).await;
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "reported after {:?}",
+        t.elapsed()
+    );
+    match &err {
+        SandboxError::VmExited { exit, .. } => {
+            assert_eq!(exit.status, Some(1));
+            assert!(
+                exit.reason.contains("VCPU generated error"),
+                "{}",
+                exit.reason
+            );
+        }
+        other => panic!("expected VmExited, got {other}"),
+    }
+    assert!(
+        calls(&env).ends_with(&["vm.create".into(), "vm.boot".into(), "vm.info".into()]),
+        "{:?}",
+        calls(&env)
+    );
+}
+
+/// A guest that boots but never announces an agent: the start fails when `agent_ready` runs
+/// out, quoting the guest's console (CH's serial port file).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_without_agent_fails_in_bounded_time_quoting_its_console() {
+    let env = with_fake(&[
+        "--fake-console",
+        "Linux version 6.1.0 (fake guest)",
+        "--fake-console",
+        "not an agent",
+    ])
+    .await;
+    let timeout = Duration::from_secs(3);
+    let t = Instant::now();
+    let err = failed_sandbox(&env, timeout, |_| {}).await;
+    assert!(
+        t.elapsed() < timeout + Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
+    let SandboxError::NotReady { console, .. } = &err else {
+        panic!("wrong error: {err}")
+    };
+    assert_eq!(
+        console,
+        "  Linux version 6.1.0 (fake guest)\n  not an agent"
+    );
+}
+
+/// A guest flooding its serial port: CH writes the file at its own offset (it is not opened
+/// for appending), so after each rotation the file is sparse; what it holds on disk stays
+/// under the cap, the last part moves to console.log.1, and the quoted tail is readable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_console_stays_under_its_cap() {
+    let env = with_fake(&["--fake-console-flood"]).await;
+    let (mut largest, mut kept) = (0u64, String::new());
+    let err = failed_sandbox(&env, Duration::from_secs(3), |dir| {
+        let console = dir.join("console.log");
+        largest = largest.max(std::fs::metadata(&console).map_or(0, |m| m.blocks() * 512));
+        if let Ok(text) = std::fs::read_to_string(dir.join("console.log.1")) {
+            kept = text;
+        }
+    })
+    .await;
+    let SandboxError::NotReady { console, .. } = &err else {
+        panic!("wrong error: {err}")
+    };
+    assert!(
+        !kept.is_empty(),
+        "the console was never rotated (largest {largest} bytes)"
+    );
+    assert!(
+        largest <= CONSOLE_MAX + CONSOLE_MAX / 2,
+        "console.log held {largest} bytes on disk (cap {CONSOLE_MAX})"
+    );
+    // What is kept is the guest's output, not the hole left in front of it.
+    assert!(
+        kept.contains("a guest flooding its console") && !kept.contains('\0'),
+        "{:?}",
+        &kept[kept.len().saturating_sub(200)..]
+    );
+    // The quoted tail: whole lines of the guest's output (the last may be cut by a write
+    // in progress).
+    let lines: Vec<&str> = console.lines().collect();
+    assert!(
+        lines.len() > 1
+            && !console.contains('\0')
+            && lines[..lines.len() - 1]
+                .iter()
+                .all(|l| l.contains("a guest flooding its console")),
+        "{console:?}"
+    );
+}
