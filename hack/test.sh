@@ -4,11 +4,33 @@
 #
 #   hack/test.sh                 # everything
 #   hack/test.sh -E 'binary(/^vm_/)'   # extra arguments go to cargo nextest run
+#   SHOJI_TEST_HYPERVISOR=clh hack/test.sh   # the VM and containerd tests on Cloud Hypervisor
+#                                            # (a KVM node with cloud-hypervisor installed;
+#                                            # hack/validate-node.sh adds benchmarks and a report)
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 export PATH="$HOME/.cargo/bin:$PATH"
 start=$(date +%s)
+
+# SHOJI_TEST_HYPERVISOR selects the VMM of the VM and containerd tests (tests/src/backend.rs):
+# qemu (the default) or clh. Where Cloud Hypervisor cannot run guests, say so now, before
+# anything heavy is built (shoji-probe needs only libc and builds in seconds).
+case "${SHOJI_TEST_HYPERVISOR:-qemu}" in
+  qemu) ;;
+  clh)
+    cargo build -q -p shoji-probe --bin shoji-probe || exit 1
+    if ! why=$(target/debug/shoji-probe clh); then
+      echo "== hack/test.sh: SHOJI_TEST_HYPERVISOR=clh, but Cloud Hypervisor cannot run guests here: $why" >&2
+      exit 1
+    fi
+    echo "== hack/test.sh: Cloud Hypervisor: $why" >&2
+    ;;
+  *)
+    echo "== hack/test.sh: SHOJI_TEST_HYPERVISOR=$SHOJI_TEST_HYPERVISOR: use qemu or clh" >&2
+    exit 2
+    ;;
+esac
 
 if ! hack/setup.sh; then
   echo "== hack/test.sh: FAILED in setup after $(( $(date +%s) - start )) s" >&2

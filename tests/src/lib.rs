@@ -6,6 +6,7 @@ pub mod bins;
 pub mod cni;
 pub mod containerd;
 pub mod cri;
+pub mod fake_agent;
 pub mod fake_clh;
 pub mod image;
 pub mod leaks;

@@ -2,8 +2,9 @@
 //! Cloud Hypervisor (tests/src/fake_clh/): the VMM killed after each boot step, each call
 //! answered with an error in CH's format, each call hanging, a slow boot, and, through the
 //! sandbox, a VMM death during boot, a guest that never announces its agent (its console
-//! quoted) and a guest flooding its console (kept under its cap). Each case is bounded, names
-//! its cause and leaves nothing behind. The QEMU path's counterparts run real VMs
+//! quoted) and a guest flooding its console (kept under its cap); and UpdateContainerResources
+//! growing the VM with `vm.resize` (a real sandbox with a stand-in agent), a failed and a hung
+//! resize included. Each case is bounded, names its cause and leaves nothing behind. The QEMU path's counterparts run real VMs
 //! (vm_start_failures.rs, vm_sandbox.rs, shim_faults.rs).
 use std::{
     os::unix::fs::MetadataExt,
@@ -11,6 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use serde_json::{json, Value};
 use shoji::{
     daemon::DaemonError,
     hypervisor::{
@@ -19,7 +21,10 @@ use shoji::{
     },
     sandbox::{Sandbox, SandboxConfig, SandboxError, CONSOLE_MAX},
 };
-use shoji_tests::fake_clh::DriverEnv;
+use shoji_tests::{
+    fake_agent::FakeAgent,
+    fake_clh::{raw_request, DriverEnv},
+};
 
 const FAKE: &str = env!("CARGO_BIN_EXE_fake-cloud-hypervisor");
 
@@ -392,4 +397,159 @@ async fn a_flooding_console_stays_under_its_cap() {
                 .all(|l| l.contains("a guest flooding its console")),
         "{console:?}"
     );
+}
+
+// UpdateContainerResources on Cloud Hypervisor: containerd's Update reaches
+// `Pod::update` → `Sandbox::update_container` (sandbox/sizing.rs) → `driver.resize` →
+// `vm.resize`, then the agent's UpdateContainer. Here a real `Sandbox` runs on the fake VMM,
+// with a stand-in agent behind the fake's hybrid vsock (tests/src/fake_agent.rs).
+
+const MIB: i64 = 1 << 20;
+
+/// LinuxResources JSON: `cpus` whole CPUs (quota/period) and `memory_mib`.
+fn resources(cpus: i64, memory_mib: i64) -> Value {
+    json!({"cpu": {"quota": cpus * 100_000, "period": 100_000},
+           "memory": {"limit": memory_mib * MIB}})
+}
+
+/// A sandbox on the fake (1 vCPU, 256 MiB; at most 4 vCPUs and 2048 MiB; 64 MiB of guest
+/// overhead) whose guest runs `agent`.
+async fn sandbox_with_agent(env: &DriverEnv) -> Sandbox {
+    env.stop_virtiofsd().await;
+    let mut config = env.sandbox_config();
+    config.timeouts.agent_ready = Duration::from_secs(10);
+    (config.default_vcpus, config.default_memory_mib) = (1, 256);
+    (config.max_vcpus, config.max_memory_mib) = (4, 2048);
+    config.memory_overhead_mib = 64;
+    let log = slog::Logger::root(slog::Discard, slog::o!());
+    Sandbox::start(SandboxConfig::new("clhresize", config), log)
+        .await
+        .expect("the sandbox boots on the fake with the stand-in agent")
+}
+
+/// The fake's env with a stand-in agent in its guest (`extra`: more `--fake-*` flags).
+async fn with_agent(extra: &[&str]) -> (DriverEnv, FakeAgent, tempfile::TempDir) {
+    let dir = tempfile::Builder::new()
+        .prefix("shoji-agent-")
+        .tempdir()
+        .unwrap();
+    let agent = FakeAgent::start(&dir.path().join("agent.sock")).await;
+    let socket = agent.socket.display().to_string();
+    let mut flags = vec!["--fake-agent", socket.as_str()];
+    flags.extend_from_slice(extra);
+    (with_fake(&flags).await, agent, dir)
+}
+
+/// The VM as the fake VMM has it now (`vm.info`).
+fn vm_info(sandbox: &Sandbox) -> Value {
+    let mut api = std::os::unix::net::UnixStream::connect(sandbox.dir().join("clh-api.sock"))
+        .expect("the VMM's API socket");
+    let info = raw_request(&mut api, "GET", "vm.info", "").unwrap();
+    assert_eq!(info.status, 200, "{}", info.body);
+    serde_json::from_str(&info.body).unwrap()
+}
+
+fn resizes(env: &DriverEnv) -> Vec<(Value, Option<u16>)> {
+    env.requests()
+        .into_iter()
+        .filter(|r| r.0 == "vm.resize")
+        .map(|r| (serde_json::from_str(&r.1).unwrap(), r.4))
+        .collect()
+}
+
+async fn update(sandbox: &Sandbox, id: &str, r: &Value) -> Result<(), SandboxError> {
+    sandbox
+        .update_container(id, serde_json::to_vec(r).unwrap())
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_container_resources_grows_the_vm_through_vm_resize() {
+    let (env, agent, _dir) = with_agent(&[]).await;
+    let sandbox = sandbox_with_agent(&env).await;
+    let info = vm_info(&sandbox);
+    assert_eq!(info["state"], "Running");
+    assert_eq!(info["config"]["cpus"]["boot_vcpus"], 1);
+    assert_eq!(info["config"]["memory"]["size"], 256 * MIB);
+
+    // 2 CPUs and 512 MiB (+ 64 MiB overhead) do not fit 1 vCPU / 256 MiB: the VM grows
+    // first, its memory by whole 128 MiB hot-plug blocks (256 + 384 = 640 ≥ 576 MiB).
+    let big = resources(2, 512);
+    update(&sandbox, "app", &big).await.unwrap();
+    assert_eq!(
+        resizes(&env),
+        vec![(
+            json!({"desired_vcpus": 2, "desired_ram": 640 * MIB}),
+            Some(204)
+        )]
+    );
+    let info = vm_info(&sandbox);
+    assert_eq!(info["config"]["cpus"]["boot_vcpus"], 2);
+    assert_eq!(info["config"]["memory"]["hotplugged_size"], 384 * MIB);
+    assert_eq!(agent.updates(), vec![("app".to_string(), big.clone())]);
+
+    // Smaller limits fit: the agent gets them, the VM is not asked again (it never shrinks).
+    let small = resources(1, 128);
+    update(&sandbox, "app", &small).await.unwrap();
+    assert_eq!(resizes(&env).len(), 1);
+    assert_eq!(agent.updates().len(), 2);
+    assert_eq!(agent.updates()[1], ("app".to_string(), small));
+
+    // Beyond max_memory_mib: refused before anything changed, naming the limit.
+    let err = update(&sandbox, "app", &resources(1, 4096))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("max_memory_mib = 2048"), "{err}");
+    assert_eq!((resizes(&env).len(), agent.updates().len()), (1, 2));
+
+    sandbox.stop().await.unwrap();
+    env.assert_no_process_left().await;
+    assert!(
+        env.run_dir_entries().is_empty(),
+        "{:?}",
+        env.run_dir_entries()
+    );
+}
+
+/// `vm.resize` answered with CH's error, or not answered at all: the update fails with that
+/// error within the API limit, the agent is not asked, and the next update that fits works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_or_hung_vm_resize_fails_the_update_and_changes_nothing() {
+    for (flags, want) in [
+        (
+            ["--fake-reject", "vm.resize=500"],
+            "vm.resize failed with 500: Error from API: The VM could not be resized: rejected by --fake-reject",
+        ),
+        (["--fake-hang", "vm.resize"], "vm.resize"),
+    ] {
+        let (env, agent, _dir) = with_agent(&flags).await;
+        let sandbox = sandbox_with_agent(&env).await;
+        let t = Instant::now();
+        let err = update(&sandbox, "app", &resources(2, 512))
+            .await
+            .unwrap_err();
+        let took = t.elapsed();
+        // The sandbox's API limit (ClhOptions::new: 5 s).
+        assert!(took < Duration::from_secs(7), "{flags:?}: took {took:?}");
+        match &err {
+            SandboxError::Hypervisor(HypervisorError::Timeout { what, .. }) if flags[0] == "--fake-hang" => {
+                assert!(what.contains(want), "{err}")
+            }
+            SandboxError::Hypervisor(e @ HypervisorError::Api { .. }) => {
+                assert_eq!(e.to_string(), want)
+            }
+            other => panic!("{flags:?}: unexpected error {other}"),
+        }
+        assert!(agent.updates().is_empty(), "{:?}", agent.updates());
+        if flags[0] == "--fake-reject" {
+            let info = vm_info(&sandbox);
+            assert_eq!(info["config"]["cpus"]["boot_vcpus"], 1);
+            // The VM is as it was: an update that fits goes through.
+            update(&sandbox, "app", &resources(1, 128)).await.unwrap();
+            assert_eq!(agent.updates().len(), 1);
+        }
+        sandbox.stop().await.unwrap();
+        env.assert_no_process_left().await;
+    }
 }

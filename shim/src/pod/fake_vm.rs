@@ -35,6 +35,8 @@ pub struct FakeVm {
     /// Processes that exit the moment they are started, with this status.
     exit_on_start: Mutex<HashMap<Key, u32>>,
     removed: Mutex<Vec<String>>,
+    /// Every update_container: container id and its resources JSON.
+    pub updates: Mutex<Vec<(String, Vec<u8>)>>,
     stops: AtomicUsize,
     end: watch::Sender<Option<VmExit>>,
     oom_tx: mpsc::UnboundedSender<String>,
@@ -61,6 +63,7 @@ impl FakeVm {
             processes: Mutex::new(HashMap::new()),
             exit_on_start: Mutex::new(HashMap::new()),
             removed: Mutex::new(Vec::new()),
+            updates: Mutex::new(Vec::new()),
             stops: AtomicUsize::new(0),
             end: watch::channel(None).0,
             oom_tx,
@@ -200,7 +203,11 @@ impl PodVm for FakeVm {
         Ok(())
     }
 
-    async fn update_container(&self, _: &str, _: Vec<u8>) -> Result<()> {
+    async fn update_container(&self, c: &str, resources_json: Vec<u8>) -> Result<()> {
+        self.updates
+            .lock()
+            .unwrap()
+            .push((c.into(), resources_json));
         Ok(())
     }
 

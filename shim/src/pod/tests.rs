@@ -355,3 +355,25 @@ fn exec_spec() -> Vec<u8> {
     )
     .unwrap()
 }
+
+/// containerd's Update (UpdateContainerResources) of a guest container reaches the VM (the
+/// sandbox sizes the VM and tells the agent, sandbox/sizing.rs) with the resources as sent;
+/// the pause container has nothing in the guest; a malformed document goes nowhere.
+#[tokio::test]
+async fn update_reaches_the_vm_for_guest_containers_only() {
+    let w = World::new(Duration::ZERO);
+    w.running_pod().await;
+    let json = br#"{"memory":{"limit":536870912},"cpu":{"quota":200000,"period":100000}}"#;
+    w.pod.update("c", json).await.unwrap();
+    w.pod.update("p", json).await.unwrap();
+    let e = w.pod.update("c", b"{not json").await.unwrap_err();
+    assert!(matches!(e, PodError::InvalidArgument(_)), "{e}");
+    assert!(matches!(
+        w.pod.update("nope", json).await.unwrap_err(),
+        PodError::ContainerNotFound(_)
+    ));
+    assert_eq!(
+        *w.vm.updates.lock().unwrap(),
+        vec![("c".to_string(), json.to_vec())]
+    );
+}

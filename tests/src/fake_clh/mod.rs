@@ -31,8 +31,11 @@
 //! CH's style, changing nothing), `--fake-boot-ms N` (vm.boot takes N ms, the API blocked
 //! meanwhile), `--fake-console LINE` (the guest writes LINE on its serial port at boot;
 //! repeatable), `--fake-console-flood` (the guest writes to its serial port at about 4 MB/s
-//! until the VM ends).
+//! until the VM ends), `--fake-agent SOCKET` (the booted guest runs an agent served by the
+//! test on SOCKET: it announces itself and the hybrid vsock relays the agent's port to it,
+//! see `guest.rs`).
 mod env;
+mod guest;
 mod http;
 mod vmm;
 
@@ -96,6 +99,7 @@ pub(crate) struct Args {
     pub(crate) boot_delay: Duration,
     pub(crate) console: Vec<String>,
     pub(crate) console_flood: bool,
+    pub(crate) agent: Option<PathBuf>,
 }
 
 fn parse_args(argv: &[String]) -> Result<Args, String> {
@@ -158,6 +162,7 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
             }
             "--fake-boot-ms" => args.boot_delay = millis(&value)?,
             "--fake-console" => args.console.push(value),
+            "--fake-agent" => args.agent = Some(PathBuf::from(value)),
             _ => return Err(format!("unexpected argument '{flag}' found")),
         }
     }

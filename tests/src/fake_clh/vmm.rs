@@ -402,7 +402,12 @@ impl Fake {
         }
         if let Some(socket) = config["vsock"]["socket"].as_str() {
             match UnixListener::bind(socket) {
-                Ok(l) => vm.vsock = Some(l),
+                Ok(l) => {
+                    if let Some(agent) = &self.args.agent {
+                        super::guest::start(&l, Path::new(socket), agent.clone());
+                    }
+                    vm.vsock = Some(l)
+                }
                 Err(e) => {
                     // Approximation.
                     return error(
