@@ -162,16 +162,28 @@ fn hypervisor(choice: &Choice) -> Check {
 /// The accelerator a sandbox would get on `kind`, as the shim decides it (`qemu.accel`, the
 /// probe).
 async fn accelerator(cfg: &Config, kind: HypervisorKind) -> Check {
-    let (accel, reason) = match kind {
-        HypervisorKind::Qemu => kvm::qemu_accel(cfg.qemu.accel).await,
-        // Cloud Hypervisor has no software fallback: the probe is the answer.
-        HypervisorKind::Clh => {
-            let probe = kvm::probe_async().await;
-            let accel = if probe.usable { Accel::Kvm } else { Accel::Tcg };
-            (accel, probe.reason.clone())
-        }
-    };
     let kvm = kvm::probe_async().await;
+    if kind == HypervisorKind::Clh {
+        // Cloud Hypervisor has no software emulation: KVM or nothing.
+        return match kvm.usable {
+            true => Check {
+                name: "accelerator",
+                verdict: Verdict::Ok,
+                detail: format!("KVM: {}", kvm.reason),
+                fix: None,
+            },
+            false => Check {
+                name: "accelerator",
+                verdict: Verdict::Missing,
+                detail: format!(
+                    "none: Cloud Hypervisor has no software emulation, and KVM cannot run a guest here: {}",
+                    kvm.reason
+                ),
+                fix: Some("see the hypervisor line".into()),
+            },
+        };
+    }
+    let (accel, reason) = kvm::qemu_accel(cfg.qemu.accel).await;
     match accel {
         Accel::Kvm if kvm.usable => Check {
             name: "accelerator",

@@ -20,7 +20,7 @@ use shoji_tests::{
 const LIMIT: Duration = Duration::from_secs(180);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs real KVM + cloud-hypervisor; run with SHOJI_TEST_HYPERVISOR=clh and --run-ignored"]
+#[ignore = "needs real KVM and cloud-hypervisor"]
 async fn busybox_echo_on_cloud_hypervisor() {
     // Also says why when Cloud Hypervisor cannot run here.
     assert_eq!(

@@ -412,19 +412,53 @@ fn resources(cpus: i64, memory_mib: i64) -> Value {
            "memory": {"limit": memory_mib * MIB}})
 }
 
+/// The shim's log lines (slog JSON), kept for the test to read.
+#[derive(Clone, Default)]
+struct Logs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    fn logger(&self) -> slog::Logger {
+        use slog::Drain;
+        let drain = slog_json::Json::default(self.clone()).fuse();
+        slog::Logger::root(std::sync::Mutex::new(drain).fuse(), slog::o!())
+    }
+
+    /// The lines whose `msg` is `msg`.
+    fn find(&self, msg: &str) -> Vec<Value> {
+        String::from_utf8_lossy(&self.0.lock().unwrap())
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|l| l["msg"] == msg)
+            .collect()
+    }
+}
+
 /// A sandbox on the fake (1 vCPU, 256 MiB; at most 4 vCPUs and 2048 MiB; 64 MiB of guest
-/// overhead) whose guest runs `agent`.
-async fn sandbox_with_agent(env: &DriverEnv) -> Sandbox {
+/// overhead) whose guest runs `agent`; its log goes to `logs`.
+async fn sandbox_logged(env: &DriverEnv, logs: &Logs) -> Sandbox {
     env.stop_virtiofsd().await;
     let mut config = env.sandbox_config();
     config.timeouts.agent_ready = Duration::from_secs(10);
     (config.default_vcpus, config.default_memory_mib) = (1, 256);
     (config.max_vcpus, config.max_memory_mib) = (4, 2048);
     config.memory_overhead_mib = 64;
-    let log = slog::Logger::root(slog::Discard, slog::o!());
-    Sandbox::start(SandboxConfig::new("clhresize", config), log)
+    Sandbox::start(SandboxConfig::new("clhresize", config), logs.logger())
         .await
         .expect("the sandbox boots on the fake with the stand-in agent")
+}
+
+async fn sandbox_with_agent(env: &DriverEnv) -> Sandbox {
+    sandbox_logged(env, &Logs::default()).await
 }
 
 /// The fake's env with a stand-in agent in its guest (`extra`: more `--fake-*` flags).
@@ -466,7 +500,15 @@ async fn update(sandbox: &Sandbox, id: &str, r: &Value) -> Result<(), SandboxErr
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn update_container_resources_grows_the_vm_through_vm_resize() {
     let (env, agent, _dir) = with_agent(&[]).await;
-    let sandbox = sandbox_with_agent(&env).await;
+    let logs = Logs::default();
+    let sandbox = sandbox_logged(&env, &logs).await;
+    // The VMM and why, logged at the VM's start.
+    let chosen = logs.find("hypervisor chosen");
+    assert_eq!(chosen.len(), 1, "{chosen:?}");
+    assert_eq!(
+        (&chosen[0]["hypervisor"], &chosen[0]["why"]),
+        (&json!("clh"), &json!("configured (hypervisor = \"clh\")"))
+    );
     let info = vm_info(&sandbox);
     assert_eq!(info["state"], "Running");
     assert_eq!(info["config"]["cpus"]["boot_vcpus"], 1);
@@ -476,6 +518,11 @@ async fn update_container_resources_grows_the_vm_through_vm_resize() {
     // first, its memory by whole 128 MiB hot-plug blocks (256 + 384 = 640 ≥ 576 MiB).
     let big = resources(2, 512);
     update(&sandbox, "app", &big).await.unwrap();
+    let grown = logs.find("VM grown for the pod's containers");
+    assert_eq!(
+        (&grown[0]["vcpus"], &grown[0]["memory_mib"]),
+        (&json!(2), &json!(640))
+    );
     assert_eq!(
         resizes(&env),
         vec![(

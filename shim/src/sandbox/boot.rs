@@ -61,7 +61,7 @@ pub(super) async fn boot(cfg: SandboxConfig, log: Logger) -> Result<Sandbox> {
     }
     let log = log.new(slog::o!("sandbox" => cfg.id.clone()));
     let choice = hypervisor::choice::choose(c).await;
-    info!(log, "hypervisor chosen"; "hypervisor" => ?choice.kind, "why" => &choice.reason);
+    info!(log, "hypervisor chosen"; "hypervisor" => %choice.kind, "why" => &choice.reason);
     if let Some(blocker) = &choice.blocker {
         warn!(log, "the configured hypervisor cannot run guests here"; "why" => blocker);
     }
