@@ -44,7 +44,6 @@ case "$hv" in clh|qemu) ;; *) echo "validate-node.sh: --hypervisor clh or qemu" 
 case "$profile" in release|debug) ;; *) echo "validate-node.sh: --profile release or debug" >&2; exit 2 ;; esac
 [ -n "$report" ] || report="$PWD/validate-node-$(hostname -s)-$hv-$(date -u +%Y%m%dT%H%M%SZ).md"
 target="${CARGO_TARGET_DIR:-$root/target}"
-work=$(mktemp -d /tmp/validate-node.XXXXXX)
 say() { echo "== validate-node: $*" >&2; }
 
 # 1. Can the backend run here? (seconds: shoji-probe needs only libc)
@@ -56,6 +55,8 @@ if [ "$hv" = clh ]; then
   fi
   say "Cloud Hypervisor: $why"
 fi
+
+work=$(mktemp -d /tmp/validate-node.XXXXXX)
 
 # 2. The host set up as for hack/test.sh (packages, daemons, containerd, kernel, initramfs, shim).
 say "hack/setup.sh (log: $work/setup.log)"
@@ -161,7 +162,7 @@ if bench == "1":
     table = "\n".join(l for l in ctr.splitlines() if l.startswith("|"))
     out += ["runc and shoji side by side (`bench-ctr`):", "", table or "(missing: see bench-ctr.txt)", ""]
     out += ["## Memory per pod", ""]
-    m = re.search(r"shoji: host memory of one idle container.*?\n  total\s+([\d.]+)\s+([\d.]+)\n(  density.*\n)?", ctr, re.S)
+    m = re.search(r"shoji: host memory of one idle container.*?\n  total\s+([\d.]+)\s+([\d.]+)\n(  density[^\n]*\n)?", ctr, re.S)
     if m:
         pss = float(m.group(2))
         out += ["```", m.group(0).rstrip(), "```", "",
