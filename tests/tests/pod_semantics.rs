@@ -104,9 +104,10 @@ async fn shared_namespaces_and_sysctls(env: &Env) -> Result {
         sh_ok(&cri, &a, "echo from-a > /dev/shm/probe").await?;
         for id in [&b, &own] {
             let got = sh_ok(&cri, id, "cat /dev/shm/probe; df -k /dev/shm | tail -1").await?;
-            check(got.starts_with("from-a\n") && got.contains(" 65536 "), || {
-                format!("/dev/shm in {id}: want a's file on a 64 MiB tmpfs, got {got:?}")
-            })?;
+            check(
+                got.starts_with("from-a\n") && got.contains(" 65536 "),
+                || format!("/dev/shm in {id}: want a's file on a 64 MiB tmpfs, got {got:?}"),
+            )?;
         }
         // A container without shareProcessNamespace has its own PID namespace, still the pod's IPC.
         let (pa, po) = (ns(a.clone(), "pid").await?, ns(own.clone(), "pid").await?);

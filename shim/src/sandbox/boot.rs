@@ -280,6 +280,7 @@ impl Boot {
                 ..Default::default()
             })
             .collect();
+        pod.pod = cfg.pod_name.is_some();
         if pod != ConfigureNetworkRequest::default() {
             agent.configure_network(pod).await?;
         }
