@@ -33,6 +33,15 @@ pub struct Runtime {
 }
 
 impl Runtime {
+    /// The runtime's config file as a command-line argument (shoji runtimes have one).
+    pub fn config_arg(&self) -> String {
+        let path = self
+            .config_path
+            .as_ref()
+            .expect("a runtime with a config file");
+        path.display().to_string()
+    }
+
     pub fn runc() -> Runtime {
         Runtime {
             runtime_type: "io.containerd.runc.v2".into(),
