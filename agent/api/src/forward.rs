@@ -92,6 +92,22 @@ mod tests {
 
     const LIMIT: Duration = Duration::from_secs(10);
 
+    /// Writes `data` on `from` and ends that direction; `to` reads exactly `data`, then EOF.
+    async fn one_way(
+        from: &mut (impl AsyncWrite + Unpin),
+        to: &mut (impl AsyncRead + Unpin),
+        data: &[u8],
+    ) {
+        from.write_all(data).await.unwrap();
+        from.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(LIMIT, to.read_to_end(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(got == data, "{} bytes came, {} went", got.len(), data.len());
+    }
+
     /// The client shuts its write side after the request and still gets the whole reply.
     #[tokio::test]
     async fn a_half_closed_client_still_gets_the_reply() {
@@ -137,22 +153,8 @@ mod tests {
             host,
             guest,
         } = relay().await;
-        server.write_all(b"banner").await.unwrap();
-        server.shutdown().await.unwrap();
-        let mut got = Vec::new();
-        tokio::time::timeout(LIMIT, client.read_to_end(&mut got))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(got, b"banner");
-        client.write_all(b"late").await.unwrap();
-        client.shutdown().await.unwrap();
-        let mut got = Vec::new();
-        tokio::time::timeout(LIMIT, server.read_to_end(&mut got))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(got, b"late");
+        one_way(&mut server, &mut client, b"banner").await;
+        one_way(&mut client, &mut server, b"late").await;
         host.await.unwrap().unwrap();
         guest.await.unwrap().unwrap();
     }
