@@ -1,5 +1,5 @@
 //! Process stdio: pipes or a pty per process, and the stream listener on vsock port 1025
-//! (protocol in `shoji_agent_api::stream`).
+//! (protocol in `shoji_agent_api::stream`; port-forward streams go to [`crate::forward`]).
 //!
 //! Output is read only while its stream is attached, so nothing is lost before the host
 //! attaches (the pipe or pty buffers it, and the process blocks when that is full). When
@@ -25,7 +25,7 @@ use nix::{
     fcntl::{fcntl, FcntlArg, OFlag},
     unistd::pipe2,
 };
-use shoji_agent_api::stream::{read_frame, read_line, StreamHeader, StreamKind, MAX_HEADER};
+use shoji_agent_api::stream::{read_frame, read_line, StreamKind, StreamRequest, MAX_HEADER};
 use slog::{debug, warn};
 use tokio::{
     io::{unix::AsyncFd, AsyncRead, AsyncWrite, AsyncWriteExt},
@@ -33,7 +33,7 @@ use tokio::{
 };
 
 pub use self::console_socket::ConsoleSocket;
-use crate::{logger::log, runtime::Runtime};
+use crate::{forward, logger::log, runtime::Runtime};
 
 /// How long after StartProcess unattached output is kept for a stream to attach.
 pub const ATTACH_GRACE: Duration = Duration::from_secs(5);
@@ -381,11 +381,16 @@ pub async fn serve_stream<S>(runtime: Arc<Runtime>, mut conn: S)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let header = match tokio::time::timeout(HEADER_TIMEOUT, read_line(&mut conn, MAX_HEADER)).await
+    let request = match tokio::time::timeout(HEADER_TIMEOUT, read_line(&mut conn, MAX_HEADER)).await
     {
-        Ok(Ok(line)) => StreamHeader::parse(&line).map_err(|e| e.to_string()),
+        Ok(Ok(line)) => StreamRequest::parse(&line).map_err(|e| e.to_string()),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!("no header within {HEADER_TIMEOUT:?}")),
+    };
+    let header = match request {
+        Ok(StreamRequest::Forward { port }) => return forward::serve(conn, port).await,
+        Ok(StreamRequest::Process(h)) => Ok(h),
+        Err(reason) => Err(reason),
     };
     let attached = header.and_then(|h| {
         let pio = runtime
@@ -396,13 +401,7 @@ where
     });
     let (h, pio, attached) = match attached {
         Ok(a) => a,
-        Err(reason) => {
-            debug!(log(), "refused a stream"; "reason" => &reason);
-            let line = format!("ERR {}\n", reason.replace('\n', " "));
-            let _ = conn.write_all(line.as_bytes()).await;
-            let _ = conn.shutdown().await;
-            return;
-        }
+        Err(reason) => return refuse(conn, &reason).await,
     };
     let answered = conn.write_all(b"OK\n").await.is_ok();
     let fd = match attached {
@@ -439,6 +438,14 @@ where
             input_task.abort();
         }
     }
+}
+
+/// Answers `ERR <reason>` and closes the stream.
+pub async fn refuse<S: AsyncWrite + Unpin>(mut conn: S, reason: &str) {
+    debug!(log(), "refused a stream"; "reason" => reason);
+    let line = format!("ERR {}\n", reason.replace('\n', " "));
+    let _ = conn.write_all(line.as_bytes()).await;
+    let _ = conn.shutdown().await;
 }
 
 #[cfg(test)]

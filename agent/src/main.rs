@@ -1,11 +1,12 @@
 //! shoji-agent: PID 1 of a shoji microVM.
 //!
 //! Run by the kernel as `/init`, it prepares the guest (`init`), reaps every process
-//! (`reaper`), serves the agent API on vsock (`server`, `io`) and runs containers through
+//! (`reaper`), serves the agent API on vsock (`server`, `io`, `forward`) and runs containers through
 //! short-lived single-threaded copies of itself (`shoji-agent helper <verb> ...`, see
 //! `container`), so libcontainer never runs inside the multi-threaded PID 1.
 mod cgroup;
 mod container;
+mod forward;
 mod guest;
 mod init;
 mod io;

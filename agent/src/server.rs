@@ -230,6 +230,9 @@ impl Agent for Service {
             Ok(()) => self.runtime.set_pod_sysctls(&sysctls).await,
             e => e,
         };
+        if r.is_ok() && req.pod {
+            self.runtime.prepare_pod();
+        }
         done("ConfigureNetwork", r).map(|_| Empty::new())
     }
 }

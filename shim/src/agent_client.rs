@@ -1,4 +1,5 @@
-//! The host's link to shoji-agent: readiness, hybrid-vsock dialing and the typed ttrpc client.
+//! The host's link to shoji-agent: readiness, hybrid-vsock dialing, the typed ttrpc client and
+//! stream connections ([`streams`]).
 //!
 //! Order matters: bind a [`ReadyListener`] *before* the VMM starts, wait for
 //! the agent's announcement, and only then dial ([`AgentClient::connect`]). A host `CONNECT`
@@ -9,6 +10,7 @@
 //! stream connection to the VM's vsock socket plus the line `CONNECT <port>\n`, answered by
 //! `OK <n>\n`; guest→host connections to port P arrive on the Unix socket `<socket>_<P>`
 //! ([`vsock`]).
+mod streams;
 mod vsock;
 
 use std::{
@@ -19,12 +21,11 @@ use std::{
 };
 
 use shoji_agent_api::{
-    stream::{self, StreamError, StreamHeader, StreamKind},
+    stream::{StreamError, StreamKind},
     ttrpc_api,
     types::*,
-    AGENT_PORT, IO_PORT,
+    AGENT_PORT,
 };
-use tokio::net::UnixStream;
 use ttrpc::{context, Code};
 
 pub use self::vsock::{dial, port_socket, ReadyListener};
@@ -80,6 +81,12 @@ pub enum AgentError {
         kind: StreamKind,
         container_id: String,
         exec_id: String,
+        #[source]
+        source: StreamError,
+    },
+    #[error("port-forward stream to guest port {port}: {source}")]
+    Forward {
+        port: u16,
         #[source]
         source: StreamError,
     },
@@ -405,37 +412,6 @@ impl AgentClient {
         .await
         .map(|r| (r.exec_id, r.pid))
     }
-
-    /// Opens one stdio stream of a process (see [`shoji_agent_api::stream`]): after this
-    /// returns, stdout/stderr/tty output can be read raw and stdin written in frames.
-    /// Attach before StartProcess so no output is missed.
-    pub async fn open_stream(
-        &self,
-        kind: StreamKind,
-        container_id: &str,
-        exec_id: &str,
-    ) -> Result<UnixStream> {
-        let mut conn = dial(&self.vsock_socket, IO_PORT, self.call_timeout).await?;
-        let header = StreamHeader {
-            kind,
-            container_id: container_id.into(),
-            exec_id: exec_id.into(),
-        };
-        let stream_err = |source| AgentError::Stream {
-            kind,
-            container_id: container_id.into(),
-            exec_id: exec_id.into(),
-            source,
-        };
-        match tokio::time::timeout(self.call_timeout, stream::open(&mut conn, &header)).await {
-            Ok(Ok(())) => Ok(conn),
-            Ok(Err(e)) => Err(stream_err(e)),
-            Err(_) => Err(stream_err(StreamError::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("no answer within {:?}", self.call_timeout),
-            )))),
-        }
-    }
 }
 
 fn process_ref(container_id: &str, exec_id: &str) -> ProcessRef {
@@ -456,6 +432,7 @@ fn container_ref(container_id: &str) -> ContainerRef {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use shoji_agent_api::stream;
     use tokio::{io::AsyncWriteExt, net::UnixListener};
 
     /// A link that breaks (the peer closes the connection) is noticed at the next check.

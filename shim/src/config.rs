@@ -38,17 +38,7 @@ fn host_cpus() -> u32 {
 
 /// The host's memory in MiB (the default `max_memory_mib`), from /proc/meminfo.
 fn host_memory_mib() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))?
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .ok()
-        })
+    crate::procfs::mem_total_kib()
         .map_or(1024, |kib| kib / 1024)
         .clamp(MIN_MEMORY_MIB, MAX_MEMORY_MIB)
 }

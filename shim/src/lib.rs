@@ -21,6 +21,7 @@ pub mod network;
 pub mod node;
 pub mod oci;
 pub mod pod;
+pub mod port_forward;
 pub mod procfs;
 pub mod sandbox;
 pub mod sharefs;

@@ -95,8 +95,34 @@ struct RouteInfo {
     dev: Option<String>,
 }
 
+/// Runs `f` on a short-lived thread of its own inside the network namespace `netns` (`None`:
+/// the host's). `setns` changes the calling thread's namespace, which must never leak into
+/// tokio's threads; sockets and devices `f` opens stay bound to `netns` for their whole life.
+pub async fn in_netns<T, F>(netns: Option<&Path>, f: F) -> std::io::Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> std::io::Result<T> + Send + 'static,
+{
+    use nix::sched::{setns, CloneFlags};
+    let netns = netns.map(Path::to_path_buf);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("netns".into())
+        .spawn(move || {
+            let entered = match &netns {
+                Some(ns) => std::fs::File::open(ns).and_then(|file| {
+                    setns(&file, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
+                }),
+                None => Ok(()),
+            };
+            let _ = tx.send(entered.and_then(|()| f()));
+        })?;
+    rx.await
+        .unwrap_or_else(|_| Err(std::io::Error::other("the namespace thread panicked")))
+}
+
 /// Runs a command inside the namespace `netns` (nsenter), bounded by [`COMMAND_TIMEOUT`].
-async fn run_in(netns: &Path, args: &[&str]) -> Result<String> {
+pub(crate) async fn run_in(netns: &Path, args: &[&str]) -> Result<String> {
     let command = args.join(" ");
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--net={}", netns.display()))

@@ -99,6 +99,18 @@ pub fn cmdline(pid: u32) -> Option<String> {
     )
 }
 
+/// The host's memory in KiB (MemTotal).
+pub fn mem_total_kib() -> Option<u64> {
+    let m = std::fs::read_to_string("/proc/meminfo").ok()?;
+    m.lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// Every pid on the host.
 pub fn all_pids() -> Vec<u32> {
     std::fs::read_dir("/proc")

@@ -1,8 +1,9 @@
-//! A CNI network only one test uses: bridge `shojitest<n>` + host-local IPAM on 10.233.<n>.0/24, the bridge as
-//! gateway (so the host reaches pod IPs directly), no masquerade, IPAM state in the network's own temp dir.
+//! A CNI network only one test uses: bridge `shojitest<n>` + host-local IPAM on 10.233.<n>.0/24 (and, dual
+//! stack, fd00:233:<n in hex>::/64), the bridge as gateway (so the host reaches pod IPs directly), no masquerade,
+//! IPAM state in the network's own temp dir.
 
 use std::fs;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -23,6 +24,7 @@ pub enum Error {
 /// A test's pod network. `teardown()` removes the bridge and the conf/IPAM dir; `Drop` does the same.
 pub struct Network {
     number: u8,
+    dual_stack: bool,
     dir: Option<tempfile::TempDir>,
 }
 
@@ -42,6 +44,7 @@ impl Network {
             })?;
         let net = Network {
             number,
+            dual_stack: false,
             dir: Some(dir),
         };
         net.delete_bridge()?;
@@ -66,10 +69,33 @@ impl Network {
         Ipv4Addr::new(10, 233, self.number, 1)
     }
 
+    /// Pods also get an IPv6 address from [`Network::subnet6`] and an IPv6 default route.
+    pub fn dual_stack(mut self) -> Result<Network, Error> {
+        self.dual_stack = true;
+        self.write_conflist()?;
+        Ok(self)
+    }
+
+    pub fn subnet6(&self) -> String {
+        format!("fd00:233:{:x}::/64", self.number)
+    }
+
+    /// The bridge's IPv6 address (dual stack only).
+    pub fn gateway6(&self) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0x233, self.number.into(), 0, 0, 0, 0, 1)
+    }
+
     /// Whether `ip` belongs to this network (tests talk only to addresses they created).
-    pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        let [a, b, c, _] = ip.octets();
-        (a, b, c) == (10, 233, self.number)
+    pub fn contains(&self, ip: impl Into<IpAddr>) -> bool {
+        match ip.into() {
+            IpAddr::V4(ip) => {
+                let [a, b, c, _] = ip.octets();
+                (a, b, c) == (10, 233, self.number)
+            }
+            IpAddr::V6(ip) => {
+                self.dual_stack && ip.segments()[..4] == [0xfd00, 0x233, self.number.into(), 0]
+            }
+        }
     }
 
     fn root(&self) -> &Path {
@@ -82,6 +108,12 @@ impl Network {
     }
 
     fn write_conflist(&self) -> Result<(), Error> {
+        let mut ranges = vec![serde_json::json!([{"subnet": self.subnet()}])];
+        let mut routes = vec![serde_json::json!({"dst": "0.0.0.0/0"})];
+        if self.dual_stack {
+            ranges.push(serde_json::json!([{"subnet": self.subnet6()}]));
+            routes.push(serde_json::json!({"dst": "::/0"}));
+        }
         let conf = serde_json::json!({
             "cniVersion": "1.0.0",
             "name": self.bridge(),
@@ -93,8 +125,8 @@ impl Network {
                 "hairpinMode": false,
                 "ipam": {
                     "type": "host-local",
-                    "ranges": [[{"subnet": self.subnet()}]],
-                    "routes": [{"dst": "0.0.0.0/0"}],
+                    "ranges": ranges,
+                    "routes": routes,
                     "dataDir": self.root().join("ipam"),
                 },
             }],
@@ -170,12 +202,13 @@ impl Drop for Network {
 /// `net`. Returns the whole response (status line, headers, body).
 pub async fn http_get(
     net: &Network,
-    ip: Ipv4Addr,
+    ip: impl Into<IpAddr>,
     port: u16,
     path: &str,
     limit: Duration,
 ) -> Result<String, String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ip = ip.into();
     if !net.contains(ip) {
         return Err(format!("{ip} is not in the test network {}", net.subnet()));
     }
@@ -184,7 +217,8 @@ pub async fn http_get(
     while tokio::time::Instant::now() < deadline {
         let attempt = async {
             let mut s = tokio::net::TcpStream::connect((ip, port)).await?;
-            s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n").as_bytes())
+            let host = std::net::SocketAddr::new(ip, port);
+            s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
                 .await?;
             let mut buf = Vec::new();
             s.read_to_end(&mut buf).await?;

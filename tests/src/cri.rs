@@ -12,6 +12,8 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 pub use k8s_cri::v1 as api;
 
+pub use crate::streaming::{exec_stream, port_forward, Forwarded};
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("CRI connect {socket}: {source}")]
@@ -35,7 +37,7 @@ pub enum Error {
         call: &'static str,
         field: &'static str,
     },
-    #[error("CRI exec stream {url}: {reason}")]
+    #[error("CRI stream {url}: {reason}")]
     Stream { url: String, reason: String },
 }
 
@@ -369,106 +371,20 @@ impl Cri {
         };
         Ok(self.call("Exec", self.timeout, c.exec(req)).await?.url)
     }
-}
 
-/// Websocket subprotocols of the CRI streaming server, newest first. v5 can close stdin (channel 255).
-const STREAM_PROTOCOLS: &str = "v5.channel.k8s.io, v4.channel.k8s.io";
-const CHANNEL_STDIN: u8 = 0;
-const CHANNEL_STDOUT: u8 = 1;
-const CHANNEL_STDERR: u8 = 2;
-const CHANNEL_ERROR: u8 = 3;
-const CHANNEL_CLOSE: u8 = 255;
-
-/// Runs an exec whose URL came from `Cri::exec_url` over the streaming server's websocket protocol (what
-/// `kubectl exec` uses since Kubernetes 1.30): sends `stdin` (then closes it, v5 only), collects stdout/stderr
-/// and the exit code from the error channel's Status. Bounded by `limit`.
-pub async fn exec_stream(
-    url: &str,
-    stdin: Option<&[u8]>,
-    limit: Duration,
-) -> Result<ExecOutput, Error> {
-    use futures_util::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
-    let fail = |reason: String| Error::Stream {
-        url: url.into(),
-        reason,
-    };
-    let run = async {
-        let ws_url = url.replacen("http://", "ws://", 1);
-        let mut req = ws_url
-            .into_client_request()
-            .map_err(|e| fail(e.to_string()))?;
-        req.headers_mut().insert(
-            "Sec-WebSocket-Protocol",
-            STREAM_PROTOCOLS.parse().expect("header value"),
-        );
-        let (mut ws, resp) = tokio_tungstenite::connect_async(req)
-            .await
-            .map_err(|e| fail(e.to_string()))?;
-        let protocol = resp
-            .headers()
-            .get("Sec-WebSocket-Protocol")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string();
-        if let Some(data) = stdin {
-            let mut msg = vec![CHANNEL_STDIN];
-            msg.extend_from_slice(data);
-            ws.send(Message::binary(msg))
-                .await
-                .map_err(|e| fail(e.to_string()))?;
-            if protocol.starts_with("v5.") {
-                ws.send(Message::binary(vec![CHANNEL_CLOSE, CHANNEL_STDIN]))
-                    .await
-                    .map_err(|e| fail(e.to_string()))?;
-            }
-        }
-        let (mut stdout, mut stderr, mut status) = (Vec::new(), Vec::new(), Vec::new());
-        while let Some(msg) = ws.next().await {
-            match msg.map_err(|e| fail(e.to_string()))? {
-                Message::Binary(b) if !b.is_empty() => match b[0] {
-                    CHANNEL_STDOUT => stdout.extend_from_slice(&b[1..]),
-                    CHANNEL_STDERR => stderr.extend_from_slice(&b[1..]),
-                    CHANNEL_ERROR => status.extend_from_slice(&b[1..]),
-                    _ => {}
-                },
-                Message::Close(_) => break,
-                _ => {}
-            }
-        }
-        let exit_code = exit_code_from_status(&status).map_err(fail)?;
-        Ok(ExecOutput {
-            exit_code,
-            stdout: String::from_utf8_lossy(&stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&stderr).into_owned(),
-        })
-    };
-    tokio::time::timeout(limit, run)
-        .await
-        .map_err(|_| Error::Stream {
-            url: url.into(),
-            reason: format!("no end within {limit:?}"),
-        })?
-}
-
-/// The exit code in the streaming error channel's `metav1.Status`: Success is 0; NonZeroExitCode carries the
-/// code as the `ExitCode` cause.
-fn exit_code_from_status(raw: &[u8]) -> Result<i32, String> {
-    if raw.is_empty() {
-        return Err("stream ended without a status".into());
+    /// PortForward: asks for a streaming URL forwarding `ports` of pod `pod_id` (single use;
+    /// run it with `port_forward`).
+    pub async fn port_forward_url(&self, pod_id: &str, ports: &[u16]) -> Result<String, Error> {
+        let mut c = self.rt.clone();
+        let req = PortForwardRequest {
+            pod_sandbox_id: pod_id.into(),
+            port: ports.iter().map(|p| i32::from(*p)).collect(),
+        };
+        Ok(self
+            .call("PortForward", self.timeout, c.port_forward(req))
+            .await?
+            .url)
     }
-    let v: serde_json::Value =
-        serde_json::from_slice(raw).map_err(|e| format!("bad status {raw:?}: {e}"))?;
-    if v["status"] == "Success" {
-        return Ok(0);
-    }
-    v["details"]["causes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|c| c["reason"] == "ExitCode")
-        .and_then(|c| c["message"].as_str()?.parse().ok())
-        .ok_or_else(|| format!("exec failed: {v}"))
 }
 
 /// What kubelet would send for a pod: metadata, hostname, DNS, log directory, cgroup parent (under

@@ -13,4 +13,5 @@ pub mod leaks;
 pub mod metrics;
 pub mod pods;
 pub mod scenario;
+pub mod streaming;
 pub mod vm;

@@ -33,6 +33,15 @@ pub struct Runtime {
 }
 
 impl Runtime {
+    /// The runtime's config file as a command-line argument (shoji runtimes have one).
+    pub fn config_arg(&self) -> String {
+        let path = self
+            .config_path
+            .as_ref()
+            .expect("a runtime with a config file");
+        path.display().to_string()
+    }
+
     pub fn runc() -> Runtime {
         Runtime {
             runtime_type: "io.containerd.runc.v2".into(),
@@ -116,7 +125,15 @@ pub const CRI_NAMESPACE: &str = "k8s.io";
 impl Env {
     /// `network`: the 10.233.<n>.0/24 test network number, for CRI scenarios.
     pub async fn start(version: Version, runtime: &Runtime, network: Option<u8>) -> Result<Env> {
-        let net = network.map(Network::new).transpose()?;
+        Env::start_on(version, runtime, network.map(Network::new).transpose()?).await
+    }
+
+    /// [`Env::start`] on a network the caller made (e.g. dual stack).
+    pub async fn start_on(
+        version: Version,
+        runtime: &Runtime,
+        net: Option<Network>,
+    ) -> Result<Env> {
         let handlers =
             ["shoji", "shoji-qemu"].map(|h| (h.to_string(), runtime.config_path.clone()));
         let opts = Options {

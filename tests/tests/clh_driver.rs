@@ -350,7 +350,8 @@ async fn bad_specs_are_rejected_with_what_is_wrong() {
     vm.prepare(&s).await.unwrap();
     let err = vm.start().await.unwrap_err().to_string();
     assert!(
-        err.starts_with("opening tap nosuchtap in /run/netns/shoji-clh-"),
+        err.starts_with("opening the taps in /run/netns/shoji-clh-")
+            && err.ends_with("tap nosuchtap: no such interface in this network namespace"),
         "{err}"
     );
     assert!(!env.fake.calls().iter().any(|c| c.0 == "vm.boot"));

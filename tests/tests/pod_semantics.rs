@@ -2,7 +2,8 @@
 //! with the same expectations: a pod's shared PID/IPC/UTS namespaces, its sysctls (an unprivileged user
 //! serving on port 80), a privileged container's iptables (legacy and nft) with a REDIRECT that works,
 //! writes larger than the pod's memory landing on the host's disk, and a sysctl that is not namespaced
-//! refused. The one documented difference, a hostNetwork pod, is checked on shoji alone.
+//! refused; a dual-stack pod's IPv6 address, route and traffic. The one documented difference, a
+//! hostNetwork pod, is checked on shoji alone.
 //!
 //! The iptables binaries are the host's (package iptables), bind-mounted read-only with its libraries
 //! and run through the host's dynamic loader: no image has them and no registry is reachable here.
@@ -30,8 +31,28 @@ async fn on(
     net: u8,
     scenario: impl AsyncFnOnce(&Env) -> Result,
 ) {
+    in_network(runtime, version, || cni::Network::new(net), scenario).await
+}
+
+/// [`on`] with a dual-stack pod network.
+async fn on_dual_stack(
+    runtime: &Runtime,
+    version: Version,
+    net: u8,
+    scenario: impl AsyncFnOnce(&Env) -> Result,
+) {
+    let net = || cni::Network::new(net)?.dual_stack();
+    in_network(runtime, version, net, scenario).await
+}
+
+async fn in_network(
+    runtime: &Runtime,
+    version: Version,
+    net: impl FnOnce() -> std::result::Result<cni::Network, cni::Error>,
+    scenario: impl AsyncFnOnce(&Env) -> Result,
+) {
     scenario::within(TEST_LIMIT, async {
-        let env = Env::start(version, runtime, Some(net)).await?;
+        let env = Env::start_on(version, runtime, Some(net()?)).await?;
         let r = scenario(&env).await;
         env.conclude(r).await
     })
@@ -291,33 +312,75 @@ async fn privileged_netfilter_and_big_writes(env: &Env) -> Result {
     .await
 }
 
+/// A dual-stack pod: its IPv6 address and default route are the container's, and the host's IPv6
+/// traffic reaches a server in it.
+async fn dual_stack(env: &Env) -> Result {
+    let net = env.net.as_ref().ok_or("needs a network")?;
+    let work = tempfile::Builder::new().prefix("shoji-pod-").tempdir()?;
+    Pods::scenario(env, async |pods: &mut Pods| {
+        let cri = pods.cri.clone();
+        let cfg = cri::pod_config("dual", "shoji-test", work.path());
+        let pod = pods.run(&cfg).await?;
+        let web =
+            cri::container_config("web", BUSYBOX, &["httpd", "-f", "-p", "8080", "-h", "/www"]);
+        let web = pods.start(&pod, &cfg, &web).await?;
+        let status = cri.pod_status(&pod).await?;
+        let ip6: std::net::Ipv6Addr = status
+            .network
+            .iter()
+            .flat_map(|n| &n.additional_ips)
+            .find_map(|ip| ip.ip.parse().ok())
+            .ok_or_else(|| format!("no IPv6 pod address in {:?}", status.network))?;
+        check(net.contains(ip6), || {
+            format!("pod IPv6 {ip6} outside {}", net.subnet6())
+        })?;
+        let addrs = sh_ok(&cri, &web, "ip -6 addr show dev eth0").await?;
+        check(addrs.contains(&format!("inet6 {ip6}/64")), || {
+            format!("{ip6}/64 not on the container's eth0: {addrs:?}")
+        })?;
+        let routes = sh_ok(&cri, &web, "ip -6 route").await?;
+        let default = format!("default via {} ", net.gateway6());
+        check(routes.lines().any(|l| l.starts_with(&default)), || {
+            format!("no {default:?} route in the container: {routes:?}")
+        })?;
+        let resp = cni::http_get(net, ip6, 8080, "/index.html", Duration::from_secs(30)).await?;
+        check(resp.contains("shoji busybox httpd"), || {
+            format!("[{ip6}]:8080 answered {resp:?}")
+        })
+    })
+    .await
+}
+
 /// `$name_{runc,shoji}_{1_7,2}`: scenario `$scenario` on each runtime and containerd version, on test
-/// networks `$net`..`$net + 3`.
+/// networks `$net`..`$net + 3`, made by `$on` ([`on`] unless given).
 macro_rules! side_by_side {
     ($scenario:ident, $net:literal) => {
+        side_by_side!($scenario, $net, on);
+    };
+    ($scenario:ident, $net:literal, $on:ident) => {
         mod $scenario {
             use super::*;
 
             #[tokio::test]
             async fn runc_containerd_1_7() {
-                on(&Runtime::runc(), Version::V1_7, $net, super::$scenario).await
+                $on(&Runtime::runc(), Version::V1_7, $net, super::$scenario).await
             }
 
             #[tokio::test]
             async fn runc_containerd_2() {
-                on(&Runtime::runc(), Version::V2, $net + 1, super::$scenario).await
+                $on(&Runtime::runc(), Version::V2, $net + 1, super::$scenario).await
             }
 
             #[tokio::test]
             async fn shoji_containerd_1_7() {
                 let shoji = ShojiRuntime::new("");
-                on(&shoji.runtime, Version::V1_7, $net + 2, super::$scenario).await
+                $on(&shoji.runtime, Version::V1_7, $net + 2, super::$scenario).await
             }
 
             #[tokio::test]
             async fn shoji_containerd_2() {
                 let shoji = ShojiRuntime::new("");
-                on(&shoji.runtime, Version::V2, $net + 3, super::$scenario).await
+                $on(&shoji.runtime, Version::V2, $net + 3, super::$scenario).await
             }
         }
     };
@@ -326,6 +389,7 @@ macro_rules! side_by_side {
 side_by_side!(shared_namespaces_and_sysctls, 221);
 side_by_side!(privileged_netfilter_and_big_writes, 241);
 side_by_side!(update_resources, 245);
+side_by_side!(dual_stack, 236, on_dual_stack);
 
 /// An update the pod's VM cannot hold. Cloud Hypervisor grows the VM (`vm.resize`) and the
 /// container gets its new limits. The documented difference of the QEMU backend: it cannot

@@ -217,13 +217,7 @@ async fn through_containerd() -> usize {
     let run = async {
         let shoji = ShojiRuntime::new("max_memory_mib = 16384\nmax_vcpus = 2");
         let env = Env::start(Version::V2, &shoji.runtime, None).await?;
-        let config = env
-            .runtime
-            .config_path
-            .as_ref()
-            .unwrap()
-            .display()
-            .to_string();
+        let config = env.runtime.config_arg();
         let cases = [
             (
                 format!("{}=107374182400", oci::ANNOTATION_MEMORY),

@@ -203,13 +203,7 @@ async fn shim_killed_mid_boot(version: Version) {
         let env = Env::start(version, &shoji.runtime, None).await?;
         let r = async {
             let run_dir = &env.runtime.run_dirs[0];
-            let config = env
-                .runtime
-                .config_path
-                .as_ref()
-                .unwrap()
-                .display()
-                .to_string();
+            let config = env.runtime.config_arg();
             let mut ctr = tokio::process::Command::new(env.ctrd.version().bin_dir().join("ctr"));
             ctr.arg("--address")
                 .arg(env.ctrd.address())

@@ -59,12 +59,7 @@ fn run_args<'a>(env: &'a Env, config: &'a str, extra: &[&'a str]) -> Vec<&'a str
 }
 
 fn config_of(env: &Env) -> String {
-    env.runtime
-        .config_path
-        .as_ref()
-        .unwrap()
-        .display()
-        .to_string()
+    env.runtime.config_arg()
 }
 
 async fn ctr(env: &Env, args: &[&str]) -> Result<shoji_tests::containerd::CtrOutput> {

@@ -163,13 +163,7 @@ async fn remove(env: &Env, id: &str) {
 
 async fn inject(env: &Env, target: Target, step: Step) -> Result {
     let id = "fault";
-    let config = env
-        .runtime
-        .config_path
-        .as_ref()
-        .unwrap()
-        .display()
-        .to_string();
+    let config = env.runtime.config_arg();
     let bound = if target == Target::Shim {
         SHIM_GONE_WITHIN
     } else {
@@ -286,13 +280,7 @@ async fn containerd_restart(version: Version) {
         let mut env = Env::start(version, &shoji.runtime, None).await?;
         let r = async {
             let id = "survivor";
-            let config = env
-                .runtime
-                .config_path
-                .as_ref()
-                .unwrap()
-                .display()
-                .to_string();
+            let config = env.runtime.config_arg();
             let out = ctr(&env, &run_args(&env, &config, id)).await?;
             check(out.status.success(), || format!("ctr run -d: {out:?}"))?;
             env.ctrd.restart().await?;

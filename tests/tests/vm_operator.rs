@@ -107,6 +107,52 @@ fn id(s: &Value) -> &str {
     s["id"].as_str().unwrap()
 }
 
+/// `shoji logs --follow SANDBOX`, its output read as it comes.
+struct Follower {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Follower {
+    /// Starts the follower and waits for its first line (the initial dump has begun).
+    fn start(cli: &Cli, sandbox: &str) -> Follower {
+        let mut child = cli
+            .command(&["logs", "--follow", sandbox])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufRead::lines(stdout).map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let first = lines.recv_timeout(Duration::from_secs(10));
+        assert!(first.is_ok_and(|l| l.starts_with("==> ")), "no logs header");
+        Follower { child, lines }
+    }
+
+    /// Waits (at most `limit`) for the follower to end by itself, successfully; its output.
+    fn end(mut self, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("logs --follow still ran {limit:?} after the sandbox was gone");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert!(status.success(), "logs --follow: {status}");
+        // The reader ends at the pipe's EOF, the follower being gone.
+        self.lines.iter().collect::<Vec<_>>().join("\n")
+    }
+}
+
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -222,6 +268,10 @@ async fn ps_logs_console_metrics_and_cleanup_on_a_running_and_a_killed_sandbox()
         "{}",
         text(&out.stderr)
     );
+    // logs --follow, started before the session: it prints the session's audit lines as they
+    // come, and ends by itself once the sandbox is gone (below).
+    assert!(!running_dir.join("debug-console.log").exists());
+    let follower = Follower::start(&cli, &running);
     let mut shell = cli
         .command(&["console", &running[..running.len() - 2]])
         .stdin(Stdio::piped())
@@ -380,6 +430,16 @@ async fn ps_logs_console_metrics_and_cleanup_on_a_running_and_a_killed_sandbox()
     assert!(cli.ps().is_empty());
     let kept = text(&cli.run(&["logs", &running]).stdout);
     assert!(kept.contains("debug-console.log"), "{kept}");
+    let followed = follower.end(Duration::from_secs(20));
+    let audit_header = format!("==> {}/debug-console.log <==", running_dir.display());
+    let after = followed
+        .split_once(&audit_header)
+        .unwrap_or_else(|| panic!("--follow never printed {audit_header}:\n{followed}"))
+        .1;
+    assert!(
+        after.contains("debug console opened") && after.contains("\"status\":3"),
+        "{followed}"
+    );
     assert!(cli.log_dir.join(&running).join("state.json").is_file());
 
     env.assert_no_leak().await;

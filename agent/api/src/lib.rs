@@ -5,7 +5,9 @@
 //!   writes [`READY_LINE`]. The host dials the agent only after that (this also sidesteps a
 //!   vhost-device-vsock bug with connects that arrive while the device starts).
 //! * Process stdio: one vsock connection per stream on [`IO_PORT`], see [`stream`].
+//! * Port-forward: one connection per forwarded TCP connection on [`IO_PORT`], see [`forward`].
 
+pub mod forward;
 pub mod stream;
 
 #[allow(warnings, clippy::all)]

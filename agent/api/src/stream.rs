@@ -2,6 +2,7 @@
 //!
 //! The host opens the connection and sends one header line,
 //! `SHOJI-IO 1 <kind> <container_id> <exec_id>\n` (exec_id `-` for the init process),
+//! or `SHOJI-IO 1 forward <port>\n` for a port-forward connection ([`crate::forward`]),
 //! and the agent answers `OK\n` or `ERR <reason>\n`. After that:
 //! * `stdout` / `stderr`: guest → host raw bytes; the agent closes the connection once the
 //!   process's pipe reached EOF, so every byte written before exit arrives.
@@ -75,7 +76,7 @@ pub enum StreamError {
     Io(#[from] std::io::Error),
 }
 
-/// The header that opens a stream connection.
+/// The header that opens a stdio stream of a process.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamHeader {
     pub kind: StreamKind,
@@ -121,6 +122,52 @@ impl StreamHeader {
     }
 }
 
+/// What a stream connection asks the agent for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamRequest {
+    /// One stdio stream of a process.
+    Process(StreamHeader),
+    /// A TCP connection to `localhost:<port>` in the guest, spliced to this stream.
+    Forward { port: u16 },
+}
+
+/// The kind word of a port-forward header.
+const FORWARD: &str = "forward";
+
+impl StreamRequest {
+    pub fn encode(&self) -> String {
+        match self {
+            StreamRequest::Process(h) => h.encode(),
+            StreamRequest::Forward { port } => format!("SHOJI-IO 1 {FORWARD} {port}\n"),
+        }
+    }
+
+    pub fn parse(line: &str) -> Result<Self, StreamError> {
+        let fields: Vec<&str> = line.trim_end_matches('\n').split(' ').collect();
+        match fields.as_slice() {
+            ["SHOJI-IO", "1", FORWARD, rest @ ..] => match rest {
+                [port] => parse_port(port).map(|port| StreamRequest::Forward { port }),
+                _ => None,
+            }
+            .ok_or_else(|| {
+                StreamError::BadHeader(format!(
+                    "expected `SHOJI-IO 1 forward <port 1-65535>`: {:?}",
+                    truncate(line)
+                ))
+            }),
+            _ => StreamHeader::parse(line).map(StreamRequest::Process),
+        }
+    }
+}
+
+/// A TCP port in plain decimal, 1..=65535 (no sign, no leading zero: one spelling per port).
+fn parse_port(s: &str) -> Option<u16> {
+    if s.is_empty() || s.len() > 5 || s.starts_with('0') || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
 fn truncate(s: &str) -> &str {
     match s.char_indices().nth(80) {
         Some((i, _)) => &s[..i],
@@ -149,9 +196,9 @@ pub async fn read_line<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<St
 /// Host side: sends the header and waits for the agent's verdict.
 pub async fn open<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
-    header: &StreamHeader,
+    request: &StreamRequest,
 ) -> Result<(), StreamError> {
-    s.write_all(header.encode().as_bytes()).await?;
+    s.write_all(request.encode().as_bytes()).await?;
     s.flush().await?;
     let answer = read_line(s, MAX_HEADER).await?;
     match answer.strip_prefix("ERR ") {
@@ -218,6 +265,51 @@ mod tests {
         ] {
             assert!(StreamHeader::parse(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn requests_round_trip() {
+        for r in [
+            StreamRequest::Forward { port: 1 },
+            StreamRequest::Forward { port: 8080 },
+            StreamRequest::Forward { port: 65535 },
+            StreamRequest::Process(StreamHeader {
+                kind: StreamKind::Tty,
+                container_id: "c1".into(),
+                exec_id: "e1".into(),
+            }),
+        ] {
+            assert_eq!(StreamRequest::parse(&r.encode()).unwrap(), r);
+        }
+        assert_eq!(
+            StreamRequest::parse("SHOJI-IO 1 forward 80").unwrap(),
+            StreamRequest::Forward { port: 80 }
+        );
+    }
+
+    #[test]
+    fn forward_requests_reject_garbage() {
+        for bad in [
+            "SHOJI-IO 1 forward",
+            "SHOJI-IO 1 forward ",
+            "SHOJI-IO 1 forward 0",
+            "SHOJI-IO 1 forward 080",
+            "SHOJI-IO 1 forward +80",
+            "SHOJI-IO 1 forward -1",
+            "SHOJI-IO 1 forward 65536",
+            "SHOJI-IO 1 forward 4294967376",
+            "SHOJI-IO 1 forward 8080 -",
+            "SHOJI-IO 1 forward 80x",
+            "SHOJI-IO 1 forward 0x50",
+            "SHOJI-IO 1 forward  80",
+            "SHOJI-IO 2 forward 80",
+            "SHOJI-IO 1 FORWARD 80",
+            "SHOJI-IO 1 forward \u{0661}",
+        ] {
+            assert!(StreamRequest::parse(bad).is_err(), "{bad:?} accepted");
+        }
+        // Process headers still go through their own checks.
+        assert!(StreamRequest::parse("SHOJI-IO 1 stdfoo c -").is_err());
     }
 
     #[tokio::test]

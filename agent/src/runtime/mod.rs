@@ -464,6 +464,17 @@ impl Runtime {
         cgroup::update(&c.cgroup, &r).map_err(|e| RuntimeError::InvalidArgument(e.to_string()))
     }
 
+    /// Starts the pod's pause process in the background, so the first container need not
+    /// wait for it (it waits only if the pause is still starting).
+    pub fn prepare_pod(self: &Arc<Self>) {
+        let runtime = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = runtime.pod.pause(&runtime.reaper).await {
+                warn!(log(), "starting the pod's pause process failed"; "error" => %e);
+            }
+        });
+    }
+
     pub async fn set_pod_sysctls(&self, sysctls: &[(String, String)]) -> Result<(), RuntimeError> {
         self.pod.set_sysctls(&self.reaper, sysctls).await
     }

@@ -70,6 +70,9 @@ enum Command {
         /// Only the last N lines of each file.
         #[arg(long, value_name = "N")]
         tail: Option<usize>,
+        /// Then print what a running sandbox's files gain, until it is gone.
+        #[arg(short, long)]
+        follow: bool,
     },
     /// Serve every sandbox's metrics in the Prometheus text format on GET /metrics.
     Metrics {
@@ -180,9 +183,18 @@ async fn run(args: Args) -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Command::Logs { sandbox, tail } => {
-            let (mut out, mut note) = (std::io::stdout().lock(), std::io::stderr());
-            match cli::logs::logs(&config, &sandbox, tail, &mut out, &mut note) {
+        Command::Logs {
+            sandbox,
+            tail,
+            follow,
+        } => {
+            let (mut out, mut note) = (std::io::stdout(), std::io::stderr());
+            let shown = cli::logs::logs(&config, &sandbox, tail, &mut out, &mut note);
+            let followed = match shown {
+                Ok(place) if follow => cli::logs::follow(&place, &mut out).await,
+                r => r.map(drop),
+            };
+            match followed {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(e),
             }

@@ -1,4 +1,4 @@
-//! Host lines of `shoji check`: the tools the shim runs (`ip`, `tc`, `nsenter`), the tap
+//! Host lines of `shoji check`: the tools the shim runs (`ip`, `tc`, `nsenter`, `iptables`), the tap
 //! device node, the cgroup layout, and the CNI plugins CRI pods need.
 use std::path::{Path, PathBuf};
 
@@ -19,15 +19,17 @@ pub const DEFAULT_CNI_DIRS: &[&str] = &["/opt/cni/bin", "/usr/lib/cni"];
 const CNI_PLUGINS: &[&str] = &["bridge", "loopback"];
 
 /// `ip`, `tc` (iproute2) and `nsenter` (util-linux): the shim runs them to make taps and tc
-/// redirects in the pod's network namespace.
+/// redirects in the pod's network namespace. `iptables` only for `kubectl port-forward` (its
+/// redirect in the pod's namespace): pods run without it, so it is optional.
 pub fn tools() -> Vec<Check> {
     [
-        ("ip", "apt-get install iproute2"),
-        ("tc", "apt-get install iproute2"),
-        ("nsenter", "apt-get install util-linux"),
+        ("ip", "apt-get install iproute2", true),
+        ("tc", "apt-get install iproute2", true),
+        ("nsenter", "apt-get install util-linux", true),
+        ("iptables", "apt-get install iptables", false),
     ]
     .into_iter()
-    .map(|(name, fix)| match on_path(name) {
+    .map(|(name, fix, needed)| match on_path(name) {
         Some(p) => Check {
             name,
             verdict: Verdict::Ok,
@@ -36,8 +38,16 @@ pub fn tools() -> Vec<Check> {
         },
         None => Check {
             name,
-            verdict: Verdict::Missing,
-            detail: format!("{name} is not on PATH (pods with a network need it)"),
+            verdict: if needed {
+                Verdict::Missing
+            } else {
+                Verdict::Optional
+            },
+            detail: if needed {
+                format!("{name} is not on PATH (pods with a network need it)")
+            } else {
+                format!("{name} is not on PATH (kubectl port-forward needs it; pods run without)")
+            },
             fix: Some(fix.into()),
         },
     })
@@ -157,7 +167,7 @@ mod tests {
     fn tools_are_found_on_the_system_path() {
         // The test host has iproute2 (the VM tests use it).
         let checks = tools();
-        assert_eq!(checks.len(), 3);
+        assert_eq!(checks.len(), 4);
         assert!(checks.iter().all(|c| !c.detail.is_empty()));
         assert_eq!(checks[0].name, "ip");
     }

@@ -2,14 +2,14 @@
 //! fds can be handed to the VMM (QEMU inherits them, Cloud Hypervisor gets them over its
 //! API socket). The taps themselves are made by [`crate::network`].
 use std::{
-    fs::File,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
-    path::{Path, PathBuf},
+    path::Path,
 };
 
-use nix::sched::{setns, CloneFlags};
-
-use crate::hypervisor::{HypervisorError, NetDevice, Result};
+use crate::{
+    hypervisor::{HypervisorError, NetDevice, Result},
+    network,
+};
 
 /// The one network namespace the NICs live in (`None`: the host's).
 pub fn pod_netns(nets: &[NetDevice]) -> Result<Option<&Path>> {
@@ -31,47 +31,25 @@ pub fn pod_netns(nets: &[NetDevice]) -> Result<Option<&Path>> {
 }
 
 /// Opens every tap of `nets` (in their namespace, see [`pod_netns`]) and returns one fd per
-/// tap, in order. Runs on a short-lived thread of its own: `setns` changes the calling
-/// thread's namespace, which must never leak into tokio's threads.
+/// tap, in order.
 pub async fn open_taps(nets: &[NetDevice]) -> Result<Vec<OwnedFd>> {
-    let netns = pod_netns(nets)?.map(Path::to_path_buf);
-    let taps: Vec<String> = nets.iter().map(|n| n.tap.clone()).collect();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("open-taps".into())
-        .spawn(move || {
-            let _ = tx.send(open_in(&taps, netns));
-        })
-        .map_err(|source| HypervisorError::Io {
-            context: "spawning the tap-opening thread".into(),
-            source,
-        })?;
-    rx.await.expect("the tap-opening thread always answers")
-}
-
-fn open_in(taps: &[String], netns: Option<PathBuf>) -> Result<Vec<OwnedFd>> {
+    let netns = pod_netns(nets)?;
     let where_ = netns
-        .as_ref()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|| "the host namespace".into());
-    if let Some(ns) = &netns {
-        let file = File::open(ns).map_err(|source| HypervisorError::Io {
-            context: format!("opening network namespace {where_}"),
-            source,
-        })?;
-        setns(&file, CloneFlags::CLONE_NEWNET).map_err(|e| HypervisorError::Io {
-            context: format!("entering network namespace {where_}"),
-            source: e.into(),
-        })?;
-    }
-    taps.iter()
-        .map(|tap| {
-            open_tap(tap).map_err(|source| HypervisorError::Io {
-                context: format!("opening tap {tap} in {where_}"),
-                source,
+    let taps: Vec<String> = nets.iter().map(|n| n.tap.clone()).collect();
+    network::in_netns(netns, move || {
+        taps.iter()
+            .map(|tap| {
+                open_tap(tap).map_err(|e| std::io::Error::new(e.kind(), format!("tap {tap}: {e}")))
             })
-        })
-        .collect()
+            .collect()
+    })
+    .await
+    .map_err(|source| HypervisorError::Io {
+        context: format!("opening the taps in {where_}"),
+        source,
+    })
 }
 
 /// Attaches to an existing tap. TUNSETIFF would create a missing one, so existence is
@@ -129,7 +107,7 @@ fn attach(name: &str, flags: libc::c_short) -> std::io::Result<OwnedFd> {
 
 #[cfg(test)]
 mod tests {
-    use std::process::Command;
+    use std::{path::PathBuf, process::Command};
 
     use super::*;
 

@@ -26,6 +26,7 @@ use crate::{
     },
     logtail, network,
     oci::VmSize,
+    port_forward::PortForward,
     sharefs::{BindMode, ReadOnly, SharedDir, Virtiofsd, VirtiofsdOptions},
 };
 
@@ -79,6 +80,7 @@ pub(super) async fn boot(cfg: SandboxConfig, log: Logger) -> Result<Sandbox> {
         shared: None,
         virtiofsd: None,
         driver: None,
+        port_forward: None,
     };
     match boot.run(&cfg, choice.kind, &dir).await {
         Ok((agent, end, boot_times)) => {
@@ -108,6 +110,7 @@ pub(super) async fn boot(cfg: SandboxConfig, log: Logger) -> Result<Sandbox> {
                     },
                     c.memory_overhead_mib,
                 ),
+                port_forward: boot.port_forward.take(),
             })
         }
         Err(e) => {
@@ -126,6 +129,7 @@ struct Boot {
     shared: Option<SharedDir>,
     virtiofsd: Option<Virtiofsd>,
     driver: Option<Box<dyn Hypervisor>>,
+    port_forward: Option<PortForward>,
 }
 
 impl Boot {
@@ -286,8 +290,17 @@ impl Boot {
                 ..Default::default()
             })
             .collect();
+        pod.pod = cfg.pod_name.is_some();
         if pod != ConfigureNetworkRequest::default() {
             agent.configure_network(pod).await?;
+        }
+        if let Some(netns) = &cfg.netns {
+            // Not worth failing the pod for: it runs without, and containerd's forwards are
+            // refused (docs/operating.md).
+            match PortForward::start(netns, agent.clone(), &self.log).await {
+                Ok(pf) => self.port_forward = Some(pf),
+                Err(e) => warn!(self.log, "port-forward unavailable"; "error" => %e),
+            }
         }
         info!(self.log, "sandbox ready"; "agent_ready_ms" => times.agent_ready.as_millis() as u64,
             "daemons_ready_ms" => times.daemons_ready.as_millis() as u64,

@@ -44,6 +44,11 @@ impl LogPlace {
         }
     }
 
+    /// Whether the sandbox still runs (a live directory whose state file is there).
+    pub fn running(&self) -> bool {
+        matches!(self, LogPlace::Live(d) if d.join(STATE_FILE).is_file())
+    }
+
     /// The log files that hold something, in [`LOG_FILES`] order.
     pub fn files(&self) -> Vec<PathBuf> {
         LOG_FILES

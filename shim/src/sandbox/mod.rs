@@ -5,11 +5,13 @@
 //!
 //! Boot ([`boot`]): directory and ledger → pod cgroup → taps → shared directory → ready
 //! listener → virtiofsd + driver prepare → VMM start → the agent announces itself → dial the
-//! agent → pod network configured in the guest. Every resource is recorded in the ledger
-//! ([`state`]) before it is made; any failure undoes what was made ([`cleanup`]).
+//! agent → pod network configured in the guest → port-forward listener in the pod netns.
+//! Every resource on the host is recorded in the ledger ([`state`]) before it is made (the
+//! port-forward's listener and rule are not: they go with the shim and the pod netns); any
+//! failure undoes what was made ([`cleanup`]).
 //! Containers: [`container`] (mounts → CreateContainer → stdio → start → wait → remove).
-//! Stop: VMM → virtiofsd → the same undo as a failed boot (nothing in the guest is cleaned
-//! up piece by piece: the VM goes whole).
+//! Stop: port-forward → VMM → virtiofsd → the same undo as a failed boot (nothing in the
+//! guest is cleaned up piece by piece: the VM goes whole).
 mod boot;
 mod cleanup;
 mod console;
@@ -41,6 +43,7 @@ use crate::{
     host_cgroup::{CgroupError, Previous},
     hypervisor::{self, Hypervisor, HypervisorError, VmExit},
     network::NetworkError,
+    port_forward::PortForward,
     sharefs::{MountError, SharedDir, Virtiofsd},
 };
 
@@ -182,6 +185,8 @@ pub struct Sandbox {
     end: watch::Receiver<Option<VmExit>>,
     boot_times: BootTimes,
     sizing: sizing::Sizing,
+    /// `kubectl port-forward` into the VM, for a pod with a network (see [`crate::port_forward`]).
+    port_forward: Option<PortForward>,
 }
 
 impl Sandbox {
@@ -220,13 +225,17 @@ impl Sandbox {
         hypervisor::wait_exit(self.end.clone()).await
     }
 
-    /// Stops everything: VMM → virtiofsd → mounts → taps → pod cgroup → the sandbox
-    /// directory. Idempotent; whatever is already gone counts as done.
+    /// Stops everything: port-forward → VMM → virtiofsd → mounts → taps → pod cgroup → the
+    /// sandbox directory. Idempotent; whatever is already gone counts as done.
     pub async fn stop(&self) -> Result<()> {
         let mut vm = self.vm.lock().await;
         let Some(mut driver) = vm.take() else {
             return Ok(());
         };
+        // Forwarded connections are reset now rather than broken by the VM's end.
+        if let Some(pf) = &self.port_forward {
+            pf.stop().await;
+        }
         // Nothing in the guest is cleaned up piece by piece: the VM goes whole. Writes of the
         // containers reached the host already (virtio-fs is write-through).
         let stopped = driver.stop(self.shutdown_grace).await;

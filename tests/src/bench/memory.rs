@@ -60,18 +60,7 @@ pub async fn idle_pod(env: &Env, id: &str) -> scenario::Result<Vec<Usage>> {
 
 /// The host's memory in KiB.
 pub fn host_memory_kib() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))?
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
+    shoji::procfs::mem_total_kib().unwrap_or(0)
 }
 
 /// The per-process table of one runtime's idle pod, with totals and the density it allows.
