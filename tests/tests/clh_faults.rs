@@ -534,6 +534,13 @@ async fn update_container_resources_grows_the_vm_through_vm_resize() {
     assert_eq!(info["config"]["cpus"]["boot_vcpus"], 2);
     assert_eq!(info["config"]["memory"]["hotplugged_size"], 384 * MIB);
     assert_eq!(agent.updates(), vec![("app".to_string(), big.clone())]);
+    // The ledger has the new size: what `shoji ps` and the metrics show.
+    let state: Value =
+        serde_json::from_slice(&std::fs::read(sandbox.dir().join("state.json")).unwrap()).unwrap();
+    assert_eq!(
+        (&state["info"]["vcpus"], &state["info"]["memory_mib"]),
+        (&json!(2), &json!(640))
+    );
 
     // Smaller limits fit: the agent gets them, the VM is not asked again (it never shrinks).
     let small = resources(1, 128);

@@ -197,6 +197,12 @@ impl Sandbox {
         driver.resize(resize.vcpus, resize.memory_mib).await?;
         let grown = resize.apply(have);
         *self.sizing.size.lock().unwrap() = grown;
+        // What `shoji ps` and the metrics show.
+        self.ledger.note(|s| {
+            if let Some(info) = s.info.as_mut() {
+                (info.vcpus, info.memory_mib) = (grown.vcpus, grown.memory_mib);
+            }
+        });
         slog::info!(self.log, "VM grown for the pod's containers";
             "vcpus" => grown.vcpus, "memory_mib" => grown.memory_mib);
         Ok(())
