@@ -37,7 +37,7 @@ log "building shoji-agent (release, size-optimized, static glibc, libseccomp lin
     cargo build --release --target "$target" -p shoji-agent \
     --config 'profile.release.opt-level="s"' --config 'profile.release.codegen-units=1' >&2
 )
-bin=$here/target/$target/release/shoji-agent
+bin=${CARGO_TARGET_DIR:-$here/target}/$target/release/shoji-agent
 if ! file "$bin" | grep -Eq 'static(-pie)? linked|statically linked'; then
   log "$bin is not statically linked: $(file -b "$bin")"
   exit 1

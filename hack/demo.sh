@@ -11,7 +11,7 @@ cd "$root"
 hack/setup.sh
 echo "== host:  $(uname -sr)"
 echo -n "== guest: "
-target/debug/shoji vm run -- uname -a
+"${CARGO_TARGET_DIR:-target}/debug/shoji" vm run -- uname -a
 echo
 cargo build -q -p shoji-tests --bin demo-pod
-target/debug/demo-pod
+"${CARGO_TARGET_DIR:-target}/debug/demo-pod"

@@ -78,8 +78,8 @@ fi
 
 # ---- what to install ---------------------------------------------------------------------
 if [ -z "$bin_dir" ]; then
-  bin_dir=$here/target/release
-  [ -x "$bin_dir/containerd-shim-shoji-v2" ] || bin_dir=$here/target/debug
+  bin_dir=${CARGO_TARGET_DIR:-$here/target}/release
+  [ -x "$bin_dir/containerd-shim-shoji-v2" ] || bin_dir=${CARGO_TARGET_DIR:-$here/target}/debug
 fi
 for b in containerd-shim-shoji-v2 shoji; do
   [ -x "$bin_dir/$b" ] || die "$bin_dir/$b missing: cargo build --release -p shoji-shim --bins"

@@ -76,8 +76,9 @@ main() {
   guest_kernel
   guest_initramfs
   host_binaries
-  log "done: $root/target/debug/shoji check"
-  target/debug/shoji check >&2 || { log "shoji check reports a missing piece"; exit 1; }
+  local shoji=${CARGO_TARGET_DIR:-$root/target}/debug/shoji
+  log "done: $shoji check"
+  "$shoji" check >&2 || { log "shoji check reports a missing piece"; exit 1; }
 }
 
 main "$@"

@@ -20,7 +20,7 @@ case "${SHOJI_TEST_HYPERVISOR:-qemu}" in
   qemu) ;;
   clh)
     cargo build -q -p shoji-probe --bin shoji-probe || exit 1
-    if ! why=$(target/debug/shoji-probe clh); then
+    if ! why=$("${CARGO_TARGET_DIR:-target}/debug/shoji-probe" clh); then
       echo "== hack/test.sh: SHOJI_TEST_HYPERVISOR=clh, but Cloud Hypervisor cannot run guests here: $why" >&2
       exit 1
     fi
