@@ -131,6 +131,15 @@ impl Daemon {
         *self.exit.borrow()
     }
 
+    /// Its death as an error (status and the log's last line), once it exited.
+    pub fn died(&self) -> Option<DaemonError> {
+        self.exited().map(|status| DaemonError::Died {
+            what: self.name,
+            status,
+            detail: last_line(&self.log),
+        })
+    }
+
     /// A receiver that sees the exit, for watchers that must not hold the daemon.
     pub fn exit_watch(&self) -> ExitWatch {
         self.exit.clone()
@@ -151,12 +160,8 @@ impl Daemon {
     ) -> Result<(), DaemonError> {
         let poll = async {
             loop {
-                if let Some(status) = self.exited() {
-                    return Err(DaemonError::Died {
-                        what: self.name,
-                        status,
-                        detail: last_line(&self.log),
-                    });
+                if let Some(died) = self.died() {
+                    return Err(died);
                 }
                 if ready() {
                     return Ok(());

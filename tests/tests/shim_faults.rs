@@ -3,10 +3,8 @@
 //! (during boot, running, during an exec, during delete). Each case checks that the end
 //! reaches containerd promptly (a task killed under a running container is STOPPED within
 //! 2 s) and that nothing is left (`Env::finish`: no process, mount, socket, directory, task).
-//! Also: a containerd restart with a running container (it stays managed).
-//!
-//! "Created, never started" is not reachable through containerd (CRI and ctr create and
-//! start in one call): the pod's unit tests cover it (`pod::tests`).
+//! Also: a containerd restart with a running container (it stays managed), and through CRI a
+//! container created but never started when the VMM dies (its exit still reaches containerd).
 use std::{
     process::Stdio,
     time::{Duration, Instant},
@@ -17,8 +15,10 @@ use shoji::sandbox::State;
 use shoji_tests::{
     backend,
     containerd::Version,
+    cri,
     image::BUSYBOX,
-    scenario::{self, Env, ShojiRuntime, CTR_NAMESPACE},
+    pods::Pods,
+    scenario::{self, Env, ShojiRuntime, CRI_NAMESPACE, CTR_NAMESPACE},
 };
 
 type Result<T = ()> = scenario::Result<T>;
@@ -319,4 +319,61 @@ async fn containerd_restart_keeps_the_container_managed_containerd_1_7() {
 #[tokio::test]
 async fn containerd_restart_keeps_the_container_managed_containerd_2() {
     containerd_restart(Version::V2).await
+}
+
+/// A CRI container created but never started when its pod's VMM dies: its task's end
+/// reaches containerd within the bound (STOPPED; CRI itself looks only at started
+/// containers' exits, as with runc), StartContainer then fails and the container is EXITED,
+/// and the pod goes cleanly.
+async fn vmm_killed_under_a_created_container(version: Version, net: u8) {
+    scenario::within(TEST_LIMIT, async {
+        let shoji = ShojiRuntime::new("");
+        let env = Env::start(version, &shoji.runtime, Some(net)).await?;
+        let work = tempfile::Builder::new().prefix("shoji-fault-").tempdir()?;
+        let r = Pods::scenario(&env, async |pods: &mut Pods| {
+            let cri = pods.cri.clone();
+            let cfg = cri::pod_config("created", "shoji-test", work.path());
+            let pod = pods.run(&cfg).await?;
+            let app = cri::container_config("app", BUSYBOX, &["sleep", "1000"]);
+            let app = cri.create_container(&pod, &app, &cfg).await?;
+            sigkill(target_pid(&env, &pod, Target::Vmm).await?);
+            let killed = Instant::now();
+            loop {
+                let tasks = env.ctrd.ctr(CRI_NAMESPACE, &["task", "ls"], CALL).await?;
+                let state = tasks
+                    .stdout
+                    .lines()
+                    .find(|l| l.starts_with(&app))
+                    .and_then(|l| l.split_whitespace().nth(2).map(String::from));
+                if state.as_deref().is_none_or(|s| s == "STOPPED") {
+                    break;
+                }
+                check(killed.elapsed() < STOPPED_WITHIN, || {
+                    format!("the created task is still {state:?} after {STOPPED_WITHIN:?}")
+                })?;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            check(cri.start_container(&app).await.is_err(), || {
+                "StartContainer succeeded after the VM died".into()
+            })?;
+            let status = cri.container_status(&app).await?;
+            check(
+                status.state == cri::api::ContainerState::ContainerExited as i32,
+                || format!("after the failed start: {status:?}"),
+            )
+        })
+        .await;
+        env.conclude(r).await
+    })
+    .await
+}
+
+#[tokio::test]
+async fn vmm_created_containerd_1_7() {
+    vmm_killed_under_a_created_container(Version::V1_7, 229).await
+}
+
+#[tokio::test]
+async fn vmm_created_containerd_2() {
+    vmm_killed_under_a_created_container(Version::V2, 230).await
 }

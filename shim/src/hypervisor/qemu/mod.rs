@@ -257,7 +257,9 @@ impl Qemu {
                 Err(HypervisorError::Io { .. }) if vmm.exited().is_none() => {
                     tokio::time::sleep(Duration::from_millis(5)).await
                 }
-                r => break r?,
+                // QEMU's own end says more than the refused connection.
+                Err(e) => return Err(vmm.died().map_or(e, HypervisorError::from)),
+                Ok(status) => break status,
             }
         };
         match status.get("status").and_then(Value::as_str) {
