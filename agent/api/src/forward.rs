@@ -100,12 +100,18 @@ mod tests {
     ) {
         from.write_all(data).await.unwrap();
         from.shutdown().await.unwrap();
+        let got = read_all(to).await;
+        assert!(got == data, "{} bytes came, {} went", got.len(), data.len());
+    }
+
+    /// Everything `from` sends until its EOF, within [`LIMIT`].
+    async fn read_all(from: &mut (impl AsyncRead + Unpin)) -> Vec<u8> {
         let mut got = Vec::new();
-        tokio::time::timeout(LIMIT, to.read_to_end(&mut got))
+        tokio::time::timeout(LIMIT, from.read_to_end(&mut got))
             .await
             .unwrap()
             .unwrap();
-        assert!(got == data, "{} bytes came, {} went", got.len(), data.len());
+        got
     }
 
     /// The client shuts its write side after the request and still gets the whole reply.
@@ -131,11 +137,7 @@ mod tests {
         });
         client.write_all(&request).await.unwrap();
         client.shutdown().await.unwrap();
-        let mut got = Vec::new();
-        tokio::time::timeout(LIMIT, client.read_to_end(&mut got))
-            .await
-            .unwrap()
-            .unwrap();
+        let got = read_all(&mut client).await;
         assert_eq!(got.len(), reply.len());
         assert!(got == reply);
         server_task.await.unwrap();
