@@ -111,6 +111,22 @@ pub fn mem_total_kib() -> Option<u64> {
         .ok()
 }
 
+/// Whether a Unix socket at `path` is listening (this network namespace's
+/// `/proc/net/unix`). Read instead of probed: a vhost-user daemon takes a connection that
+/// ends as its front-end leaving, and re-creates its socket, which a VMM connecting in that
+/// moment does not find.
+pub fn unix_listening(path: &std::path::Path) -> bool {
+    /// `__SO_ACCEPTCON`: the socket called listen().
+    const LISTENING: &str = "00010000";
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+        return false;
+    };
+    table.lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() == 8 && f[3] == LISTENING && std::path::Path::new(f[7]) == path
+    })
+}
+
 /// Every pid on the host.
 pub fn all_pids() -> Vec<u32> {
     std::fs::read_dir("/proc")
@@ -135,6 +151,18 @@ pub fn with_children(pids: &[u32]) -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_listening_unix_socket_is_seen_and_a_closed_one_is_not() {
+        let path = std::env::temp_dir().join(format!("shoji-listen-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        assert!(!unix_listening(&path));
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        assert!(unix_listening(&path));
+        drop(listener);
+        assert!(!unix_listening(&path));
+        std::fs::remove_file(&path).unwrap();
+    }
 
     #[test]
     fn stat_fields_survive_a_name_with_spaces_and_parens() {

@@ -55,7 +55,9 @@ impl Virtiofsd {
     pub async fn ready(&self, timeout: Duration) -> Result<(), DaemonError> {
         let socket = self.socket.clone();
         self.daemon
-            .wait_ready("vhost-user socket", timeout, move || socket.exists())
+            .wait_ready("vhost-user socket", timeout, move || {
+                crate::procfs::unix_listening(&socket)
+            })
             .await
     }
 

@@ -210,7 +210,7 @@ impl Qemu {
         let daemon = self.vsock.insert(daemon);
         daemon
             .wait_ready("vhost-user socket", self.opts.start_timeout, || {
-                std::os::unix::net::UnixStream::connect(&socket).is_ok()
+                crate::procfs::unix_listening(&socket)
             })
             .await?;
         self.end.watch_backend(daemon.exit_watch(), move |status| {
