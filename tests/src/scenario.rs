@@ -222,6 +222,35 @@ pub async fn within(limit: Duration, body: impl std::future::Future<Output = Res
     }
 }
 
+/// One test within `limit`: a fresh containerd of `version` with `runtime` and pod network
+/// `net` (a test network number), `scenario` on it, then [`Env::conclude`].
+pub async fn in_env(
+    limit: Duration,
+    version: Version,
+    runtime: &Runtime,
+    net: Option<u8>,
+    scenario: impl AsyncFnOnce(&Env) -> Result<()>,
+) {
+    let net = || net.map(Network::new).transpose();
+    in_env_on(limit, version, runtime, net, scenario).await
+}
+
+/// [`in_env`] on the network `net` makes (e.g. dual stack).
+pub async fn in_env_on(
+    limit: Duration,
+    version: Version,
+    runtime: &Runtime,
+    net: impl FnOnce() -> std::result::Result<Option<Network>, cni::Error>,
+    scenario: impl AsyncFnOnce(&Env) -> Result<()>,
+) {
+    within(limit, async {
+        let env = Env::start_on(version, runtime, net()?).await?;
+        let r = scenario(&env).await;
+        env.conclude(r).await
+    })
+    .await
+}
+
 /// The pid of the shim serving sandboxes under `run_dir` (its environment names the run dir).
 pub fn find_shim(run_dir: &std::path::Path) -> Option<i32> {
     let marker = format!("SHOJI_RUN_DIR={}", run_dir.display());

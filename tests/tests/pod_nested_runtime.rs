@@ -134,12 +134,14 @@ async fn nested_runtime(env: &Env) -> Result {
 }
 
 async fn on(version: Version, net: u8) {
-    scenario::within(TEST_LIMIT, async {
-        let shoji = ShojiRuntime::new("");
-        let env = Env::start(version, &shoji.runtime, Some(net)).await?;
-        let r = nested_runtime(&env).await;
-        env.conclude(r).await
-    })
+    let shoji = ShojiRuntime::new("");
+    scenario::in_env(
+        TEST_LIMIT,
+        version,
+        &shoji.runtime,
+        Some(net),
+        nested_runtime,
+    )
     .await
 }
 

@@ -31,7 +31,7 @@ async fn on(
     net: u8,
     scenario: impl AsyncFnOnce(&Env) -> Result,
 ) {
-    in_network(runtime, version, || cni::Network::new(net), scenario).await
+    scenario::in_env(TEST_LIMIT, version, runtime, Some(net), scenario).await
 }
 
 /// [`on`] with a dual-stack pod network.
@@ -41,22 +41,8 @@ async fn on_dual_stack(
     net: u8,
     scenario: impl AsyncFnOnce(&Env) -> Result,
 ) {
-    let net = || cni::Network::new(net)?.dual_stack();
-    in_network(runtime, version, net, scenario).await
-}
-
-async fn in_network(
-    runtime: &Runtime,
-    version: Version,
-    net: impl FnOnce() -> std::result::Result<cni::Network, cni::Error>,
-    scenario: impl AsyncFnOnce(&Env) -> Result,
-) {
-    scenario::within(TEST_LIMIT, async {
-        let env = Env::start_on(version, runtime, Some(net()?)).await?;
-        let r = scenario(&env).await;
-        env.conclude(r).await
-    })
-    .await
+    let net = || Ok(Some(cni::Network::new(net)?.dual_stack()?));
+    scenario::in_env_on(TEST_LIMIT, version, runtime, net, scenario).await
 }
 
 fn namespaces(c: &mut api::ContainerConfig) -> &mut api::NamespaceOption {

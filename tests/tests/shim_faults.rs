@@ -229,13 +229,9 @@ async fn fault(version: Version, target: Target, step: Step) {
         !(target == Target::VsockDaemon && backend::hypervisor() == HypervisorKind::Clh),
         "not applicable on Cloud Hypervisor: its vsock is built in, there is no vsock daemon to kill"
     );
-    scenario::within(TEST_LIMIT, async {
-        let shoji = ShojiRuntime::new("");
-        let env = Env::start(version, &shoji.runtime, None).await?;
-        let r = inject(&env, target, step).await;
-        env.conclude(r).await
-    })
-    .await
+    let shoji = ShojiRuntime::new("");
+    let scenario = async |env: &Env| inject(env, target, step).await;
+    scenario::in_env(TEST_LIMIT, version, &shoji.runtime, None, scenario).await
 }
 
 macro_rules! matrix {
@@ -326,17 +322,16 @@ async fn containerd_restart_keeps_the_container_managed_containerd_2() {
 /// containers' exits, as with runc), StartContainer then fails and the container is EXITED,
 /// and the pod goes cleanly.
 async fn vmm_killed_under_a_created_container(version: Version, net: u8) {
-    scenario::within(TEST_LIMIT, async {
-        let shoji = ShojiRuntime::new("");
-        let env = Env::start(version, &shoji.runtime, Some(net)).await?;
+    let shoji = ShojiRuntime::new("");
+    let scenario = async |env: &Env| {
         let work = tempfile::Builder::new().prefix("shoji-fault-").tempdir()?;
-        let r = Pods::scenario(&env, async |pods: &mut Pods| {
+        Pods::scenario(env, async |pods: &mut Pods| {
             let cri = pods.cri.clone();
             let cfg = cri::pod_config("created", "shoji-test", work.path());
             let pod = pods.run(&cfg).await?;
             let app = cri::container_config("app", BUSYBOX, &["sleep", "1000"]);
             let app = cri.create_container(&pod, &app, &cfg).await?;
-            sigkill(target_pid(&env, &pod, Target::Vmm).await?);
+            sigkill(target_pid(env, &pod, Target::Vmm).await?);
             let killed = Instant::now();
             loop {
                 let tasks = env.ctrd.ctr(CRI_NAMESPACE, &["task", "ls"], CALL).await?;
@@ -362,10 +357,9 @@ async fn vmm_killed_under_a_created_container(version: Version, net: u8) {
                 || format!("after the failed start: {status:?}"),
             )
         })
-        .await;
-        env.conclude(r).await
-    })
-    .await
+        .await
+    };
+    scenario::in_env(TEST_LIMIT, version, &shoji.runtime, Some(net), scenario).await
 }
 
 #[tokio::test]

@@ -31,12 +31,7 @@ const BIG: usize = 512 * 1024;
 type Result<T = ()> = scenario::Result<T>;
 
 async fn on(version: Version, runtime: &Runtime, net: u8) {
-    scenario::within(TEST_LIMIT, async {
-        let env = Env::start(version, runtime, Some(net)).await?;
-        let r = forwards(&env).await;
-        env.conclude(r).await
-    })
-    .await
+    scenario::in_env(TEST_LIMIT, version, runtime, Some(net), forwards).await
 }
 
 /// One forwarded connection to `port` of `pod`, carrying `request`.

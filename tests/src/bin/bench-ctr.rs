@@ -154,26 +154,18 @@ async fn throughput(
         vol.push(io::dd_rates(env, id, "/vol/bench.dat", i + runs).await?);
     }
     rows.push(Row::rates(name, "stdout of a container (ctr exec)", stdout));
-    rows.push(Row::rates(
-        name,
-        "write, container filesystem (fsync)",
-        root.iter().map(|r| r.0).collect(),
-    ));
-    rows.push(Row::rates(
-        name,
-        "read, container filesystem",
-        root.iter().map(|r| r.1).collect(),
-    ));
-    rows.push(Row::rates(
-        name,
-        "write, volume (fsync)",
-        vol.iter().map(|r| r.0).collect(),
-    ));
-    rows.push(Row::rates(
-        name,
-        "read, volume",
-        vol.iter().map(|r| r.1).collect(),
-    ));
+    for (write_op, read_op, rates) in [
+        (
+            "write, container filesystem (fsync)",
+            "read, container filesystem",
+            &root,
+        ),
+        ("write, volume (fsync)", "read, volume", &vol),
+    ] {
+        let (write, read) = rates.iter().copied().unzip();
+        rows.push(Row::rates(name, write_op, write));
+        rows.push(Row::rates(name, read_op, read));
+    }
     for args in [
         &["task", "kill", "-s", "SIGKILL", id][..],
         &["task", "delete", id],
