@@ -33,7 +33,7 @@ log "building shoji-agent (release, size-optimized, static glibc, libseccomp lin
   # 11.0 to 8.1 MB: less to unpack at every boot and less guest memory (the initramfs
   # stays in RAM). Only this target directory (--target) is built with these settings.
   LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=${LIBSECCOMP_LIB_PATH:-/usr/lib/x86_64-linux-gnu} \
-    RUSTFLAGS='-C target-feature=+crt-static' \
+    RUSTFLAGS='-C target-feature=+crt-static -C relocation-model=static' \
     cargo build --release --target "$target" -p shoji-agent \
     --config 'profile.release.opt-level="s"' --config 'profile.release.codegen-units=1' >&2
 )

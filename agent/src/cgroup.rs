@@ -173,6 +173,11 @@ pub async fn freeze(dir: &Path, frozen: bool) -> Result<(), CgroupError> {
     })
 }
 
+/// True when the cgroup is frozen (paused); a cgroup that cannot be read is not.
+pub fn is_frozen(dir: &Path) -> bool {
+    read(&dir.join("cgroup.freeze")).is_ok_and(|s| s.trim() == "1")
+}
+
 /// SIGKILLs everything in the cgroup (also works while it is frozen).
 pub fn kill_all(dir: &Path) -> Result<(), CgroupError> {
     match fs::write(dir.join("cgroup.kill"), "1") {

@@ -322,7 +322,7 @@ async fn pump_output<W: AsyncWrite + Unpin>(
 ) {
     match AsyncFile::new(fd) {
         Ok(file) => {
-            let mut buf = vec![0u8; 32 * 1024];
+            let mut buf = vec![0u8; 64 * 1024];
             loop {
                 let n = match file.read(&mut buf).await {
                     Ok(0) => break,

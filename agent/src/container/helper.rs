@@ -9,7 +9,7 @@ use std::{
 
 use serde::de::DeserializeOwned;
 
-use super::{create, err_file, exec, kill, log_file, pause, start};
+use super::{create, err_file, exec, log_file, pause};
 
 /// Exit status 0 on success; 1 with the error text in `<work-dir>/<verb>.err` on failure.
 pub fn main(args: &[String]) -> i32 {
@@ -25,9 +25,7 @@ pub fn main(args: &[String]) -> i32 {
     send_tracing_to(&log_file(work_dir, verb));
     let result = match verb.as_str() {
         create::VERB => parse(request).and_then(create::run),
-        start::VERB => parse(request).and_then(start::run),
         exec::VERB => parse(request).and_then(exec::run),
-        kill::VERB => parse(request).and_then(kill::run),
         pause::VERB => parse(request).and_then(pause::run),
         other => Err(format!("unknown helper verb {other:?}")),
     };

@@ -259,9 +259,9 @@ impl Runtime {
                 c.id, exit.status
             )));
         }
-        container::start::start(&self.reaper, &c.id, &c.dir)
+        container::start::start(&c.id)
             .await
-            .map_err(helper_err(format!("starting container {:?}", c.id)))?;
+            .map_err(|e| RuntimeError::Internal(format!("starting container {:?}: {e}", c.id)))?;
         c.init
             .pid()
             .ok_or_else(|| RuntimeError::Internal("the init has no pid".into()))
@@ -344,8 +344,12 @@ impl Runtime {
                     "container {id:?}: process already exited"
                 )));
             }
-            let killed = container::kill::kill(&self.reaper, id, &c.dir, sig as i32, all).await;
-            // The init may exit between the check above and the helper's kill: that is the
+            let killed = match (all, c.init.pid()) {
+                (true, _) => container::kill::all(&c.cgroup, sig).await,
+                (false, Some(pid)) => container::kill::one(pid, sig),
+                (false, None) => Err(container::kill::KillError::Gone),
+            };
+            // The init may exit between the check above and the kill: that is the
             // "already exited" answer, not an internal error.
             let gone = || {
                 c.init.exited().is_some()
@@ -357,7 +361,7 @@ impl Runtime {
                 Err(_) if gone() => Err(RuntimeError::NotFound(format!(
                     "container {id:?}: process already exited"
                 ))),
-                r => r.map_err(helper_err(format!("signalling container {id:?}"))),
+                r => r.map_err(internal(&format!("signalling container {id:?}"))),
             };
         }
         let pid = match (p.pid(), p.exited()) {

@@ -29,7 +29,15 @@ fn main() {
         println!("containerd-shim-shoji-v2 {}", env!("CARGO_PKG_VERSION"));
         return;
     }
+    // One shim per pod, mostly waiting: two workers (not one per host CPU), few blocking
+    // threads that do not linger, and two malloc arenas (glibc would make one per thread)
+    // keep its memory small on large nodes.
+    // SAFETY: mallopt only sets allocator parameters, before any other thread exists.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(16)
+        .thread_keep_alive(std::time::Duration::from_secs(2))
         .enable_all()
         .build()
         .expect("tokio runtime");

@@ -23,7 +23,7 @@ mod state;
 use std::{
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use slog::{info, warn, Logger};
@@ -238,11 +238,16 @@ impl Sandbox {
         }
         // Nothing in the guest is cleaned up piece by piece: the VM goes whole. Writes of the
         // containers reached the host already (virtio-fs is write-through).
+        let began = Instant::now();
         let stopped = driver.stop(self.shutdown_grace).await;
+        let vmm = began.elapsed();
         self.virtiofsd.stop(Duration::from_secs(1)).await;
+        let virtiofsd = began.elapsed();
         self.release().await?;
         stopped?;
-        info!(self.log, "sandbox stopped");
+        info!(self.log, "sandbox stopped"; "vmm_stopped_ms" => vmm.as_millis() as u64,
+            "virtiofsd_stopped_ms" => virtiofsd.as_millis() as u64,
+            "released_ms" => began.elapsed().as_millis() as u64);
         Ok(())
     }
 

@@ -31,12 +31,34 @@ async fn exec(env: &Env, id: &str, exec_id: &str, args: &[&str]) -> scenario::Re
     Ok(out.stdout)
 }
 
+/// The size of a container's writes to its stdout.
+#[derive(Debug, Clone, Copy)]
+pub enum Piece {
+    Small,
+    Large,
+}
+
 /// MB/s of a container writing [`SAMPLE_BYTES`] to its stdout, read through `ctr`.
-pub async fn stdout_rate(env: &Env, id: &str, run: usize) -> scenario::Result<f64> {
+/// `piece` is the size of the container's writes: busybox `head -c` writes 4 KiB at a time,
+/// `dd bs=64k` 64 KiB (under emulation the guest's cost per write dominates small ones).
+pub async fn stdout_rate(env: &Env, id: &str, run: usize, piece: Piece) -> scenario::Result<f64> {
+    let count = format!("count={}", SAMPLE_BYTES >> 16);
+    let bytes = SAMPLE_BYTES.to_string();
+    let args: Vec<&str> = match piece {
+        Piece::Small => vec!["head", "-c", &bytes, "/dev/zero"],
+        Piece::Large => vec!["dd", "if=/dev/zero", "bs=65536", &count],
+    };
     let mut child = ctr(env)
-        .args(["task", "exec", "--exec-id", &format!("out{run}"), id])
-        .args(["head", "-c", &SAMPLE_BYTES.to_string(), "/dev/zero"])
+        .args([
+            "task",
+            "exec",
+            "--exec-id",
+            &format!("out{run}{piece:?}"),
+            id,
+        ])
+        .args(args)
         .stdout(Stdio::piped())
+        .stderr(Stdio::null())
         .spawn()?;
     let mut stdout = child.stdout.take().expect("piped");
     let t = Instant::now();

@@ -147,13 +147,24 @@ async fn throughput(
     if !out.status.success() {
         return Err(format!("ctr run -d (io): {out:?}").into());
     }
-    let (mut stdout, mut root, mut vol) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut small, mut large, mut root, mut vol) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 0..runs {
-        stdout.push(io::stdout_rate(env, id, i).await?);
+        small.push(io::stdout_rate(env, id, i, io::Piece::Small).await?);
+        large.push(io::stdout_rate(env, id, i, io::Piece::Large).await?);
         root.push(io::dd_rates(env, id, "/bench.dat", i).await?);
         vol.push(io::dd_rates(env, id, "/vol/bench.dat", i + runs).await?);
     }
-    rows.push(Row::rates(name, "stdout of a container (ctr exec)", stdout));
+    rows.push(Row::rates(
+        name,
+        "stdout, 4 KiB writes (ctr exec head -c)",
+        small,
+    ));
+    rows.push(Row::rates(
+        name,
+        "stdout, 64 KiB writes (ctr exec dd)",
+        large,
+    ));
     for (write_op, read_op, rates) in [
         (
             "write, container filesystem (fsync)",
@@ -329,6 +340,12 @@ fn breakdown(log: &str) -> String {
             "create_ms",
         ),
         ("Start (process started)", "process started", "start_ms"),
+        ("Stop: VMM gone", "sandbox stopped", "vmm_stopped_ms"),
+        (
+            "Stop: host resources released",
+            "sandbox stopped",
+            "released_ms",
+        ),
     ] {
         out += &format!("  {what:<42} {:>6}\n", median(&field(msg, key)));
     }
