@@ -310,6 +310,8 @@ pub async fn serve(boot: BootTimes, debug_console: bool) -> ServeError {
     });
 
     let ready = announce_ready().await;
+    // The first helper's start is paid while the host prepares its first request.
+    crate::container::standby::replenish();
     if ready {
         info!(log(), "agent ready";
             "since_boot_ms" => uptime_ms(), "root_switch_ms" => boot.root_switch_ms, "mounts_ms" => boot.mounts_ms,

@@ -141,6 +141,36 @@ async fn remove(env: &Env, id: &str) {
 }
 
 /// A `ctr run --rm` in the background, to be signalled from another ctr.
+/// Waits until `path` exists in container `id` (checked with `ctr task exec test -f`).
+async fn wait_for_file(env: &Env, id: &str, path: &str) -> Result {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    for n in 0u32.. {
+        let exec_id = format!("probe{n}");
+        let out = ctr(
+            env,
+            &[
+                "task",
+                "exec",
+                "--exec-id",
+                &exec_id,
+                id,
+                "test",
+                "-f",
+                path,
+            ],
+        )
+        .await?;
+        if out.code() == 0 {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!("{path} never appeared in {id}: {out:?}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    unreachable!("u32 probes")
+}
+
 fn spawn_run(env: &Env, id: &str, cmd: &[&str]) -> tokio::process::Child {
     let config = config_of(env);
     let mut c = tokio::process::Command::new(env.ctrd.version().bin_dir().join("ctr"));
@@ -268,9 +298,15 @@ async fn sigterm_and_sigkill(env: Env) -> (Env, Result) {
         let child = spawn_run(
             &env,
             "term",
-            &["sh", "-c", "trap 'exit 143' TERM; sleep 1000 & wait"],
+            &[
+                "sh",
+                "-c",
+                "trap 'exit 143' TERM; touch /tmp/trapped; sleep 1000 & wait",
+            ],
         );
         wait_status(&env, "term", "RUNNING").await?;
+        // Until its trap is set, sh (the init of its PID namespace) ignores SIGTERM.
+        wait_for_file(&env, "term", "/tmp/trapped").await?;
         ctr(&env, &["task", "kill", "term"]).await?;
         let code = exit_code(child).await?;
         check(code == 143, || {

@@ -9,10 +9,18 @@ use std::{
 
 use serde::de::DeserializeOwned;
 
-use super::{create, err_file, exec, log_file, pause};
+use super::{create, err_file, exec, log_file, pause, standby};
 
 /// Exit status 0 on success; 1 with the error text in `<work-dir>/<verb>.err` on failure.
 pub fn main(args: &[String]) -> i32 {
+    if let [verb] = args {
+        if verb == standby::VERB {
+            return match standby::receive() {
+                Ok(work) => main(&work),
+                Err(_) => 1,
+            };
+        }
+    }
     let [verb, work_dir, request] = args else {
         eprintln!("usage: shoji-agent helper <verb> <work-dir> <request-json>");
         return 2;

@@ -22,6 +22,7 @@ pub mod helper;
 pub mod kill;
 pub mod pause;
 pub mod rootfs;
+pub mod standby;
 pub mod start;
 
 use std::{
@@ -78,27 +79,20 @@ fn log_file(work_dir: &Path, verb: &str) -> PathBuf {
     work_dir.join(format!("{verb}.log"))
 }
 
-/// Runs `shoji-agent helper <verb>` with `fds` placed at their target numbers and waits
-/// (through the reaper) for its exit. On timeout the helper is killed.
-pub async fn run_helper(
-    reaper: &Reaper,
-    verb: &'static str,
-    work_dir: &Path,
-    request: &impl Serialize,
+/// Starts `/proc/self/exe <args>` (as `shoji-agent`, empty environment, stdio /dev/null)
+/// with `fds` placed at their target numbers; returns its pid and when it was started.
+/// The reaper collects its exit: nothing may wait on it otherwise.
+fn spawn_agent_copy(
+    args: &[&str],
     fds: &[(RawFd, BorrowedFd<'_>)],
-    timeout: Duration,
-) -> Result<(), HelperError> {
-    let request = serde_json::to_string(request).expect("helper requests serialize");
-    let _ = std::fs::remove_file(err_file(work_dir, verb));
+) -> std::io::Result<(i32, std::time::Instant)> {
     let moves: Vec<(RawFd, RawFd)> = fds
         .iter()
         .map(|(target, fd)| (fd.as_raw_fd(), *target))
         .collect();
     let mut cmd = Command::new("/proc/self/exe");
     cmd.arg0("shoji-agent")
-        .args([HELPER_ARG, verb])
-        .arg(work_dir)
-        .arg(&request)
+        .args(args)
         .env_clear()
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -125,13 +119,35 @@ pub async fn run_helper(
         });
     }
     let born = std::time::Instant::now();
-    let child = cmd
-        .spawn()
-        .map_err(|source| HelperError::Spawn { verb, source })?;
-    let pid = child.id() as i32;
-    // The reaper collects the exit; never wait on `child`.
-    drop(child);
-    let exit = match tokio::time::timeout(timeout, reaper.watch(pid, born)).await {
+    let child = cmd.spawn()?;
+    Ok((child.id() as i32, born))
+}
+
+/// Runs helper `verb` (in the standby if one waits, else in a new `shoji-agent helper <verb>`)
+/// with `fds` placed at their target numbers and waits (through the reaper) for its exit.
+/// On timeout the helper is killed.
+pub async fn run_helper(
+    reaper: &Reaper,
+    verb: &'static str,
+    work_dir: &Path,
+    request: &impl Serialize,
+    fds: &[(RawFd, BorrowedFd<'_>)],
+    timeout: Duration,
+) -> Result<(), HelperError> {
+    let request = serde_json::to_string(request).expect("helper requests serialize");
+    let _ = std::fs::remove_file(err_file(work_dir, verb));
+    let (pid, born) = match standby::hand_over(verb, work_dir, &request, fds) {
+        Some(started) => started,
+        None => spawn_agent_copy(
+            &[HELPER_ARG, verb, &work_dir.to_string_lossy(), &request],
+            fds,
+        )
+        .map_err(|source| HelperError::Spawn { verb, source })?,
+    };
+    let watched = tokio::time::timeout(timeout, reaper.watch(pid, born)).await;
+    // The next helper's start is paid now, while this one's caller carries on.
+    standby::replenish();
+    let exit = match watched {
         Ok(Ok(exit)) => exit,
         Ok(Err(_)) => unreachable!("the reaper never drops a waiter"),
         Err(_) => {

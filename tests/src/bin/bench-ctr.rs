@@ -95,10 +95,15 @@ async fn bench_runtime(
     let result = async {
         measure(&env, name, rt, runs, rows).await?;
         throughput(&env, name, runs, rows).await?;
-        reports.push(memory::report(
-            name,
-            &memory::idle_pod(&env, "bench-idle").await?,
-        ));
+        let mut report = memory::report(name, &memory::idle_pod(&env, "bench-idle").await?);
+        let together = [
+            "bench-idle-1",
+            "bench-idle-2",
+            "bench-idle-3",
+            "bench-idle-4",
+        ];
+        report += &memory::report_together(&memory::idle_pods(&env, &together).await?);
+        reports.push(report);
         if rt.shim_dir.is_some() {
             reports.push(breakdown(&env.ctrd.log_text()));
         }

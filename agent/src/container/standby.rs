@@ -1,0 +1,205 @@
+//! A helper started ahead of need (`shoji-agent helper standby`), waiting on a control socket
+//! for what a helper otherwise gets on its command line: the verb, the work dir, the request,
+//! and the fds to place at fixed numbers.
+//!
+//! Under emulation a helper's start (exec of the static agent, its page faults, libc and Rust
+//! start-up) costs 70–100 ms. A standby pays it while the VM waits for the host anyway (after
+//! the agent announced itself, after each helper), so create and exec do not. Without a
+//! standby (two helpers at once, or it died) a helper is started afresh, as before.
+use std::{
+    io::{IoSlice, IoSliceMut},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
+    path::Path,
+    sync::Mutex,
+    time::Instant,
+};
+
+use nix::sys::socket::{
+    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
+    SockFlag, SockType,
+};
+use serde::{Deserialize, Serialize};
+use slog::debug;
+
+use super::{helper, spawn_agent_copy, HELPER_ARG};
+use crate::logger::log;
+
+pub const VERB: &str = "standby";
+/// Where the standby finds its end of the control socket.
+const FD_CONTROL: RawFd = 6;
+/// Stdin, stdout, stderr at most.
+const MAX_FDS: usize = 3;
+/// A request also fits one command-line argument (128 KiB), which is what it replaces.
+const MAX_MESSAGE: usize = 256 * 1024;
+
+struct Standby {
+    pid: i32,
+    born: Instant,
+    control: OwnedFd,
+}
+
+/// The one waiting standby. PID 1 is one per VM, so the slot is too.
+static SLOT: Mutex<Option<Standby>> = Mutex::new(None);
+
+#[derive(Serialize, Deserialize)]
+struct Work {
+    verb: String,
+    work_dir: String,
+    request: String,
+    /// The fd number each passed fd goes to, in the order they were passed.
+    targets: Vec<RawFd>,
+}
+
+/// Starts a standby unless one is waiting. A failure only costs speed.
+pub fn replenish() {
+    let mut slot = SLOT.lock().unwrap();
+    if slot.is_some() {
+        return;
+    }
+    let started = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(std::io::Error::from)
+    .and_then(|(ours, theirs)| {
+        let (pid, born) = spawn_agent_copy(&[HELPER_ARG, VERB], &[(FD_CONTROL, theirs.as_fd())])?;
+        Ok(Standby {
+            pid,
+            born,
+            control: ours,
+        })
+    });
+    match started {
+        Ok(s) => *slot = Some(s),
+        Err(e) => debug!(log(), "no standby helper"; "error" => %e),
+    }
+}
+
+/// Gives a helper's work to the waiting standby; its pid and start time if it took it.
+pub fn hand_over(
+    verb: &str,
+    work_dir: &Path,
+    request: &str,
+    fds: &[(RawFd, BorrowedFd<'_>)],
+) -> Option<(i32, Instant)> {
+    let standby = SLOT.lock().unwrap().take()?;
+    let work = Work {
+        verb: verb.to_string(),
+        work_dir: work_dir.to_string_lossy().into_owned(),
+        request: request.to_string(),
+        targets: fds.iter().map(|(target, _)| *target).collect(),
+    };
+    let message = serde_json::to_vec(&work).expect("work serializes");
+    let raw: Vec<RawFd> = fds.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
+    let rights = [ControlMessage::ScmRights(&raw)];
+    let cmsgs: &[ControlMessage] = if raw.is_empty() { &[] } else { &rights };
+    let iov = [IoSlice::new(&message)];
+    match sendmsg::<()>(
+        standby.control.as_raw_fd(),
+        &iov,
+        cmsgs,
+        MsgFlags::empty(),
+        None,
+    ) {
+        Ok(_) => Some((standby.pid, standby.born)),
+        // Dropping the control socket ends a standby that is still alive.
+        Err(e) => {
+            debug!(log(), "standby helper unusable"; "pid" => standby.pid, "error" => %e);
+            None
+        }
+    }
+}
+
+/// Standby side: waits for the work, places the fds; returns [verb, work dir, request].
+pub fn receive() -> Result<[String; 3], String> {
+    let control = helper::inherited(FD_CONTROL)?;
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let msg = recvmsg::<()>(
+        control.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(|e| format!("standby: receiving work: {e}"))?;
+    let len = msg.bytes;
+    let mut received = Vec::new();
+    for c in msg.cmsgs().map_err(|e| format!("standby: {e}"))? {
+        if let ControlMessageOwned::ScmRights(fds) = c {
+            // SAFETY: the kernel just installed these fds in this process for us alone.
+            received.extend(
+                fds.into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    if len == 0 {
+        return Err("standby: the agent closed the control socket".into());
+    }
+    let work: Work = serde_json::from_slice(&buf[..len]).map_err(|e| format!("standby: {e}"))?;
+    if work.targets.len() != received.len() {
+        return Err(format!(
+            "standby: {} fds for {} targets",
+            received.len(),
+            work.targets.len()
+        ));
+    }
+    place(received, &work.targets)?;
+    Ok([work.verb, work.work_dir, work.request])
+}
+
+/// Moves each fd to its target number (without close-on-exec, as an inherited fd would be).
+fn place(fds: Vec<OwnedFd>, targets: &[RawFd]) -> Result<(), String> {
+    let err = |what: &str| format!("standby: {what}: {}", std::io::Error::last_os_error());
+    // Park every fd above the targets first so that no move clobbers another one.
+    let mut parked = Vec::with_capacity(fds.len());
+    for fd in &fds {
+        // SAFETY: F_DUPFD_CLOEXEC returns a new fd that we own, or -1.
+        let high = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 64) };
+        if high < 0 {
+            return Err(err("parking an fd"));
+        }
+        // SAFETY: `high` was just created and is owned by nothing else.
+        parked.push(unsafe { OwnedFd::from_raw_fd(high) });
+    }
+    drop(fds);
+    for (high, target) in parked.iter().zip(targets) {
+        // SAFETY: dup2 onto a fixed number; the parked copy is closed when dropped below.
+        if unsafe { libc::dup2(high.as_raw_fd(), *target) } < 0 {
+            return Err(err("placing an fd"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        fs::File,
+        io::{Read, Write},
+    };
+
+    use super::*;
+
+    #[test]
+    fn place_swaps_fds_whose_targets_are_each_others_numbers() {
+        let (a_read, a_write) = nix::unistd::pipe().unwrap();
+        let (b_read, b_write) = nix::unistd::pipe().unwrap();
+        let (a, b) = (a_read.as_raw_fd(), b_read.as_raw_fd());
+        place(vec![a_read, b_read], &[b, a]).unwrap();
+        File::from(a_write).write_all(b"from a").unwrap();
+        File::from(b_write).write_all(b"from b").unwrap();
+        // SAFETY: place() left these two numbers open and owned by nobody.
+        let (at_b, at_a) = unsafe { (File::from_raw_fd(b), File::from_raw_fd(a)) };
+        let read = |mut f: File| {
+            let mut s = String::new();
+            f.read_to_string(&mut s).unwrap();
+            s
+        };
+        assert_eq!(read(at_b), "from a");
+        assert_eq!(read(at_a), "from b");
+    }
+}
