@@ -13,4 +13,4 @@ cargo build -q --release -p shoji-shim --bin shoji
 echo "== $(date -u +%FT%TZ), $(nproc) cores, $("${CARGO_TARGET_DIR:-target}/release/shoji" check 2>/dev/null | grep accelerator | sed 's/  */ /g')"
 "${CARGO_TARGET_DIR:-target}/release/shoji" vm bench --runs "${RUNS:-10}"
 echo
-echo "targets: ready median <= 900 ms, agent RSS <= 8 MiB, guest used <= 32 MiB"
+echo "targets: ready median <= 600 ms, agent RSS <= 8 MiB, guest used <= 32 MiB"
