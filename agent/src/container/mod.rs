@@ -41,7 +41,9 @@ use nix::{
 };
 use serde::Serialize;
 
-use crate::reaper::Reaper;
+use slog::debug;
+
+use crate::{logger::log, reaper::Reaper};
 
 /// argv[1] that selects helper mode.
 pub const HELPER_ARG: &str = "helper";
@@ -79,12 +81,13 @@ fn log_file(work_dir: &Path, verb: &str) -> PathBuf {
     work_dir.join(format!("{verb}.log"))
 }
 
-/// Starts `/proc/self/exe <args>` (as `shoji-agent`, empty environment, stdio /dev/null)
-/// with `fds` placed at their target numbers; returns its pid and when it was started.
+/// Starts `/proc/self/exe <args>` (as `shoji-agent`, empty environment, stdio /dev/null, at
+/// `nice`) with `fds` placed at their target numbers; returns its pid and when it started.
 /// The reaper collects its exit: nothing may wait on it otherwise.
 fn spawn_agent_copy(
     args: &[&str],
     fds: &[(RawFd, BorrowedFd<'_>)],
+    nice: libc::c_int,
 ) -> std::io::Result<(i32, std::time::Instant)> {
     let moves: Vec<(RawFd, RawFd)> = fds
         .iter()
@@ -97,9 +100,12 @@ fn spawn_agent_copy(
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    // SAFETY: only async-signal-safe calls (fcntl, dup2) between fork and exec.
+    // SAFETY: only async-signal-safe calls (setpriority, fcntl, dup2) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
+            if nice != 0 && libc::setpriority(libc::PRIO_PROCESS, 0, nice) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             // Park every source above the targets first so that no move clobbers another source.
             let mut parked = Vec::with_capacity(moves.len());
             for (src, target) in &moves {
@@ -136,17 +142,24 @@ pub async fn run_helper(
 ) -> Result<(), HelperError> {
     let request = serde_json::to_string(request).expect("helper requests serialize");
     let _ = std::fs::remove_file(err_file(work_dir, verb));
-    let (pid, born) = match standby::hand_over(verb, work_dir, &request, fds) {
+    let began = std::time::Instant::now();
+    let handed = standby::hand_over(verb, work_dir, &request, fds);
+    let standby = handed.is_some();
+    let (pid, born) = match handed {
         Some(started) => started,
         None => spawn_agent_copy(
             &[HELPER_ARG, verb, &work_dir.to_string_lossy(), &request],
             fds,
+            0,
         )
         .map_err(|source| HelperError::Spawn { verb, source })?,
     };
     let watched = tokio::time::timeout(timeout, reaper.watch(pid, born)).await;
-    // The next helper's start is paid now, while this one's caller carries on.
-    standby::replenish();
+    debug!(log(), "helper finished"; "verb" => verb, "standby" => standby,
+        "ms" => began.elapsed().as_millis() as u64);
+    // The next helper's start is paid now, beside this one's caller (the spawn waits for the
+    // exec, ~100 ms under TCG, which the caller must not).
+    tokio::task::spawn_blocking(standby::replenish);
     let exit = match watched {
         Ok(Ok(exit)) => exit,
         Ok(Err(_)) => unreachable!("the reaper never drops a waiter"),

@@ -4,7 +4,8 @@
 //!
 //! Under emulation a helper's start (exec of the static agent, its page faults, libc and Rust
 //! start-up) costs 70–100 ms. A standby pays it while the VM waits for the host anyway (after
-//! the agent announced itself, after each helper), so create and exec do not. Without a
+//! the agent announced itself, after each helper; at nice 19, so only with a vCPU nothing else
+//! wants), so create and exec do not. Without a
 //! standby (two helpers at once, or it died) a helper is started afresh, as before.
 use std::{
     io::{IoSlice, IoSliceMut},
@@ -27,6 +28,8 @@ use crate::logger::log;
 pub const VERB: &str = "standby";
 /// Where the standby finds its end of the control socket.
 const FD_CONTROL: RawFd = 6;
+/// The standby's nice value until it gets work.
+const NICE_WAITING: libc::c_int = 19;
 /// Stdin, stdout, stderr at most.
 const MAX_FDS: usize = 3;
 /// A request also fits one command-line argument (128 KiB), which is what it replaces.
@@ -64,7 +67,13 @@ pub fn replenish() {
     )
     .map_err(std::io::Error::from)
     .and_then(|(ours, theirs)| {
-        let (pid, born) = spawn_agent_copy(&[HELPER_ARG, VERB], &[(FD_CONTROL, theirs.as_fd())])?;
+        // Its start-up runs when nothing else wants the vCPU (a guest often has one): at
+        // nice 0 it would delay the very requests it is meant to speed up.
+        let (pid, born) = spawn_agent_copy(
+            &[HELPER_ARG, VERB],
+            &[(FD_CONTROL, theirs.as_fd())],
+            NICE_WAITING,
+        )?;
         Ok(Standby {
             pid,
             born,
@@ -126,6 +135,9 @@ pub fn receive() -> Result<[String; 3], String> {
     )
     .map_err(|e| format!("standby: receiving work: {e}"))?;
     let len = msg.bytes;
+    // Work to do: back to the agent's priority (root in the guest may lower its nice value).
+    // SAFETY: setpriority(2) on this process.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 0) };
     let mut received = Vec::new();
     for c in msg.cmsgs().map_err(|e| format!("standby: {e}"))? {
         if let ControlMessageOwned::ScmRights(fds) = c {

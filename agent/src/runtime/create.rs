@@ -56,6 +56,7 @@ impl Runtime {
                 "container {id:?} already exists"
             )));
         }
+        let began = std::time::Instant::now();
         let dir = Path::new(CONTAINERS_DIR).join(id);
         // A leftover of an earlier failed attempt must not leak into this one.
         rootfs::teardown(&dir).map_err(internal("cleaning up an old container directory"))?;
@@ -77,7 +78,8 @@ impl Runtime {
                     .unwrap()
                     .containers
                     .insert(id.to_string(), c);
-                debug!(log(), "container created"; "container" => id);
+                debug!(log(), "container created"; "container" => id,
+                    "ms" => began.elapsed().as_millis() as u64);
                 Ok(())
             }
             Err(e) => {
@@ -130,6 +132,7 @@ impl Runtime {
             (pio, Some(child), None)
         };
         let born = std::time::Instant::now();
+        debug!(log(), "container prepared"; "container" => id);
         let pid = container::create::create(
             &self.reaper,
             id,
