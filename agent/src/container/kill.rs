@@ -64,3 +64,23 @@ pub async fn all(cgroup: &Path, signal: Signal) -> Result<(), KillError> {
     }
     signalled
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt;
+
+    use super::*;
+
+    #[test]
+    fn one_signals_and_then_finds_the_process_gone() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("100")
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        one(pid, Signal::SIGKILL).unwrap();
+        let status = child.wait().unwrap();
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+        assert!(matches!(one(pid, Signal::SIGTERM), Err(KillError::Gone)));
+    }
+}

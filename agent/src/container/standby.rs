@@ -104,6 +104,10 @@ pub fn hand_over(
     let raw: Vec<RawFd> = fds.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
     let rights = [ControlMessage::ScmRights(&raw)];
     let cmsgs: &[ControlMessage] = if raw.is_empty() { &[] } else { &rights };
+    // Full priority before it can start on the work: a standby still starting up at nice 19
+    // beside a busy container would otherwise take seconds (an exec probe's deadline is 1 s).
+    // SAFETY: setpriority(2) only; a standby that died since left its pid free (reaped).
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, standby.pid as libc::id_t, 0) };
     let iov = [IoSlice::new(&message)];
     match sendmsg::<()>(
         standby.control.as_raw_fd(),
@@ -135,9 +139,6 @@ pub fn receive() -> Result<[String; 3], String> {
     )
     .map_err(|e| format!("standby: receiving work: {e}"))?;
     let len = msg.bytes;
-    // Work to do: back to the agent's priority (root in the guest may lower its nice value).
-    // SAFETY: setpriority(2) on this process.
-    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 0) };
     let mut received = Vec::new();
     for c in msg.cmsgs().map_err(|e| format!("standby: {e}"))? {
         if let ControlMessageOwned::ScmRights(fds) = c {
