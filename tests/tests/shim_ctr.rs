@@ -325,6 +325,43 @@ async fn sigterm_and_sigkill(env: Env) -> (Env, Result) {
     (env, r)
 }
 
+/// Execs (what exec liveness probes do) still run, one after another, while the container
+/// keeps the guest's only vCPU busy (each exec's helper is the standby started beside it).
+async fn exec_beside_a_busy_container(env: Env) -> (Env, Result) {
+    let r = async {
+        run_detached(&env, "busy", &["sh", "-c", "while :; do :; done"]).await?;
+        wait_status(&env, "busy", "RUNNING").await?;
+        for n in 0..3 {
+            let exec_id = format!("probe{n}");
+            let out = tokio::time::timeout(
+                Duration::from_secs(30),
+                ctr(
+                    &env,
+                    &[
+                        "task",
+                        "exec",
+                        "--exec-id",
+                        &exec_id,
+                        "busy",
+                        "echo",
+                        "alive",
+                    ],
+                ),
+            )
+            .await
+            .map_err(|_| format!("exec {n} beside a busy container took over 30 s"))??;
+            check(out.code() == 0 && out.stdout == "alive\n", || {
+                format!("exec {n} beside a busy container: {out:?}")
+            })?;
+        }
+        ctr(&env, &["task", "kill", "-s", "SIGKILL", "busy"]).await?;
+        wait_status(&env, "busy", "STOPPED").await
+    }
+    .await;
+    remove(&env, "busy").await;
+    (env, r)
+}
+
 async fn kill_all(env: Env) -> (Env, Result) {
     let r = async {
         run_detached(&env, "all", &["sh", "-c", "sleep 1000 & sleep 1000 & wait"]).await?;
@@ -491,6 +528,11 @@ both_versions!(run_50mb_stdout, large_output_is_complete, "");
 both_versions!(task_exec_ps_metrics_pause, exec_ps_metrics_pause, "");
 both_versions!(task_kill_signals, sigterm_and_sigkill, "");
 both_versions!(task_kill_all, kill_all, "");
+both_versions!(
+    task_exec_beside_a_busy_container,
+    exec_beside_a_busy_container,
+    ""
+);
 both_versions!(
     fail_missing_kernel,
     missing_kernel_fails_clearly,
