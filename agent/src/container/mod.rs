@@ -100,33 +100,43 @@ fn spawn_agent_copy(
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    // SAFETY: only async-signal-safe calls (setpriority, fcntl, dup2) between fork and exec.
+    // SAFETY: only async-signal-safe calls (setpriority, fcntl, dup2) between fork and exec
+    // (move_fds allocates its result, as the parking did before).
     unsafe {
         cmd.pre_exec(move || {
             if nice != 0 && libc::setpriority(libc::PRIO_PROCESS, 0, nice) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            // Park every source above the targets first so that no move clobbers another source.
-            let mut parked = Vec::with_capacity(moves.len());
-            for (src, target) in &moves {
-                let high = libc::fcntl(*src, libc::F_DUPFD_CLOEXEC, 64);
-                if high < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                parked.push((high, *target));
-            }
-            // dup2 clears close-on-exec on the target; the parked copies close at exec.
-            for (high, target) in parked {
-                if libc::dup2(high, target) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
+            // The parked copies close at exec.
+            move_fds(&moves).map(drop)
         });
     }
     let born = std::time::Instant::now();
     let child = cmd.spawn()?;
     Ok((child.id() as i32, born))
+}
+
+/// Moves each `(source, target)` fd to its target number, without close-on-exec (as an
+/// inherited fd). Every source is parked above the targets first so that no move clobbers
+/// another source; the parked copies (close-on-exec) are returned for the caller to close.
+/// Only fcntl and dup2, so it may run between fork and exec.
+fn move_fds(moves: &[(RawFd, RawFd)]) -> std::io::Result<Vec<RawFd>> {
+    let mut parked = Vec::with_capacity(moves.len());
+    for (src, _) in moves {
+        // SAFETY: F_DUPFD_CLOEXEC returns a new fd or -1.
+        let high = unsafe { libc::fcntl(*src, libc::F_DUPFD_CLOEXEC, 64) };
+        if high < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        parked.push(high);
+    }
+    for (high, (_, target)) in parked.iter().zip(moves) {
+        // SAFETY: dup2 onto a fixed number the caller reserved for this fd.
+        if unsafe { libc::dup2(*high, *target) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(parked)
 }
 
 /// Runs helper `verb` (in the standby if one waits, else in a new `shoji-agent helper <verb>`)

@@ -5,11 +5,11 @@
 //! Under emulation a helper's start (exec of the static agent, its page faults, libc and Rust
 //! start-up) costs 70–100 ms. A standby pays it while the VM waits for the host anyway (after
 //! the agent announced itself, after each helper; at nice 19, so only with a vCPU nothing else
-//! wants), so create and exec do not. Without a
-//! standby (two helpers at once, or it died) a helper is started afresh, as before.
+//! wants), so create and exec do not. Without a standby (two helpers at once, or it died) a
+//! helper is started afresh, as before.
 use std::{
     io::{IoSlice, IoSliceMut},
-    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd},
     path::Path,
     sync::Mutex,
     time::Instant,
@@ -22,7 +22,7 @@ use nix::sys::socket::{
 use serde::{Deserialize, Serialize};
 use slog::debug;
 
-use super::{helper, spawn_agent_copy, HELPER_ARG};
+use super::{helper, move_fds, spawn_agent_copy, HELPER_ARG};
 use crate::logger::log;
 
 pub const VERB: &str = "standby";
@@ -166,24 +166,16 @@ pub fn receive() -> Result<[String; 3], String> {
 
 /// Moves each fd to its target number (without close-on-exec, as an inherited fd would be).
 fn place(fds: Vec<OwnedFd>, targets: &[RawFd]) -> Result<(), String> {
-    let err = |what: &str| format!("standby: {what}: {}", std::io::Error::last_os_error());
-    // Park every fd above the targets first so that no move clobbers another one.
-    let mut parked = Vec::with_capacity(fds.len());
-    for fd in &fds {
-        // SAFETY: F_DUPFD_CLOEXEC returns a new fd that we own, or -1.
-        let high = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 64) };
-        if high < 0 {
-            return Err(err("parking an fd"));
-        }
-        // SAFETY: `high` was just created and is owned by nothing else.
-        parked.push(unsafe { OwnedFd::from_raw_fd(high) });
-    }
-    drop(fds);
-    for (high, target) in parked.iter().zip(targets) {
-        // SAFETY: dup2 onto a fixed number; the parked copy is closed when dropped below.
-        if unsafe { libc::dup2(high.as_raw_fd(), *target) } < 0 {
-            return Err(err("placing an fd"));
-        }
+    let raw: Vec<RawFd> = fds.into_iter().map(IntoRawFd::into_raw_fd).collect();
+    let moves: Vec<(RawFd, RawFd)> = raw.iter().copied().zip(targets.iter().copied()).collect();
+    let parked = move_fds(&moves).map_err(|e| format!("standby: placing fds: {e}"))?;
+    // The parked copies, and every received fd that no move overwrote, are ours to close.
+    for fd in parked
+        .into_iter()
+        .chain(raw.into_iter().filter(|fd| !targets.contains(fd)))
+    {
+        // SAFETY: fds this process owns and nothing else refers to.
+        drop(unsafe { OwnedFd::from_raw_fd(fd) });
     }
     Ok(())
 }
