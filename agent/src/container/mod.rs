@@ -81,18 +81,8 @@ fn log_file(work_dir: &Path, verb: &str) -> PathBuf {
     work_dir.join(format!("{verb}.log"))
 }
 
-/// Starts `/proc/self/exe <args>` (as `shoji-agent`, empty environment, stdio /dev/null, at
-/// `nice`) with `fds` placed at their target numbers; returns its pid and when it started.
-/// The reaper collects its exit: nothing may wait on it otherwise.
-fn spawn_agent_copy(
-    args: &[&str],
-    fds: &[(RawFd, BorrowedFd<'_>)],
-    nice: libc::c_int,
-) -> std::io::Result<(i32, std::time::Instant)> {
-    let moves: Vec<(RawFd, RawFd)> = fds
-        .iter()
-        .map(|(target, fd)| (fd.as_raw_fd(), *target))
-        .collect();
+/// `/proc/self/exe <args>` as `shoji-agent`, empty environment, stdio /dev/null.
+fn agent_command(args: &[&str]) -> Command {
     let mut cmd = Command::new("/proc/self/exe");
     cmd.arg0("shoji-agent")
         .args(args)
@@ -100,16 +90,26 @@ fn spawn_agent_copy(
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    // SAFETY: only async-signal-safe calls (setpriority, fcntl, dup2) between fork and exec
-    // (move_fds allocates its result, as the parking did before).
+    cmd
+}
+
+/// Starts a fresh helper ([`agent_command`]) with `fds` placed at their target numbers;
+/// returns its pid and when it started. The reaper collects its exit: nothing may wait on
+/// it otherwise.
+fn spawn_agent_copy(
+    args: &[&str],
+    fds: &[(RawFd, BorrowedFd<'_>)],
+) -> std::io::Result<(i32, std::time::Instant)> {
+    let moves: Vec<(RawFd, RawFd)> = fds
+        .iter()
+        .map(|(target, fd)| (fd.as_raw_fd(), *target))
+        .collect();
+    let mut cmd = agent_command(args);
+    // SAFETY: only async-signal-safe calls (fcntl, dup2) between fork and exec (move_fds
+    // allocates its result, as the parking did before).
     unsafe {
-        cmd.pre_exec(move || {
-            if nice != 0 && libc::setpriority(libc::PRIO_PROCESS, 0, nice) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The parked copies close at exec.
-            move_fds(&moves).map(drop)
-        });
+        // The parked copies close at exec.
+        cmd.pre_exec(move || move_fds(&moves).map(drop));
     }
     let born = std::time::Instant::now();
     let child = cmd.spawn()?;
@@ -160,7 +160,6 @@ pub async fn run_helper(
         None => spawn_agent_copy(
             &[HELPER_ARG, verb, &work_dir.to_string_lossy(), &request],
             fds,
-            0,
         )
         .map_err(|source| HelperError::Spawn { verb, source })?,
     };

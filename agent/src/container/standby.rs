@@ -9,8 +9,9 @@
 //! helper is started afresh, as before.
 use std::{
     io::{IoSlice, IoSliceMut},
-    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd},
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd},
     path::Path,
+    process::Stdio,
     sync::Mutex,
     time::Instant,
 };
@@ -22,12 +23,10 @@ use nix::sys::socket::{
 use serde::{Deserialize, Serialize};
 use slog::debug;
 
-use super::{helper, move_fds, spawn_agent_copy, HELPER_ARG};
+use super::{agent_command, move_fds, HELPER_ARG};
 use crate::logger::log;
 
 pub const VERB: &str = "standby";
-/// Where the standby finds its end of the control socket.
-const FD_CONTROL: RawFd = 6;
 /// The standby's nice value until it gets work.
 const NICE_WAITING: libc::c_int = 19;
 /// Stdin, stdout, stderr at most.
@@ -67,13 +66,15 @@ pub fn replenish() {
     )
     .map_err(std::io::Error::from)
     .and_then(|(ours, theirs)| {
-        // Its start-up runs when nothing else wants the vCPU (a guest often has one): at
-        // nice 0 it would delay the very requests it is meant to speed up.
-        let (pid, born) = spawn_agent_copy(
-            &[HELPER_ARG, VERB],
-            &[(FD_CONTROL, theirs.as_fd())],
-            NICE_WAITING,
-        )?;
+        // Its end of the control socket is its stdin. No code runs between fork and exec,
+        // so std spawns it with posix_spawn (vfork): a fork would copy the agent's page
+        // tables and make every page the agent writes until the exec fault (each fault is
+        // dear under TCG, and the exec competes with the caller the standby is for).
+        let born = Instant::now();
+        let child = agent_command(&[HELPER_ARG, VERB])
+            .stdin(Stdio::from(theirs))
+            .spawn()?;
+        let pid = child.id() as i32;
         Ok(Standby {
             pid,
             born,
@@ -81,7 +82,10 @@ pub fn replenish() {
         })
     });
     match started {
-        Ok(s) => *slot = Some(s),
+        Ok(s) => {
+            debug!(log(), "standby started"; "pid" => s.pid, "ms" => s.born.elapsed().as_millis() as u64);
+            *slot = Some(s)
+        }
         Err(e) => debug!(log(), "no standby helper"; "error" => %e),
     }
 }
@@ -125,9 +129,13 @@ pub fn hand_over(
     }
 }
 
-/// Standby side: waits for the work, places the fds; returns [verb, work dir, request].
+/// Standby side: waits (at nice 19) for the work, places the fds, takes full priority;
+/// returns [verb, work dir, request].
 pub fn receive() -> Result<[String; 3], String> {
-    let control = helper::inherited(FD_CONTROL)?;
+    // Its start-up runs when nothing else wants the vCPU (a guest often has one): at nice 0
+    // it would delay the very requests it is meant to speed up.
+    set_nice(NICE_WAITING)?;
+    let control = take_control()?;
     let mut buf = vec![0u8; MAX_MESSAGE];
     let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
     let mut iov = [IoSliceMut::new(&mut buf)];
@@ -161,7 +169,46 @@ pub fn receive() -> Result<[String; 3], String> {
         ));
     }
     place(received, &work.targets)?;
+    // The agent also raised it before sending: this covers a standby that had not yet
+    // lowered itself then.
+    set_nice(0)?;
     Ok([work.verb, work.work_dir, work.request])
+}
+
+fn set_nice(nice: libc::c_int) -> Result<(), String> {
+    // SAFETY: setpriority(2) on this process.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } < 0 {
+        return Err(format!(
+            "standby: setting nice {nice}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// The control socket arrives as stdin: moved to a close-on-exec fd, and /dev/null put at
+/// 0 (a helper without stdio hands its own on to the container, as a fresh helper does).
+fn take_control() -> Result<OwnedFd, String> {
+    let fail = |what: &str, e: std::io::Error| format!("standby: {what}: {e}");
+    // SAFETY: F_DUPFD_CLOEXEC returns a new fd (≥ 3) or -1.
+    let high = unsafe { libc::fcntl(0, libc::F_DUPFD_CLOEXEC, 3) };
+    if high < 0 {
+        return Err(fail(
+            "taking the control socket",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: a new fd only this function refers to.
+    let control = unsafe { OwnedFd::from_raw_fd(high) };
+    let null = std::fs::File::open("/dev/null").map_err(|e| fail("opening /dev/null", e))?;
+    // SAFETY: dup2 onto stdin, whose old description (the socket) lives on in `control`.
+    if unsafe { libc::dup2(null.as_raw_fd(), 0) } < 0 {
+        return Err(fail(
+            "stdin from /dev/null",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(control)
 }
 
 /// Moves each fd to its target number (without close-on-exec, as an inherited fd would be).
