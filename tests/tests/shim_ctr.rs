@@ -326,7 +326,8 @@ async fn sigterm_and_sigkill(env: Env) -> (Env, Result) {
 }
 
 /// Execs (what exec liveness probes do) still run, one after another, while the container
-/// keeps the guest's only vCPU busy (each exec's helper is the standby started beside it).
+/// keeps the guest's only vCPU busy (each exec's helper is the standby started beside it),
+/// and at nice 0: the standby waits at nice 19, which must not reach what it starts.
 async fn exec_beside_a_busy_container(env: Env) -> (Env, Result) {
     let r = async {
         run_detached(&env, "busy", &["sh", "-c", "while :; do :; done"]).await?;
@@ -343,14 +344,15 @@ async fn exec_beside_a_busy_container(env: Env) -> (Env, Result) {
                         "--exec-id",
                         &exec_id,
                         "busy",
-                        "echo",
-                        "alive",
+                        "sh",
+                        "-c",
+                        "echo alive nice=$(cut -d' ' -f19 /proc/self/stat)",
                     ],
                 ),
             )
             .await
             .map_err(|_| format!("exec {n} beside a busy container took over 30 s"))??;
-            check(out.code() == 0 && out.stdout == "alive\n", || {
+            check(out.code() == 0 && out.stdout == "alive nice=0\n", || {
                 format!("exec {n} beside a busy container: {out:?}")
             })?;
         }

@@ -12,7 +12,10 @@ use std::{
     os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd},
     path::Path,
     process::Stdio,
-    sync::Mutex,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Mutex,
+    },
     time::Instant,
 };
 
@@ -42,6 +45,8 @@ struct Standby {
 
 /// The one waiting standby. PID 1 is one per VM, so the slot is too.
 static SLOT: Mutex<Option<Standby>> = Mutex::new(None);
+/// A standby is being started (outside the slot's lock).
+static STARTING: AtomicBool = AtomicBool::new(false);
 
 #[derive(Serialize, Deserialize)]
 struct Work {
@@ -52,42 +57,48 @@ struct Work {
     targets: Vec<RawFd>,
 }
 
-/// Starts a standby unless one is waiting. A failure only costs speed.
+/// Starts a standby unless one is waiting or starting. A failure only costs speed.
 pub fn replenish() {
-    let mut slot = SLOT.lock().unwrap();
-    if slot.is_some() {
+    // The slot is not held while the standby starts: a create or exec arriving meanwhile
+    // takes a fresh helper instead of blocking an agent worker on this lock.
+    if SLOT.lock().unwrap().is_some() || STARTING.swap(true, Ordering::AcqRel) {
         return;
     }
-    let started = socketpair(
+    let started = start();
+    STARTING.store(false, Ordering::Release);
+    match started {
+        Ok(s) => {
+            debug!(log(), "standby started"; "pid" => s.pid, "ms" => s.born.elapsed().as_millis() as u64);
+            *SLOT.lock().unwrap() = Some(s);
+        }
+        Err(e) => debug!(log(), "no standby helper"; "error" => %e),
+    }
+}
+
+fn start() -> std::io::Result<Standby> {
+    let (ours, theirs) = socketpair(
         AddressFamily::Unix,
         SockType::SeqPacket,
         None,
         SockFlag::SOCK_CLOEXEC,
-    )
-    .map_err(std::io::Error::from)
-    .and_then(|(ours, theirs)| {
-        // Its end of the control socket is its stdin. No code runs between fork and exec,
-        // so std spawns it with posix_spawn (vfork): a fork would copy the agent's page
-        // tables and make every page the agent writes until the exec fault (each fault is
-        // dear under TCG, and the exec competes with the caller the standby is for).
-        let born = Instant::now();
-        let child = agent_command(&[HELPER_ARG, VERB])
-            .stdin(Stdio::from(theirs))
-            .spawn()?;
-        let pid = child.id() as i32;
-        Ok(Standby {
-            pid,
-            born,
-            control: ours,
-        })
-    });
-    match started {
-        Ok(s) => {
-            debug!(log(), "standby started"; "pid" => s.pid, "ms" => s.born.elapsed().as_millis() as u64);
-            *slot = Some(s)
-        }
-        Err(e) => debug!(log(), "no standby helper"; "error" => %e),
-    }
+    )?;
+    // Its end of the control socket is its stdin. No code runs between fork and exec, so std
+    // spawns it with posix_spawn (vfork): a fork would copy the agent's page tables and make
+    // every page the agent writes until the exec fault (dear under TCG, and the exec competes
+    // with the caller the standby is for). Linux keeps nice per thread and a child inherits
+    // its creator's: this (blocking-pool) thread spawns at NICE_WAITING, so the standby's exec
+    // and start-up run only on a vCPU nothing else wants, then it goes back to 0.
+    set_nice(NICE_WAITING)?;
+    let born = Instant::now();
+    let spawned = agent_command(&[HELPER_ARG, VERB])
+        .stdin(Stdio::from(theirs))
+        .spawn();
+    set_nice(0)?;
+    Ok(Standby {
+        pid: spawned?.id() as i32,
+        born,
+        control: ours,
+    })
 }
 
 /// Gives a helper's work to the waiting standby; its pid and start time if it took it.
@@ -129,12 +140,9 @@ pub fn hand_over(
     }
 }
 
-/// Standby side: waits (at nice 19) for the work, places the fds, takes full priority;
-/// returns [verb, work dir, request].
+/// Standby side: waits (at the nice it inherited, 19; the agent raises it before sending) for
+/// the work and places the fds; returns [verb, work dir, request].
 pub fn receive() -> Result<[String; 3], String> {
-    // Its start-up runs when nothing else wants the vCPU (a guest often has one): at nice 0
-    // it would delay the very requests it is meant to speed up.
-    set_nice(NICE_WAITING)?;
     let control = take_control()?;
     let mut buf = vec![0u8; MAX_MESSAGE];
     let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
@@ -169,19 +177,14 @@ pub fn receive() -> Result<[String; 3], String> {
         ));
     }
     place(received, &work.targets)?;
-    // The agent also raised it before sending: this covers a standby that had not yet
-    // lowered itself then.
-    set_nice(0)?;
     Ok([work.verb, work.work_dir, work.request])
 }
 
-fn set_nice(nice: libc::c_int) -> Result<(), String> {
-    // SAFETY: setpriority(2) on this process.
+/// Sets the calling thread's nice value (setpriority(2) with who 0 is per thread on Linux).
+fn set_nice(nice: libc::c_int) -> std::io::Result<()> {
+    // SAFETY: setpriority(2) on the calling thread.
     if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } < 0 {
-        return Err(format!(
-            "standby: setting nice {nice}: {}",
-            std::io::Error::last_os_error()
-        ));
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }
