@@ -26,7 +26,7 @@ use nix::sys::socket::{
 use serde::{Deserialize, Serialize};
 use slog::debug;
 
-use super::{agent_command, move_fds, HELPER_ARG};
+use super::{agent_command, move_fds, FD_STDERR, HELPER_ARG};
 use crate::logger::log;
 
 pub const VERB: &str = "standby";
@@ -189,12 +189,13 @@ fn set_nice(nice: libc::c_int) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The control socket arrives as stdin: moved to a close-on-exec fd, and /dev/null put at
-/// 0 (a helper without stdio hands its own on to the container, as a fresh helper does).
+/// The control socket arrives as stdin: moved to a close-on-exec fd above every target number
+/// (`place` overwrites those), and /dev/null put at 0 (a helper without stdio hands its own
+/// on to the container, as a fresh helper does).
 fn take_control() -> Result<OwnedFd, String> {
     let fail = |what: &str, e: std::io::Error| format!("standby: {what}: {e}");
-    // SAFETY: F_DUPFD_CLOEXEC returns a new fd (≥ 3) or -1.
-    let high = unsafe { libc::fcntl(0, libc::F_DUPFD_CLOEXEC, 3) };
+    // SAFETY: F_DUPFD_CLOEXEC returns a new fd (> FD_STDERR) or -1.
+    let high = unsafe { libc::fcntl(0, libc::F_DUPFD_CLOEXEC, FD_STDERR + 1) };
     if high < 0 {
         return Err(fail(
             "taking the control socket",
