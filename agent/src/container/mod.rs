@@ -105,8 +105,8 @@ fn spawn_agent_copy(
         .map(|(target, fd)| (fd.as_raw_fd(), *target))
         .collect();
     let mut cmd = agent_command(args);
-    // SAFETY: only async-signal-safe calls (fcntl, dup2) between fork and exec (move_fds
-    // allocates its result, as the parking did before).
+    // SAFETY: between fork and exec only fcntl and dup2, and the allocation of move_fds's
+    // small result (glibc's malloc is usable in a forked child).
     unsafe {
         // The parked copies close at exec.
         cmd.pre_exec(move || move_fds(&moves).map(drop));
