@@ -98,6 +98,11 @@ pub struct Config {
     /// Allows `shoji console` (a shell in the guest, outside every container) on sandboxes
     /// booted while it is set.
     pub debug_console: bool,
+    /// The guest reports memory it has freed (whole 2 MiB blocks) and the VMM returns it to
+    /// the host (virtio-balloon free page reporting): a pod that once used a lot and freed it
+    /// no longer holds it on the host. Reusing a returned block costs the guest a host page
+    /// fault.
+    pub free_page_reporting: bool,
     pub virtiofsd: VirtiofsdConfig,
     pub qemu: QemuConfig,
     pub clh: ClhConfig,
@@ -212,6 +217,7 @@ impl Default for Config {
             log_dir: PathBuf::from(DEFAULT_LOG_DIR),
             log_retention: 20,
             debug_console: false,
+            free_page_reporting: true,
             virtiofsd: VirtiofsdConfig::default(),
             qemu: QemuConfig::default(),
             clh: ClhConfig::default(),
@@ -459,6 +465,7 @@ mod tests {
             log_dir = "/tmp/l"
             log_retention = 3
             debug_console = true
+            free_page_reporting = false
             [virtiofsd]
             path = "/v"
             cache = "never"
@@ -490,6 +497,8 @@ mod tests {
         assert_eq!(cfg.log_dir, PathBuf::from("/tmp/l"));
         assert_eq!(cfg.log_retention, 3);
         assert!(cfg.debug_console);
+        assert!(!cfg.free_page_reporting);
+        assert!(Config::default().free_page_reporting);
     }
 
     #[test]

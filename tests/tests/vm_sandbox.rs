@@ -437,3 +437,76 @@ async fn a_create_cut_off_by_its_deadline_is_removed_whole() {
     remove_container(&sandbox, "base").await;
     finish(env, sandbox).await;
 }
+
+/// Runs `args` as exec `exec_id` in container `c1` without stdio; returns its exit status.
+async fn exec_to_end(sandbox: &Sandbox, exec_id: &str, args: &[&str]) -> i32 {
+    let agent = sandbox.agent();
+    let request = ExecProcessRequest {
+        stdin: false,
+        ..exec_request("c1", exec_id, args)
+    };
+    agent.exec_process(request).await.unwrap();
+    agent.start_process("c1", exec_id).await.unwrap();
+    let exit = tokio::time::timeout(Duration::from_secs(60), agent.wait_process("c1", exec_id))
+        .await
+        .expect("exec ended")
+        .unwrap();
+    exit.exit_status
+}
+
+/// Host memory holding the guest's RAM: the resident part of the VMM's memfd mappings
+/// (QEMU's memory backend, Cloud Hypervisor's `ch_ram`), in KiB.
+fn guest_ram_resident_kib(vmm_pid: u32) -> u64 {
+    let smaps = std::fs::read_to_string(format!("/proc/{vmm_pid}/smaps")).unwrap();
+    let (mut in_memfd, mut kib) = (false, 0);
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        match words.next() {
+            Some("Rss:") if in_memfd => kib += words.next().unwrap().parse::<u64>().unwrap(),
+            Some(first) if first.contains('-') && !first.ends_with(':') => {
+                in_memfd = line.contains("/memfd:");
+            }
+            _ => {}
+        }
+    }
+    assert!(kib > 0, "no resident memfd mapping in the VMM {vmm_pid}");
+    kib
+}
+
+/// Memory the guest frees goes back to the host (free page reporting, on by default): a
+/// 48 MiB file in the container's /dev/shm is guest RAM the VMM holds; once the file is
+/// removed, the host gets (most of) it back.
+#[tokio::test]
+async fn memory_the_guest_frees_goes_back_to_the_host() {
+    let env = TestEnv::new("freedmem").await;
+    let sandbox = env.start("freedmem").await;
+    create_container(&sandbox, "c1", &["sleep", "1000"], false)
+        .await
+        .unwrap();
+    sandbox.agent().start_process("c1", "").await.unwrap();
+    let fill = "head -c 50331648 /dev/zero > /dev/shm/fill";
+    assert_eq!(exec_to_end(&sandbox, "fill", &["sh", "-c", fill]).await, 0);
+    let filled = guest_ram_resident_kib(sandbox.vmm_pid());
+    assert_eq!(
+        exec_to_end(&sandbox, "rm", &["rm", "/dev/shm/fill"]).await,
+        0
+    );
+    // The guest reports free blocks after ~2 s; TCG and a busy host stretch that.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut now = filled;
+    while filled - now.min(filled) < 32 << 10 {
+        assert!(
+            Instant::now() < deadline,
+            "guest RAM on the host: {filled} KiB with the file, still {now} KiB without it"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        now = guest_ram_resident_kib(sandbox.vmm_pid());
+    }
+    sandbox
+        .agent()
+        .signal_process("c1", "", libc::SIGKILL as u32, false)
+        .await
+        .unwrap();
+    remove_container(&sandbox, "c1").await;
+    finish(env, sandbox).await;
+}

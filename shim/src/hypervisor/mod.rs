@@ -63,6 +63,9 @@ pub struct VmSpec {
     /// Upper bound for CPU hot-plug (Update); equal to `vcpus` when the driver cannot hot-plug.
     pub max_vcpus: u32,
     pub memory_mib: u64,
+    /// The guest returns memory it freed to the host (see
+    /// [`crate::config::Config::free_page_reporting`]).
+    pub free_page_reporting: bool,
     /// The virtio-fs share, when the sandbox has one.
     pub share: Option<ShareDevice>,
     pub vsock: VsockDevice,
@@ -189,6 +192,10 @@ pub trait Hypervisor: Send + Sync {
     async fn wait_exit(&self) -> VmExit {
         wait_exit(self.exit_watch()).await
     }
+
+    /// The guest is up (its agent answered): the driver may release what only the boot
+    /// needed. Best effort; nothing about the VM changes.
+    fn guest_ready(&self) {}
 
     /// Stops the VM: a graceful VMM shutdown bounded by `grace`, then SIGKILL; then the
     /// device back-ends. Idempotent.

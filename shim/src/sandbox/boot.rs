@@ -205,6 +205,7 @@ impl Boot {
             vcpus: cfg.vcpus,
             max_vcpus,
             memory_mib: cfg.memory_mib,
+            free_page_reporting: c.free_page_reporting,
             share: Some(ShareDevice {
                 tag: SHARE_TAG.into(),
                 socket: dir.join("virtiofsd.sock"),
@@ -258,6 +259,7 @@ impl Boot {
             }
         }
         drop(ready);
+        driver.guest_ready();
         let times = BootTimes {
             daemons_ready,
             vmm_running,

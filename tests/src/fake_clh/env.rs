@@ -107,6 +107,7 @@ impl DriverEnv {
             vcpus: 1,
             max_vcpus: 2,
             memory_mib: 256,
+            free_page_reporting: true,
             share: Some(ShareDevice {
                 tag: "shoji".into(),
                 socket: sb.join("virtiofsd.sock"),

@@ -3,8 +3,8 @@
 //! Everything the VM is made of goes into `vm.create` except the NICs: their tap file
 //! descriptors can only be handed over with `vm.add-net` (SCM_RIGHTS), see [`net_config`].
 use cloud_hypervisor_client::models::{
-    ConsoleConfig, ConsoleMode, CpusConfig, FsConfig, MemoryConfig, NetConfig, PayloadConfig,
-    RngConfig, SerialConfig, VmConfig, VsockConfig,
+    BalloonConfig, ConsoleConfig, ConsoleMode, CpusConfig, FsConfig, MemoryConfig, NetConfig,
+    PayloadConfig, RngConfig, SerialConfig, VmConfig, VsockConfig,
 };
 
 use crate::hypervisor::{NetDevice, VmSpec};
@@ -67,6 +67,11 @@ pub fn vm_config(spec: &VmSpec, memory_hotplug_mib: u64) -> VmConfig {
         }),
         console: Some(ConsoleConfig::new(ConsoleMode::Off)),
         rng: Some(RngConfig::new("/dev/urandom".into())),
+        // A balloon that never inflates: only its free page reporting queue is used.
+        balloon: spec.free_page_reporting.then(|| BalloonConfig {
+            free_page_reporting: Some(true),
+            ..BalloonConfig::new(0)
+        }),
         ..VmConfig::new(payload)
     }
 }
@@ -105,6 +110,7 @@ mod tests {
             vcpus: 2,
             max_vcpus: 4,
             memory_mib: 256,
+            free_page_reporting: true,
             share: Some(ShareDevice {
                 tag: "shoji".into(),
                 socket: "/run/shoji/sb1/virtiofsd.sock".into(),
@@ -186,6 +192,18 @@ mod tests {
         assert_eq!(c.rng.unwrap().src, "/dev/urandom");
         // NICs go through vm.add-net with their fds, never through vm.create.
         assert_eq!(c.net, None);
+    }
+
+    #[test]
+    fn a_balloon_only_for_free_page_reporting() {
+        let v = serde_json::to_value(vm_config(&spec(), 0)).unwrap();
+        assert_eq!(
+            v["balloon"],
+            serde_json::json!({"size": 0, "free_page_reporting": true})
+        );
+        let mut s = spec();
+        s.free_page_reporting = false;
+        assert_eq!(vm_config(&s, 0).balloon, None);
     }
 
     #[test]

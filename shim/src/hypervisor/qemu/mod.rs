@@ -5,6 +5,7 @@
 //! and shutdown, and the serial console in a file. Either process exiting ends the VM.
 //! Nets: a tap opened inside the pod's network namespace and handed to QEMU as an
 //! inherited fd.
+mod boot_images;
 mod qmp;
 
 use std::{
@@ -17,7 +18,7 @@ use std::{
 
 use async_trait::async_trait;
 use serde_json::Value;
-use slog::{info, warn, Logger};
+use slog::{debug, info, warn, Logger};
 use tokio::sync::watch;
 
 use super::{
@@ -139,6 +140,10 @@ impl Qemu {
                 "-device",
                 "virtio-rng-device,rng=rng",
             ]);
+        if spec.free_page_reporting {
+            // A balloon that never inflates: only its free page reporting queue is used.
+            cmd.args(["-device", "virtio-balloon-device,free-page-reporting=on"]);
+        }
         if let Some(share) = &spec.share {
             cmd.arg("-chardev")
                 .arg(format!("socket,id=fs,path={}", share.socket.display()))
@@ -313,6 +318,21 @@ impl Hypervisor for Qemu {
             cpu_hotplug: false,
             memory_hotplug_block_mib: None,
         }
+    }
+
+    fn guest_ready(&self) {
+        let (Some(pid), Some(spec)) = (self.pid(), &self.spec) else {
+            return;
+        };
+        let files: Vec<PathBuf> = [&spec.kernel, &spec.initrd]
+            .into_iter()
+            .filter_map(|f| std::fs::canonicalize(f).ok())
+            .collect();
+        let log = self.log.clone();
+        tokio::task::spawn_blocking(move || match boot_images::page_out(pid, &files) {
+            Ok(bytes) => debug!(log, "boot images paged out of QEMU"; "kib" => bytes >> 10),
+            Err(e) => info!(log, "boot images stay resident in QEMU"; "error" => %e),
+        });
     }
 
     async fn prepare(&mut self, spec: &VmSpec) -> Result<()> {
