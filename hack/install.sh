@@ -159,7 +159,7 @@ log_level = "info"
 [qemu]
 path = "$qemu"
 accel = "auto"
-tcg_tb_size_mib = 16
+tcg_tb_size_mib = 32
 
 [vhost_device_vsock]
 path = "$vhost"
@@ -255,10 +255,10 @@ apiVersion: node.k8s.io/v1
 kind: RuntimeClass
 metadata:
   name: shoji-qemu
-handler: shoji-qemu       # QEMU
+handler: shoji-qemu       # QEMU (under TCG its 32 MiB translation cache is part of this)
 overhead:
   podFixed:
-    memory: "150Mi"
+    memory: "170Mi"
     cpu: "250m"
 EOF
 

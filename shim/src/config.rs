@@ -125,7 +125,9 @@ pub struct QemuConfig {
     /// `auto` (KVM when [`crate::kvm::probe`] shows it runs an ordinary guest, else TCG),
     /// `kvm` or `tcg`.
     pub accel: AccelChoice,
-    /// TCG translation cache size (MiB) when QEMU has to emulate (bounds QEMU's RSS).
+    /// TCG translation cache size (MiB) when QEMU has to emulate. QEMU keeps it all resident
+    /// once filled; when full it is flushed and everything is translated again, so too small
+    /// a cache makes every exec and create retranslate the code they run (docs/benchmarks.md).
     pub tcg_tb_size_mib: u32,
 }
 
@@ -244,7 +246,7 @@ impl Default for QemuConfig {
         QemuConfig {
             path: find_binary("qemu-system-x86_64"),
             accel: AccelChoice::Auto,
-            tcg_tb_size_mib: 16,
+            tcg_tb_size_mib: 32,
         }
     }
 }
