@@ -407,7 +407,26 @@ async fn a_create_cut_off_by_its_deadline_is_removed_whole() {
         AgentClient::connect(&sandbox.dir().join("vsock.sock"), Duration::from_millis(50))
             .await
             .unwrap();
-    let spec = shoji::cli::run_spec::container_spec(&["true".to_string()], false, "x");
+    let mut spec = shoji::cli::run_spec::container_spec(&["true".to_string()], false, "x");
+    // Enough mounts that the create outlasts the impatient deadline (100 ms on the wire):
+    // ~1.2 ms each under TCG, far less on KVM.
+    let emulated = shoji_tests::backend::hypervisor() == shoji::hypervisor::HypervisorKind::Qemu
+        && shoji::kvm::qemu_accel(shoji::config::AccelChoice::Auto)
+            .await
+            .0
+            == shoji::hypervisor::Accel::Tcg;
+    let slow_mounts = if emulated { 200 } else { 3000 };
+    let mut mounts = spec.mounts().clone().unwrap_or_default();
+    mounts.extend((0..slow_mounts).map(|i| {
+        oci_spec::runtime::MountBuilder::default()
+            .destination(format!("/slow/{i}"))
+            .typ("tmpfs")
+            .source("tmpfs")
+            .options(vec!["size=4k".to_string()])
+            .build()
+            .unwrap()
+    }));
+    spec.set_mounts(Some(mounts));
     let request = CreateContainerRequest {
         container_id: "cut".into(),
         spec_json: serde_json::to_vec(&spec).unwrap(),
