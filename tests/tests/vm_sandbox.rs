@@ -494,7 +494,8 @@ fn guest_ram_resident_kib(vmm_pid: u32) -> u64 {
 
 /// Memory the guest frees goes back to the host (free page reporting, on by default): a
 /// 48 MiB file in the container's /dev/shm is guest RAM the VMM holds; once the file is
-/// removed, the host gets (most of) it back.
+/// removed, the host gets at least half of it back (blocks the guest still shares with
+/// other allocations stay).
 #[tokio::test]
 async fn memory_the_guest_frees_goes_back_to_the_host() {
     let env = TestEnv::new("freedmem").await;
@@ -513,7 +514,7 @@ async fn memory_the_guest_frees_goes_back_to_the_host() {
     // The guest reports free blocks after ~2 s; TCG and a busy host stretch that.
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut now = filled;
-    while filled - now.min(filled) < 32 << 10 {
+    while filled - now.min(filled) < 24 << 10 {
         assert!(
             Instant::now() < deadline,
             "guest RAM on the host: {filled} KiB with the file, still {now} KiB without it"
