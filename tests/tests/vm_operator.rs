@@ -159,6 +159,20 @@ fn text(b: &[u8]) -> String {
 
 /// SIGKILLs the CLI that owns a sandbox and every process its ledger records: nothing of
 /// the sandbox runs any more, its directory stays.
+/// Waits until the guest console in `dir` shows `line`: guest output a VMM has not yet
+/// written to the file dies with it.
+fn wait_for_console(dir: &Path, line: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let console = dir.join("console.log");
+    while !std::fs::read_to_string(&console).is_ok_and(|c| c.contains(line)) {
+        assert!(
+            Instant::now() < deadline,
+            "{line:?} never reached {console:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn kill_everything(cli: &mut VmRun, dir: &Path) {
     cli.0.kill().unwrap();
     cli.0.wait().unwrap();
@@ -212,6 +226,7 @@ async fn ps_logs_console_metrics_and_cleanup_on_a_running_and_a_killed_sandbox()
         "{}",
         text(&out.stderr)
     );
+    wait_for_console(&killed_dir, "agent ready");
     kill_everything(&mut killed_cli, &killed_dir);
 
     // The running one.
