@@ -144,12 +144,12 @@ impl Sandbox {
         exec_id: &str,
         kinds: &[StreamKind],
     ) -> Result<Vec<(StreamKind, UnixStream)>> {
-        let mut streams = Vec::with_capacity(kinds.len());
-        for kind in kinds {
+        // Each stream is a vsock connection with its own handshake: open them side by side.
+        let streams = kinds.iter().map(|kind| async move {
             let s = self.agent.open_stream(*kind, container_id, exec_id).await?;
-            streams.push((*kind, s));
-        }
-        Ok(streams)
+            Ok::<_, SandboxError>((*kind, s))
+        });
+        futures_util::future::try_join_all(streams).await
     }
 
     /// Runs a created process; returns its guest pid.
