@@ -17,7 +17,8 @@ use nix::{
     unistd::{chdir, chroot, fexecve, sethostname, sync},
 };
 use shoji_agent_api::{
-    CMDLINE_DEBUG_CONSOLE, CMDLINE_HOSTNAME, CMDLINE_LOG_LEVEL, CMDLINE_SHARE_TAG, GUEST_SHARE_DIR,
+    CMDLINE_DEBUG_CONSOLE, CMDLINE_HOSTNAME, CMDLINE_LOG_LEVEL, CMDLINE_PAGE_REPORTING_ORDER,
+    CMDLINE_SHARE_TAG, GUEST_SHARE_DIR,
 };
 use slog::{error, warn};
 
@@ -35,6 +36,8 @@ pub struct Cmdline {
     pub hostname: Option<String>,
     /// `shoji.debug_console=1`: the host allows debug consoles.
     pub debug_console: bool,
+    /// `shoji.page_reporting_order=N`: see [`report_free_blocks_from`].
+    pub page_reporting_order: Option<u32>,
 }
 
 impl Cmdline {
@@ -50,6 +53,10 @@ impl Cmdline {
                 CMDLINE_LOG_LEVEL => c.log_level = value,
                 CMDLINE_HOSTNAME => c.hostname = value,
                 CMDLINE_DEBUG_CONSOLE => c.debug_console = value.as_deref() == Some("1"),
+                CMDLINE_PAGE_REPORTING_ORDER => {
+                    // Orders above 10 are not free-list orders in Linux 6.1 (MAX_ORDER 11).
+                    c.page_reporting_order = value.and_then(|v| v.parse().ok()).filter(|o| *o <= 10)
+                }
                 _ => {}
             }
         }
@@ -96,6 +103,9 @@ pub fn run() -> ! {
 
     if let Err(e) = cgroup::init_root() {
         error!(log(), "cgroup setup failed, containers will not run"; "error" => %e);
+    }
+    if let Some(order) = cmdline.page_reporting_order {
+        report_free_blocks_from(order);
     }
     if let Some(name) = &cmdline.hostname {
         if let Err(e) = sethostname(name) {
@@ -164,6 +174,16 @@ fn switch_root() -> Result<(), nix::Error> {
     let env = [CString::new(format!("{ROOT_SWITCHED_ENV}={start}")).unwrap()];
     fexecve(&exe, &argv, &env)?;
     Ok(())
+}
+
+/// Lets the guest report free blocks of `2^order` pages to the host's free page reporting
+/// (the balloon device's queue), not only whole 2 MiB ones: what the guest frees after boot
+/// (the compressed initramfs, init sections) is mostly in smaller blocks.
+fn report_free_blocks_from(order: u32) {
+    const PARAM: &str = "/sys/module/page_reporting/parameters/page_reporting_order";
+    if let Err(e) = fs::write(PARAM, order.to_string()) {
+        warn!(log(), "setting the page reporting order failed"; "order" => order, "error" => %e);
+    }
 }
 
 /// Keeps the agent's heap small: one arena (the agent is mostly idle and the tokio
@@ -264,8 +284,17 @@ mod tests {
                 log_level: Some("debug".into()),
                 hostname: Some("web-0".into()),
                 debug_console: false,
+                page_reporting_order: None,
             }
         );
+        assert_eq!(
+            Cmdline::parse("shoji.page_reporting_order=5").page_reporting_order,
+            Some(5)
+        );
+        for bad in ["11", "-1", "x", ""] {
+            let c = Cmdline::parse(&format!("shoji.page_reporting_order={bad}"));
+            assert_eq!(c.page_reporting_order, None, "{bad}");
+        }
         assert!(Cmdline::parse("quiet shoji.debug_console=1").debug_console);
         assert!(!Cmdline::parse("shoji.debug_console=0").debug_console);
         assert_eq!(

@@ -56,6 +56,10 @@ pub const CMDLINE_HOSTNAME: &str = "shoji.hostname";
 /// Kernel command line key: `shoji.debug_console=1` (the host's `debug_console = true` at
 /// boot) allows StartDebugConsole; without it the agent refuses the call.
 pub const CMDLINE_DEBUG_CONSOLE: &str = "shoji.debug_console";
+/// Kernel command line key: the smallest free block (a page order) the guest reports to the
+/// host through free page reporting. Linux 6.1 resets its own `page_reporting.page_reporting_order`
+/// to 2 MiB blocks (order 9) when the balloon registers, so the agent sets it once it runs.
+pub const CMDLINE_PAGE_REPORTING_ORDER: &str = "shoji.page_reporting_order";
 /// Where the host shares a static busybox for the debug console, relative to
 /// [`GUEST_SHARE_DIR`] (a name no container id can take).
 pub const DEBUG_SHELL_REL: &str = ".shoji-debug/busybox";
