@@ -506,7 +506,10 @@ async fn memory_the_guest_frees_goes_back_to_the_host() {
     sandbox.agent().start_process("c1", "").await.unwrap();
     // The shim asks for 128 KiB blocks and up (the kernel's default is 2 MiB).
     let order = "test $(cat /sys/module/page_reporting/parameters/page_reporting_order) = 5";
-    assert_eq!(exec_to_end(&sandbox, "order", &["sh", "-c", order]).await, 0);
+    assert_eq!(
+        exec_to_end(&sandbox, "order", &["sh", "-c", order]).await,
+        0
+    );
     let fill = "head -c 50331648 /dev/zero > /dev/shm/fill";
     assert_eq!(exec_to_end(&sandbox, "fill", &["sh", "-c", fill]).await, 0);
     let filled = guest_ram_resident_kib(sandbox.vmm_pid());

@@ -16,12 +16,18 @@ pub struct BootSample {
     /// CPU time the VMM had used when the agent answered: under TCG the boot's cost
     /// independent of how busy the host is (wall-clock times grow with the host's load).
     pub vmm_cpu_ms: f64,
+    /// Median round trip of an agent call that does no work (Health), over
+    /// [`ROUND_TRIPS`] calls on the idle VM: the floor under every shim → agent call.
+    pub agent_round_trip_ms: f64,
     pub agent_rss_kib: u64,
     pub guest_used_kib: u64,
     pub guest_total_kib: u64,
     /// Host RSS of each process of the VM, by name.
     pub host_rss_kib: Vec<(String, u64)>,
 }
+
+/// Calls timed for [`BootSample::agent_round_trip_ms`].
+const ROUND_TRIPS: usize = 20;
 
 /// Boots a VM, measures it, stops it.
 pub async fn bench_once(config: Config, log: Logger) -> Result<BootSample, CliError> {
@@ -35,6 +41,13 @@ pub async fn bench_once(config: Config, log: Logger) -> Result<BootSample, CliEr
         let t = sandbox.boot_times();
         // Let the guest settle (lazy work after boot) before reading memory figures.
         tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut trips = Vec::with_capacity(ROUND_TRIPS);
+        for _ in 0..ROUND_TRIPS {
+            let t = Instant::now();
+            sandbox.agent().health().await?;
+            trips.push(ms(t.elapsed()));
+        }
+        trips.sort_by(f64::total_cmp);
         let details = sandbox.agent().guest_details().await?;
         let host_rss_kib = procfs::with_children(&sandbox.pids())
             .into_iter()
@@ -44,6 +57,7 @@ pub async fn bench_once(config: Config, log: Logger) -> Result<BootSample, CliEr
             vmm_to_ready_ms: ms(t.agent_ready - t.daemons_ready),
             start_to_answer_ms,
             vmm_cpu_ms,
+            agent_round_trip_ms: trips[ROUND_TRIPS / 2],
             agent_rss_kib: details.agent_rss_bytes / 1024,
             guest_used_kib: details.mem_used_bytes / 1024,
             guest_total_kib: details.mem_total_bytes / 1024,
@@ -84,6 +98,11 @@ pub fn bench_table(samples: &[BootSample]) -> String {
             "VMM CPU time until ready".into(),
             "ms",
             samples.iter().map(|s| s.vmm_cpu_ms).collect(),
+        ),
+        (
+            "agent call round trip (Health, median)".into(),
+            "ms",
+            samples.iter().map(|s| s.agent_round_trip_ms).collect(),
         ),
         (
             "agent RSS (guest)".into(),
