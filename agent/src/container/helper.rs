@@ -20,6 +20,9 @@ pub fn main(args: &[String]) -> i32 {
                 Err(_) => 1,
             };
         }
+        if verb == pause::VERB {
+            pause::hold();
+        }
     }
     let [verb, work_dir, request] = args else {
         eprintln!("usage: shoji-agent helper <verb> <work-dir> <request-json>");
@@ -34,7 +37,6 @@ pub fn main(args: &[String]) -> i32 {
     let result = match verb.as_str() {
         create::VERB => parse(request).and_then(create::run),
         exec::VERB => parse(request).and_then(exec::run),
-        pause::VERB => parse(request).and_then(pause::run),
         other => Err(format!("unknown helper verb {other:?}")),
     };
     match result {

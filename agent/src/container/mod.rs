@@ -1,7 +1,7 @@
-//! Container lifecycle verbs. Those where libcontainer clones processes (`create`, `exec`,
-//! `pause`) each run in a short-lived single-threaded copy of the agent:
+//! Container lifecycle verbs. Those where libcontainer clones processes (`create`, `exec`)
+//! each run in a short-lived single-threaded copy of the agent:
 //! `shoji-agent helper <verb> <work-dir> <request-json>`; `start` and `kill` are done by the
-//! agent itself (see there).
+//! agent itself, and the pod's `pause` process is spawned directly (see there).
 //!
 //! libcontainer clones raw processes and waits for its own intermediate child, which is
 //! unsafe inside the multi-threaded PID 1 that reaps every child. So the agent spawns a

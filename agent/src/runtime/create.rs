@@ -101,7 +101,7 @@ impl Runtime {
         let parsed =
             guest_spec::container_spec(&req.spec_json, id, Path::new("/"), req.terminal, None)?;
         let pause = match parsed.joins_pod {
-            true => Some(self.pod.pause(&self.reaper).await?),
+            true => Some(self.pod.pause().await?),
             false => None,
         };
         let rootfs = rootfs::assemble(source, overlay, dir).map_err(|e| match e {

@@ -473,14 +473,14 @@ impl Runtime {
     pub fn prepare_pod(self: &Arc<Self>) {
         let runtime = self.clone();
         tokio::spawn(async move {
-            if let Err(e) = runtime.pod.pause(&runtime.reaper).await {
+            if let Err(e) = runtime.pod.pause().await {
                 warn!(log(), "starting the pod's pause process failed"; "error" => %e);
             }
         });
     }
 
     pub async fn set_pod_sysctls(&self, sysctls: &[(String, String)]) -> Result<(), RuntimeError> {
-        self.pod.set_sysctls(&self.reaper, sysctls).await
+        self.pod.set_sysctls(sysctls).await
     }
 
     pub fn pids(&self, id: &str) -> Result<Vec<u32>, RuntimeError> {

@@ -13,10 +13,7 @@ use crate::{
         guest_spec::{sysctl_scope, SysctlScope},
     },
     logger::log,
-    reaper::Reaper,
 };
-
-const POD_DIR: &str = "/run/shoji/pod";
 
 #[derive(Default)]
 pub struct Pod {
@@ -25,13 +22,12 @@ pub struct Pod {
 
 impl Pod {
     /// The pid of the pod's pause process, starting it if it is not there yet.
-    pub async fn pause(&self, reaper: &Reaper) -> Result<i32, RuntimeError> {
+    pub async fn pause(&self) -> Result<i32, RuntimeError> {
         let mut pause = self.pause.lock().await;
         if let Some(pid) = *pause {
             return Ok(pid);
         }
-        std::fs::create_dir_all(POD_DIR).map_err(internal("creating the pod directory"))?;
-        let pid = container::pause::start(reaper, Path::new(POD_DIR))
+        let pid = container::pause::start()
             .await
             .map_err(helper_err("starting the pod's pause process".into()))?;
         info!(log(), "the pod's PID, IPC and UTS namespaces are up"; "pause_pid" => pid);
@@ -41,11 +37,7 @@ impl Pod {
 
     /// Sets the pod's sysctls: network ones in the guest's network namespace (the pod's),
     /// IPC ones in the pod's IPC namespace. Checked first, so a bad one changes nothing.
-    pub async fn set_sysctls(
-        &self,
-        reaper: &Reaper,
-        sysctls: &[(String, String)],
-    ) -> Result<(), RuntimeError> {
+    pub async fn set_sysctls(&self, sysctls: &[(String, String)]) -> Result<(), RuntimeError> {
         let scopes = sysctls
             .iter()
             .map(|(name, value)| sysctl_scope(name, value))
@@ -60,7 +52,7 @@ impl Pod {
         if ipc.is_empty() {
             return Ok(());
         }
-        let ns = PathBuf::from(format!("/proc/{}/ns/ipc", self.pause(reaper).await?));
+        let ns = PathBuf::from(format!("/proc/{}/ns/ipc", self.pause().await?));
         // setns changes the calling thread only: a thread of its own, never a runtime thread.
         let (tx, rx) = tokio::sync::oneshot::channel();
         std::thread::spawn(move || {
