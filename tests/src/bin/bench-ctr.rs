@@ -93,7 +93,7 @@ async fn bench_runtime(
 ) -> scenario::Result<()> {
     let env = Env::start(version, rt, Some(231)).await?;
     let result = async {
-        measure(&env, name, rt, runs, rows).await?;
+        let at_once = measure(&env, name, rt, runs, rows).await?;
         throughput(&env, name, runs, rows).await?;
         let mut report = memory::report(name, &memory::idle_pod(&env, "bench-idle").await?);
         let together = [
@@ -105,7 +105,13 @@ async fn bench_runtime(
         report += &memory::report_together(&memory::idle_pods(&env, &together).await?);
         reports.push(report);
         if rt.shim_dir.is_some() {
-            reports.push(breakdown(&env.ctrd.log_text()));
+            // One median over both kinds of sandbox would land in either group by chance.
+            let log = env.ctrd.log_text();
+            let alone = [log.get(..at_once.start), log.get(at_once.end..)];
+            let alone: String = alone.into_iter().flatten().collect();
+            reports.push(breakdown("started one at a time", &alone));
+            let at_once = log.get(at_once).unwrap_or_default();
+            reports.push(breakdown("started 10 at once", at_once));
         }
         Ok(())
     }
@@ -196,13 +202,14 @@ async fn throughput(
     Ok(())
 }
 
+/// Returns where the 10 pods started at once are in containerd's log (a byte range).
 async fn measure(
     env: &Env,
     name: &str,
     rt: &Runtime,
     runs: usize,
     rows: &mut Vec<Row>,
-) -> scenario::Result<()> {
+) -> scenario::Result<std::ops::Range<usize>> {
     let row = |op, samples| Row::times(name, op, samples);
     let mut ctr = Vec::new();
     for i in 0..runs {
@@ -254,11 +261,12 @@ async fn measure(
     rows.push(row("CRI run pod+create+start", start));
     rows.push(row("CRI ExecSync true", exec));
     rows.push(row("CRI stop+remove pod", stop));
+    let from = env.ctrd.log_text().len();
     rows.push(row(
         "CRI 10 pods at once, each",
         parallel_pods(env, rt, 10, logs.path()).await?,
     ));
-    Ok(())
+    Ok(from..env.ctrd.log_text().len())
 }
 
 /// Starts `n` pods (RunPodSandbox + CreateContainer + StartContainer) concurrently; returns
@@ -301,8 +309,9 @@ async fn parallel_pods(
     }
 }
 
-/// The shim's phase timings (its JSON log lines in containerd's log): median of each.
-fn breakdown(log: &str) -> String {
+/// The shim's phase timings (its JSON log lines in containerd's log): median of each, for
+/// the sandboxes `which` names.
+fn breakdown(which: &str, log: &str) -> String {
     let lines: Vec<serde_json::Value> = log
         .lines()
         .filter(|l| l.starts_with('{'))
@@ -323,7 +332,7 @@ fn breakdown(log: &str) -> String {
             .unwrap_or_else(|| "-".into())
     };
     let mut out = format!(
-        "shoji start-up breakdown (median ms over {} sandboxes, from the shim's log):\n",
+        "shoji start-up breakdown (median ms over {} sandboxes {which}, from the shim's log):\n",
         field("sandbox ready", "agent_ready_ms").len()
     );
     for (what, msg, key) in [
