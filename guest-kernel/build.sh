@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Builds the shoji guest kernel (vmlinux) from Debian's linux-source package.
-# The result is cached outside the checkout, keyed by the config fragment, this
-# script and the source package version, so reruns (and CI) skip the ~12 min build.
+# Builds the shoji guest kernel (vmlinux) from Debian's linux-source package, with the
+# patches in patches/ (each says why). The result is cached outside the checkout, keyed by
+# the config fragment, the patches, this script and the source package version, so reruns
+# (and CI) skip the ~12 min build.
 #
 #   guest-kernel/build.sh            # prints the path of the built vmlinux on its last line
 #   SHOJI_CACHE=/path guest-kernel/build.sh
@@ -12,12 +13,14 @@ series=6.1
 pkg=linux-source-$series
 log() { echo "[guest-kernel] $*" >&2; }
 
-if ! dpkg -s "$pkg" >/dev/null 2>&1; then
+if ! dpkg -s "$pkg" >/dev/null 2>&1 || ! command -v patch >/dev/null; then
   log "installing $pkg and the kernel build tools"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$pkg" build-essential flex bison bc libelf-dev libssl-dev xz-utils >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$pkg" build-essential patch flex bison bc libelf-dev libssl-dev xz-utils >&2
 fi
 srcver=$(dpkg-query -W -f='${Version}' "$pkg")
-key=$( (cat "$here/shoji.config" "$here/build.sh"; echo "$srcver") | sha256sum | cut -c1-16)
+patches=("$here"/patches/*.patch)
+patched=$(cat "${patches[@]}" | sha256sum | cut -c1-16)
+key=$( (cat "$here/shoji.config" "$here/build.sh" "${patches[@]}"; echo "$srcver") | sha256sum | cut -c1-16)
 out=$cache/kernel/$key
 if [ -f "$out/vmlinux" ]; then
   log "cached: $out/vmlinux ($pkg $srcver, key $key)"
@@ -28,11 +31,14 @@ fi
 
 mkdir -p "$cache/kernel"
 work=$cache/kernel/build-$series
-if [ ! -f "$work/.extracted-$srcver" ]; then
-  log "extracting $pkg $srcver"
+if [ ! -f "$work/.extracted-$srcver-$patched" ]; then
+  log "extracting $pkg $srcver and applying ${#patches[@]} patches"
   rm -rf "$work" && mkdir -p "$work"
   tar -xaf /usr/src/$pkg.tar.xz -C "$work" --strip-components=1
-  touch "$work/.extracted-$srcver"
+  for p in "${patches[@]}"; do
+    patch -d "$work" -p1 --forward --quiet <"$p" || { log "patch does not apply: $p"; exit 1; }
+  done
+  touch "$work/.extracted-$srcver-$patched"
 fi
 cd "$work"
 log "configuring: tinyconfig + $(grep -c '=y' "$here/shoji.config") options"

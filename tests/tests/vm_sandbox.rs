@@ -536,3 +536,35 @@ async fn memory_the_guest_frees_goes_back_to_the_host() {
     remove_container(&sandbox, "c1").await;
     finish(env, sandbox).await;
 }
+
+/// The guest kernel does not spend 100 ms calibrating the local APIC timer: under QEMU it is
+/// told the timer's rate (`lapic_bus_hz`, a guest-kernel patch); Cloud Hypervisor's guests
+/// have the TSC deadline timer, which needs no calibration.
+#[tokio::test]
+async fn the_guest_kernel_does_not_calibrate_the_apic_timer() {
+    let env = TestEnv::new("lapic").await;
+    let mut cfg = env.sandbox_config("lapic");
+    cfg.kernel_args.push("apic=verbose".into());
+    let sandbox = Sandbox::start(cfg, env.log.clone())
+        .await
+        .expect("sandbox start");
+    create_container(&sandbox, "c1", &["sleep", "1000"], false)
+        .await
+        .unwrap();
+    sandbox.agent().start_process("c1", "").await.unwrap();
+    let mut check = "! dmesg | grep -q 'calibrating APIC timer'".to_string();
+    if shoji_tests::backend::hypervisor() == shoji::hypervisor::HypervisorKind::Qemu {
+        check += " && dmesg | grep -q 'lapic timer already calibrated 10000000'";
+    }
+    assert_eq!(
+        exec_to_end(&sandbox, "dmesg", &["sh", "-c", &check]).await,
+        0
+    );
+    sandbox
+        .agent()
+        .signal_process("c1", "", libc::SIGKILL as u32, false)
+        .await
+        .unwrap();
+    remove_container(&sandbox, "c1").await;
+    finish(env, sandbox).await;
+}

@@ -192,7 +192,11 @@ impl Qemu {
         if let Some(khz) = host_tsc_khz() {
             args.push(format!("tsc_early_khz={khz}"));
         }
-        args.extend(["tsc=reliable", "no_timer_check"].map(String::from));
+        // QEMU's local APIC timer counts at 1 GHz (TCG's and KVM's alike): the guest kernel
+        // (guest-kernel/patches) then skips its 100 ms calibration of it.
+        args.extend(
+            ["tsc=reliable", "no_timer_check", "lapic_bus_hz=1000000000"].map(String::from),
+        );
         args.extend(self.spec().kernel_args.iter().cloned());
         args.join(" ")
     }
