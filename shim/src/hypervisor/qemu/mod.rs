@@ -193,9 +193,17 @@ impl Qemu {
             args.push(format!("tsc_early_khz={khz}"));
         }
         // QEMU's local APIC timer counts at 1 GHz (TCG's and KVM's alike): the guest kernel
-        // (guest-kernel/patches) then skips its 100 ms calibration of it.
+        // (guest-kernel/patches) then skips its 100 ms calibration of it. noreplace-smp: a
+        // 1-vCPU kernel would otherwise rewrite each of its lock prefixes at boot through
+        // text_poke, whose address-space switches TCG pays for with a full TLB flush.
         args.extend(
-            ["tsc=reliable", "no_timer_check", "lapic_bus_hz=1000000000"].map(String::from),
+            [
+                "tsc=reliable",
+                "no_timer_check",
+                "lapic_bus_hz=1000000000",
+                "noreplace-smp",
+            ]
+            .map(String::from),
         );
         args.extend(self.spec().kernel_args.iter().cloned());
         args.join(" ")
