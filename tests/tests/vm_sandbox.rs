@@ -458,6 +458,25 @@ async fn a_create_cut_off_by_its_deadline_is_removed_whole() {
 }
 
 /// Runs `args` as exec `exec_id` in container `c1` without stdio; returns its exit status.
+/// Container `c1` running `sleep 1000`, for execs to run beside.
+async fn start_sleeper(sandbox: &Sandbox) {
+    create_container(sandbox, "c1", &["sleep", "1000"], false)
+        .await
+        .unwrap();
+    sandbox.agent().start_process("c1", "").await.unwrap();
+}
+
+/// Kills container `c1`, removes it, then ends the sandbox (checking that nothing is left).
+async fn finish_with_c1_killed(env: TestEnv, sandbox: Sandbox) {
+    sandbox
+        .agent()
+        .signal_process("c1", "", libc::SIGKILL as u32, false)
+        .await
+        .unwrap();
+    remove_container(&sandbox, "c1").await;
+    finish(env, sandbox).await;
+}
+
 async fn exec_to_end(sandbox: &Sandbox, exec_id: &str, args: &[&str]) -> i32 {
     let agent = sandbox.agent();
     let request = ExecProcessRequest {
@@ -500,10 +519,7 @@ fn guest_ram_resident_kib(vmm_pid: u32) -> u64 {
 async fn memory_the_guest_frees_goes_back_to_the_host() {
     let env = TestEnv::new("freedmem").await;
     let sandbox = env.start("freedmem").await;
-    create_container(&sandbox, "c1", &["sleep", "1000"], false)
-        .await
-        .unwrap();
-    sandbox.agent().start_process("c1", "").await.unwrap();
+    start_sleeper(&sandbox).await;
     // The shim asks for 128 KiB blocks and up (the kernel's default is 2 MiB).
     let order = "test $(cat /sys/module/page_reporting/parameters/page_reporting_order) = 5";
     assert_eq!(
@@ -528,13 +544,7 @@ async fn memory_the_guest_frees_goes_back_to_the_host() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         now = guest_ram_resident_kib(sandbox.vmm_pid());
     }
-    sandbox
-        .agent()
-        .signal_process("c1", "", libc::SIGKILL as u32, false)
-        .await
-        .unwrap();
-    remove_container(&sandbox, "c1").await;
-    finish(env, sandbox).await;
+    finish_with_c1_killed(env, sandbox).await;
 }
 
 /// The guest kernel does not spend 100 ms calibrating the local APIC timer: under QEMU it is
@@ -548,10 +558,7 @@ async fn the_guest_kernel_does_not_calibrate_the_apic_timer() {
     let sandbox = Sandbox::start(cfg, env.log.clone())
         .await
         .expect("sandbox start");
-    create_container(&sandbox, "c1", &["sleep", "1000"], false)
-        .await
-        .unwrap();
-    sandbox.agent().start_process("c1", "").await.unwrap();
+    start_sleeper(&sandbox).await;
     let mut check = "! dmesg | grep -q 'calibrating APIC timer'".to_string();
     if shoji_tests::backend::hypervisor() == shoji::hypervisor::HypervisorKind::Qemu {
         check += " && dmesg | grep -q 'lapic timer already calibrated 10000000'";
@@ -560,11 +567,5 @@ async fn the_guest_kernel_does_not_calibrate_the_apic_timer() {
         exec_to_end(&sandbox, "dmesg", &["sh", "-c", &check]).await,
         0
     );
-    sandbox
-        .agent()
-        .signal_process("c1", "", libc::SIGKILL as u32, false)
-        .await
-        .unwrap();
-    remove_container(&sandbox, "c1").await;
-    finish(env, sandbox).await;
+    finish_with_c1_killed(env, sandbox).await;
 }
