@@ -403,6 +403,11 @@ impl Containerd {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The log's length in bytes: where the next lines will start in [`Self::log_text`].
+    pub fn log_len(&self) -> usize {
+        fs::metadata(&self.log).map_or(0, |m| m.len() as usize)
+    }
+
     /// The last lines of containerd's log, for error messages.
     pub fn log_tail(&self) -> String {
         let text = fs::read_to_string(&self.log).unwrap_or_default();

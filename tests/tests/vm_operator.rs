@@ -157,8 +157,6 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// SIGKILLs the CLI that owns a sandbox and every process its ledger records: nothing of
-/// the sandbox runs any more, its directory stays.
 /// Waits until the guest console in `dir` shows `line`: guest output a VMM has not yet
 /// written to the file dies with it.
 fn wait_for_console(dir: &Path, line: &str) {
@@ -173,6 +171,8 @@ fn wait_for_console(dir: &Path, line: &str) {
     }
 }
 
+/// SIGKILLs the CLI that owns a sandbox and every process its ledger records: nothing of
+/// the sandbox runs any more, its directory stays.
 fn kill_everything(cli: &mut VmRun, dir: &Path) {
     cli.0.kill().unwrap();
     cli.0.wait().unwrap();

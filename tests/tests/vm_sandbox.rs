@@ -457,7 +457,6 @@ async fn a_create_cut_off_by_its_deadline_is_removed_whole() {
     finish(env, sandbox).await;
 }
 
-/// Runs `args` as exec `exec_id` in container `c1` without stdio; returns its exit status.
 /// Container `c1` running `sleep 1000`, for execs to run beside.
 async fn start_sleeper(sandbox: &Sandbox) {
     create_container(sandbox, "c1", &["sleep", "1000"], false)
@@ -477,6 +476,7 @@ async fn finish_with_c1_killed(env: TestEnv, sandbox: Sandbox) {
     finish(env, sandbox).await;
 }
 
+/// Runs `args` as exec `exec_id` in container `c1` without stdio; returns its exit status.
 async fn exec_to_end(sandbox: &Sandbox, exec_id: &str, args: &[&str]) -> i32 {
     let agent = sandbox.agent();
     let request = ExecProcessRequest {

@@ -261,12 +261,12 @@ async fn measure(
     rows.push(row("CRI run pod+create+start", start));
     rows.push(row("CRI ExecSync true", exec));
     rows.push(row("CRI stop+remove pod", stop));
-    let from = env.ctrd.log_text().len();
+    let from = env.ctrd.log_len();
     rows.push(row(
         "CRI 10 pods at once, each",
         parallel_pods(env, rt, 10, logs.path()).await?,
     ));
-    Ok(from..env.ctrd.log_text().len())
+    Ok(from..env.ctrd.log_len())
 }
 
 /// Starts `n` pods (RunPodSandbox + CreateContainer + StartContainer) concurrently; returns
