@@ -15,7 +15,7 @@ use ttrpc::{r#async::TtrpcContext, Code};
 
 use crate::{
     guest,
-    init::BootTimes,
+    init::{self, BootTimes},
     io,
     logger::log,
     network,
@@ -310,6 +310,7 @@ pub async fn serve(boot: BootTimes, debug_console: bool) -> ServeError {
     });
 
     let ready = announce_ready().await;
+    init::expedite_rcu(false);
     // The first helper's start is paid while the host prepares its first request.
     crate::container::standby::replenish();
     if ready {
