@@ -73,20 +73,36 @@ const POD_NAMESPACES: [(LinuxNamespaceType, &str); 3] = [
 #[derive(Debug)]
 pub struct GuestSpec {
     pub spec: Spec,
-    /// Whether it joins the pod's namespaces (CRI gave a namespace path).
-    pub joins_pod: bool,
+    /// The pod namespaces it shares (CRI gave their path): see [`GuestSpec::join_pod`].
+    pub pod_namespaces: Vec<LinuxNamespaceType>,
     /// The network sysctls the agent sets in the guest's network namespace.
     pub net_sysctls: Vec<(String, String)>,
 }
 
-/// Parses and rewrites a container's config.json for running it in the guest; `pause` is
-/// the pid of the pod's pause process (None: the pod namespaces are left unset).
+impl GuestSpec {
+    /// Points the pod namespaces it shares at those of the pod's pause process.
+    pub fn join_pod(&mut self, pause: i32) {
+        let Some(linux) = self.spec.linux_mut() else {
+            return;
+        };
+        for ns in linux.namespaces_mut().iter_mut().flatten() {
+            if let Some((_, name)) = POD_NAMESPACES
+                .iter()
+                .find(|(k, _)| *k == ns.typ() && self.pod_namespaces.contains(k))
+            {
+                ns.set_path(Some(PathBuf::from(format!("/proc/{pause}/ns/{name}"))));
+            }
+        }
+    }
+}
+
+/// Parses and rewrites a container's config.json for running it in the guest. The pod
+/// namespaces it shares are left unset until [`GuestSpec::join_pod`].
 pub fn container_spec(
     spec_json: &[u8],
     id: &str,
     rootfs: &Path,
     terminal: bool,
-    pause: Option<i32>,
 ) -> Result<GuestSpec, SpecError> {
     let mut spec: Spec = serde_json::from_slice(spec_json).map_err(|e| SpecError::BadJson {
         what: "runtime spec",
@@ -109,26 +125,23 @@ pub fn container_spec(
         .linux()
         .clone()
         .ok_or(SpecError::Missing("linux section"))?;
-    let mut joins_pod = false;
+    let mut pod_namespaces = Vec::new();
     if let Some(namespaces) = linux.namespaces() {
         let kept = namespaces
             .iter()
             .filter(|ns| ns.typ() != LinuxNamespaceType::Network)
             .map(|ns| {
                 let mut ns = ns.clone();
-                let pod_kind = POD_NAMESPACES.iter().find(|(k, _)| *k == ns.typ());
+                let pod_kind = POD_NAMESPACES.iter().any(|(k, _)| *k == ns.typ());
                 let shared = ns
                     .path()
                     .as_ref()
                     .is_some_and(|p| !p.as_os_str().is_empty());
-                let path = match (pod_kind, shared) {
-                    (Some((_, name)), true) => {
-                        joins_pod = true;
-                        pause.map(|pid| PathBuf::from(format!("/proc/{pid}/ns/{name}")))
-                    }
-                    _ => None,
-                };
-                ns.set_path(path);
+                if pod_kind && shared {
+                    pod_namespaces.push(ns.typ());
+                }
+                // A host path means nothing in the guest.
+                ns.set_path(None);
                 ns
             })
             .collect();
@@ -163,7 +176,7 @@ pub fn container_spec(
     spec.set_linux(Some(linux));
     Ok(GuestSpec {
         spec,
-        joins_pod,
+        pod_namespaces,
         net_sysctls,
     })
 }
@@ -467,11 +480,12 @@ mod tests {
             }
         });
         let json = json.to_string();
-        let unjoined = container_spec(json.as_bytes(), "c1", Path::new("/r"), false, None).unwrap();
-        assert!(unjoined.joins_pod);
+        let mut guest = container_spec(json.as_bytes(), "c1", Path::new("/run/r"), false).unwrap();
+        assert_eq!(guest.pod_namespaces, vec![LinuxNamespaceType::Ipc]);
+        guest.join_pod(42);
         let GuestSpec {
             spec, net_sysctls, ..
-        } = container_spec(json.as_bytes(), "c1", Path::new("/run/r"), false, Some(42)).unwrap();
+        } = guest;
         assert_eq!(
             net_sysctls,
             vec![("net.ipv4.ip_unprivileged_port_start".into(), "0".into())]
@@ -513,12 +527,11 @@ mod tests {
     #[test]
     fn bad_documents_are_named() {
         assert!(matches!(
-            container_spec(b"{", "c", Path::new("/r"), false, None),
+            container_spec(b"{", "c", Path::new("/r"), false),
             Err(SpecError::BadJson { .. })
         ));
         assert_eq!(
-            container_spec(b"{\"ociVersion\":\"1\"}", "c", Path::new("/r"), false, None)
-                .unwrap_err(),
+            container_spec(b"{\"ociVersion\":\"1\"}", "c", Path::new("/r"), false).unwrap_err(),
             SpecError::Missing("process")
         );
         assert_eq!(
@@ -540,13 +553,7 @@ mod tests {
             ("net/../../x", "1"),
             ("net.core.somaxconn", "1\n2"),
         ] {
-            let e = container_spec(
-                spec(name, value).as_bytes(),
-                "c",
-                Path::new("/r"),
-                false,
-                None,
-            );
+            let e = container_spec(spec(name, value).as_bytes(), "c", Path::new("/r"), false);
             assert!(
                 matches!(e, Err(SpecError::BadSysctl { .. })),
                 "{name:?}: {e:?}"

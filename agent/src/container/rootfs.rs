@@ -22,12 +22,17 @@ pub enum RootfsError {
     Mount { path: PathBuf, source: nix::Error },
 }
 
-/// Mounts the rootfs at `dir/rootfs` and returns that path.
+/// Where the rootfs of the container whose directory is `dir` is mounted.
+pub fn path(dir: &Path) -> PathBuf {
+    dir.join("rootfs")
+}
+
+/// Mounts the rootfs at [`path`]`(dir)` and returns that path.
 pub fn assemble(source: &Path, guest_overlay: bool, dir: &Path) -> Result<PathBuf, RootfsError> {
     if !source.is_absolute() || !source.is_dir() {
         return Err(RootfsError::NoSource(source.to_path_buf()));
     }
-    let target = dir.join("rootfs");
+    let target = path(dir);
     mkdir(&target)?;
     let result = if guest_overlay {
         let (upper, work) = (dir.join("upper"), dir.join("work"));

@@ -97,20 +97,27 @@ impl Runtime {
         source: &Path,
         overlay: bool,
     ) -> Result<Arc<Container>, RuntimeError> {
-        // Parse before mounting anything: bad JSON fails fast.
-        let parsed =
-            guest_spec::container_spec(&req.spec_json, id, Path::new("/"), req.terminal, None)?;
-        let pause = match parsed.joins_pod {
-            true => Some(self.pod.pause().await?),
-            false => None,
-        };
+        let t = std::time::Instant::now();
+        let ms = |t: std::time::Instant| t.elapsed().as_secs_f64() * 1000.0;
+        // Parsed and checked before anything is mounted: a bad spec fails fast.
+        let mut guest =
+            guest_spec::container_spec(&req.spec_json, id, &rootfs::path(dir), req.terminal)?;
+        let parse_ms = ms(t);
+        let t = std::time::Instant::now();
+        if !guest.pod_namespaces.is_empty() {
+            guest.join_pod(self.pod.pause().await?);
+        }
+        let pause_ms = ms(t);
+        let t = std::time::Instant::now();
         let rootfs = rootfs::assemble(source, overlay, dir).map_err(|e| match e {
             rootfs::RootfsError::NoSource(_) => RuntimeError::InvalidArgument(e.to_string()),
             e => RuntimeError::Internal(e.to_string()),
         })?;
+        let rootfs_ms = ms(t);
+        let t = std::time::Instant::now();
         let guest_spec::GuestSpec {
             spec, net_sysctls, ..
-        } = guest_spec::container_spec(&req.spec_json, id, &rootfs, req.terminal, pause)?;
+        } = guest;
         pod::set_net_sysctls(&net_sysctls)?;
         guest_spec::check_executable(
             &rootfs,
@@ -132,7 +139,8 @@ impl Runtime {
             (pio, Some(child), None)
         };
         let born = std::time::Instant::now();
-        debug!(log(), "container prepared"; "container" => id);
+        debug!(log(), "container prepared"; "container" => id, "parse_ms" => parse_ms,
+            "pause_wait_ms" => pause_ms, "rootfs_ms" => rootfs_ms, "spec_ms" => ms(t));
         let pid = container::create::create(
             &self.reaper,
             id,
