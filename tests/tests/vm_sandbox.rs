@@ -294,8 +294,11 @@ async fn bad_input_is_refused_and_the_agent_survives() {
     finish(env, sandbox).await;
 }
 
+/// A volume file the host rewrites in place (as a renewed token or a shared volume can change)
+/// is read afresh at the guest's next open (close-to-open, as NFS), though the guest keeps
+/// file data across opens (guest-kernel patch 0004).
 #[tokio::test]
-async fn volumes_mounted_after_boot_reach_the_guest_and_read_only_holds() {
+async fn volumes_reach_the_guest_read_only_holds_and_host_rewrites_show() {
     let env = TestEnv::new("volumes").await;
     let sandbox = env.start("volumes").await;
     let host = env.run_dir.join("volume-src");
@@ -322,7 +325,10 @@ async fn volumes_mounted_after_boot_reach_the_guest_and_read_only_holds() {
         &[
             "sh".to_string(),
             "-c".into(),
-            "cat /ro/hello; touch /ro/x 2>/dev/null && echo ro-writable; echo written > /rw/out"
+            "cat /ro/hello; touch /ro/x 2>/dev/null && echo ro-writable; echo written > /rw/out; \
+             cat /ro/hello >/dev/null; echo > /rw/ready; \
+             i=0; while [ ! -e /ro/changed ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; \
+             cat /ro/hello"
                 .into(),
         ],
         false,
@@ -357,8 +363,30 @@ async fn volumes_mounted_after_boot_reach_the_guest_and_read_only_holds() {
         })
         .await
         .unwrap();
+    // Once the container has read the file (twice: its data is cached), rewrite it in place,
+    // same size, and say so.
+    let rewrite = {
+        let host = host.clone();
+        tokio::spawn(async move {
+            for _ in 0..600 {
+                if host.join("rw/ready").exists() {
+                    std::fs::write(host.join("ro/hello"), "from the HOST\n").unwrap();
+                    std::fs::write(host.join("ro/changed"), "").unwrap();
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            false
+        })
+    };
     let out = run_process(&sandbox, "c1", "", b"", false).await;
-    assert_eq!(out.stdout(), "from the host\n", "stderr: {}", out.stderr());
+    assert!(rewrite.await.unwrap(), "the container never read the volume");
+    assert_eq!(
+        out.stdout(),
+        "from the host\nfrom the HOST\n",
+        "stderr: {}",
+        out.stderr()
+    );
     assert_eq!(out.status, 0);
     assert_eq!(
         std::fs::read_to_string(host.join("rw/out")).unwrap(),
