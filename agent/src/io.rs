@@ -39,6 +39,8 @@ use crate::{forward, logger::log, runtime::Runtime};
 pub const ATTACH_GRACE: Duration = Duration::from_secs(5);
 /// How long after the exit WaitProcess waits for output to be delivered.
 pub const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
+/// How long an output pump lets a writer of small pieces go on before sending what it read.
+const COALESCE: Duration = Duration::from_millis(1);
 /// How long a new connection may take to send its header.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -64,6 +66,20 @@ impl AsyncFile {
                 Err(_would_block) => continue,
             }
         }
+    }
+
+    /// Appends to `buf[..len]` what is in the pipe now, without waiting; returns the new length
+    /// and whether the end was reached.
+    fn read_available(&self, buf: &mut [u8], mut len: usize) -> io::Result<(usize, bool)> {
+        while len < buf.len() {
+            match nix::unistd::read(self.0.get_ref(), &mut buf[len..]) {
+                Ok(0) | Err(nix::errno::Errno::EIO) => return Ok((len, true)),
+                Ok(n) => len += n,
+                Err(nix::errno::Errno::EAGAIN) => break,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok((len, false))
     }
 
     async fn write_all(&self, mut buf: &[u8]) -> io::Result<()> {
@@ -323,8 +339,9 @@ async fn pump_output<W: AsyncWrite + Unpin>(
     match AsyncFile::new(fd) {
         Ok(file) => {
             let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                let n = match file.read(&mut buf).await {
+            let mut eof = false;
+            while !eof {
+                let mut n = match file.read(&mut buf).await {
                     Ok(0) => break,
                     Ok(n) => n,
                     Err(e) => {
@@ -332,6 +349,18 @@ async fn pump_output<W: AsyncWrite + Unpin>(
                         break;
                     }
                 };
+                if n < buf.len() / 2 {
+                    // A writer of small pieces wakes us for each one, and each would be a
+                    // vsock send of its own (the costly part under emulation).
+                    tokio::time::sleep(COALESCE).await;
+                    match file.read_available(&mut buf, n) {
+                        Ok((len, end)) => (n, eof) = (len, end),
+                        Err(e) => {
+                            warn!(log(), "reading process output failed"; "stream" => %kind, "error" => %e);
+                            eof = true;
+                        }
+                    }
+                }
                 if let Some(c) = conn.as_mut() {
                     if let Err(e) = c.write_all(&buf[..n]).await {
                         debug!(log(), "output stream broke, discarding the rest"; "stream" => %kind, "error" => %e);
@@ -449,87 +478,4 @@ pub async fn refuse<S: AsyncWrite + Unpin>(mut conn: S, reason: &str) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn output_is_complete_after_the_writer_closes() {
-        let (pio, child) = ProcessIo::pipes(false).unwrap();
-        let pio = Arc::new(pio);
-        let data: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
-        let writer_data = data.clone();
-        let writer = std::thread::spawn(move || {
-            let mut f = std::fs::File::from(child.stdout);
-            std::io::Write::write_all(&mut f, &writer_data).unwrap();
-        });
-        let (host, agent) = tokio::io::duplex(4096);
-        let Ok(Attached::Now(fd)) = pio.attach(StreamKind::Stdout) else {
-            panic!("stdout not attachable")
-        };
-        let p = pio.clone();
-        let pump =
-            tokio::spawn(async move { pump_output(&p, StreamKind::Stdout, fd, Some(agent)).await });
-        let mut got = Vec::new();
-        let mut host = host;
-        tokio::io::AsyncReadExt::read_to_end(&mut host, &mut got)
-            .await
-            .unwrap();
-        writer.join().unwrap();
-        pump.await.unwrap();
-        assert_eq!(got, data);
-        assert!(*pio.drained[&StreamKind::Stdout].borrow());
-        assert!(
-            pio.attach(StreamKind::Stdout).is_err(),
-            "a stream attaches once"
-        );
-        assert!(pio
-            .attach(StreamKind::Stdin)
-            .unwrap_err()
-            .contains("no stdin"));
-    }
-
-    #[tokio::test]
-    async fn an_early_tty_stream_gets_the_master_later() {
-        let pio = ProcessIo::tty();
-        let Ok(Attached::Later(rx)) = pio.attach(StreamKind::Tty) else {
-            panic!("tty not attachable early")
-        };
-        assert!(
-            pio.attach(StreamKind::Tty).is_err(),
-            "a stream attaches once"
-        );
-        let (master, _other) = std::os::unix::net::UnixStream::pair().unwrap();
-        pio.set_master(master.into()).unwrap();
-        assert!(rx.await.is_ok());
-        // A process that never runs releases its early stream.
-        let pio = ProcessIo::tty();
-        let Ok(Attached::Later(rx)) = pio.attach(StreamKind::Tty) else {
-            panic!("tty not attachable early")
-        };
-        pio.abandon();
-        assert!(rx.await.is_err());
-    }
-
-    #[tokio::test]
-    async fn stdin_frames_then_eof_close_the_pipe() {
-        let (pio, child) = ProcessIo::pipes(true).unwrap();
-        let Ok(Attached::Now(fd)) = pio.attach(StreamKind::Stdin) else {
-            panic!("stdin not attachable")
-        };
-        let (mut host, mut agent) = tokio::io::duplex(4096);
-        let pump = tokio::spawn(async move { pump_input(StreamKind::Stdin, fd, &mut agent).await });
-        shoji_agent_api::stream::write_frame(&mut host, b"hello ")
-            .await
-            .unwrap();
-        shoji_agent_api::stream::write_frame(&mut host, b"world")
-            .await
-            .unwrap();
-        shoji_agent_api::stream::write_frame(&mut host, b"")
-            .await
-            .unwrap();
-        assert_eq!(pump.await.unwrap(), InputEnd::Eof);
-        let mut got = String::new();
-        std::io::Read::read_to_string(&mut std::fs::File::from(child.stdin), &mut got).unwrap();
-        assert_eq!(got, "hello world");
-    }
-}
+mod tests;

@@ -380,7 +380,10 @@ async fn volumes_reach_the_guest_read_only_holds_and_host_rewrites_show() {
         })
     };
     let out = run_process(&sandbox, "c1", "", b"", false).await;
-    assert!(rewrite.await.unwrap(), "the container never read the volume");
+    assert!(
+        rewrite.await.unwrap(),
+        "the container never read the volume"
+    );
     assert_eq!(
         out.stdout(),
         "from the host\nfrom the HOST\n",
