@@ -22,7 +22,11 @@ use shoji_agent_api::{
 };
 use slog::{error, warn};
 
-use crate::{cgroup, logger::log, network, server};
+use crate::{
+    cgroup,
+    logger::{log, ms_since},
+    network, server,
+};
 
 /// Set (to the switch's start time in µs since the epoch) when `/` is already the tmpfs.
 const ROOT_SWITCHED_ENV: &str = "SHOJI_AGENT_ROOT_SWITCHED_AT";
@@ -73,10 +77,6 @@ pub struct BootTimes {
     pub share_ms: f64,
     /// The second run's start to serving (mounts, share, runtime, lo).
     pub init_ms: f64,
-}
-
-fn ms_since(t: Instant) -> f64 {
-    t.elapsed().as_secs_f64() * 1000.0
 }
 
 /// PID 1's whole life; never returns (the VM powers off).

@@ -56,12 +56,19 @@ impl AsyncFile {
         Ok(AsyncFile(fd))
     }
 
-    /// 0 at EOF; a pty master reports EIO once all slaves are closed, which is EOF too.
+    /// One read(2): 0 at EOF; a pty master reports EIO once all slaves are closed, which is
+    /// EOF too. Nothing there yet is a `WouldBlock` error.
+    fn read_once(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match nix::unistd::read(self.0.get_ref(), buf) {
+            Err(nix::errno::Errno::EIO) => Ok(0),
+            r => r.map_err(io::Error::from),
+        }
+    }
+
     async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             let mut guard = self.0.readable().await?;
-            match guard.try_io(|fd| nix::unistd::read(fd.get_ref(), buf).map_err(io::Error::from)) {
-                Ok(Err(e)) if e.raw_os_error() == Some(libc::EIO) => return Ok(0),
+            match guard.try_io(|_| self.read_once(buf)) {
                 Ok(r) => return r,
                 Err(_would_block) => continue,
             }
@@ -72,11 +79,11 @@ impl AsyncFile {
     /// and whether the end was reached.
     fn read_available(&self, buf: &mut [u8], mut len: usize) -> io::Result<(usize, bool)> {
         while len < buf.len() {
-            match nix::unistd::read(self.0.get_ref(), &mut buf[len..]) {
-                Ok(0) | Err(nix::errno::Errno::EIO) => return Ok((len, true)),
+            match self.read_once(&mut buf[len..]) {
+                Ok(0) => return Ok((len, true)),
                 Ok(n) => len += n,
-                Err(nix::errno::Errno::EAGAIN) => break,
-                Err(e) => return Err(e.into()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
             }
         }
         Ok((len, false))

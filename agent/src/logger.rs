@@ -4,7 +4,7 @@
 //! Lines go through a bounded queue to a writer thread, so a slow console (a serial port under
 //! emulation, a guest kernel flooding it) never stalls a request: when the queue is full,
 //! lines are dropped and the drop is reported.
-use std::{fs::OpenOptions, io::Write, sync::OnceLock};
+use std::{fs::OpenOptions, io::Write, sync::OnceLock, time::Instant};
 
 use slog::{o, Drain, Level, Logger};
 
@@ -34,4 +34,9 @@ pub fn init(level: &str) {
 /// The agent's logger (a discarding one before `init`).
 pub fn log() -> &'static Logger {
     LOGGER.get_or_init(|| Logger::root(slog::Discard, o!()))
+}
+
+/// Milliseconds since `t`, fractional: the unit of the agent's phase timings in its logs.
+pub fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
 }

@@ -19,7 +19,7 @@ use crate::{
     cgroup,
     container::{self, guest_spec, rootfs},
     io::{ConsoleSocket, ProcessIo},
-    logger::log,
+    logger::{log, ms_since},
 };
 
 impl Runtime {
@@ -97,24 +97,26 @@ impl Runtime {
         source: &Path,
         overlay: bool,
     ) -> Result<Arc<Container>, RuntimeError> {
-        let t = std::time::Instant::now();
-        let ms = |t: std::time::Instant| t.elapsed().as_secs_f64() * 1000.0;
+        // Each phase's duration, for the `container prepared` debug line.
+        let mut since = std::time::Instant::now();
+        let mut lap = || {
+            let ms = ms_since(since);
+            since = std::time::Instant::now();
+            ms
+        };
         // Parsed and checked before anything is mounted: a bad spec fails fast.
         let mut guest =
             guest_spec::container_spec(&req.spec_json, id, &rootfs::path(dir), req.terminal)?;
-        let parse_ms = ms(t);
-        let t = std::time::Instant::now();
+        let parse_ms = lap();
         if !guest.pod_namespaces.is_empty() {
             guest.join_pod(self.pod.pause().await?);
         }
-        let pause_ms = ms(t);
-        let t = std::time::Instant::now();
+        let pause_ms = lap();
         let rootfs = rootfs::assemble(source, overlay, dir).map_err(|e| match e {
             rootfs::RootfsError::NoSource(_) => RuntimeError::InvalidArgument(e.to_string()),
             e => RuntimeError::Internal(e.to_string()),
         })?;
-        let rootfs_ms = ms(t);
-        let t = std::time::Instant::now();
+        let rootfs_ms = lap();
         let guest_spec::GuestSpec {
             spec, net_sysctls, ..
         } = guest;
@@ -140,7 +142,7 @@ impl Runtime {
         };
         let born = std::time::Instant::now();
         debug!(log(), "container prepared"; "container" => id, "parse_ms" => parse_ms,
-            "pause_wait_ms" => pause_ms, "rootfs_ms" => rootfs_ms, "spec_ms" => ms(t));
+            "pause_wait_ms" => pause_ms, "rootfs_ms" => rootfs_ms, "spec_ms" => lap());
         let pid = container::create::create(
             &self.reaper,
             id,
