@@ -267,14 +267,10 @@ fn mount_basics() -> Result<(), String> {
     Ok(())
 }
 
+/// The share holds the containers' rootfs: set-uid programs in an image work as with runc
+/// (no_new_privs decides, per container). nosuid stays on the host side of every bind.
 fn mount_share(tag: &str) -> Result<(), String> {
-    mount_fs(
-        tag,
-        GUEST_SHARE_DIR,
-        "virtiofs",
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        None,
-    )
+    mount_fs(tag, GUEST_SHARE_DIR, "virtiofs", MsFlags::MS_NODEV, None)
 }
 
 /// Flushes filesystems and powers the VM off.

@@ -12,7 +12,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 pub use k8s_cri::v1 as api;
 
-pub use crate::streaming::{exec_stream, port_forward, Forwarded};
+pub use crate::streaming::{exec_stream, port_forward, tty_session, Forwarded, Input};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -106,6 +106,15 @@ impl Cri {
             c.version(VersionRequest::default()),
         )
         .await
+    }
+
+    /// The runtime handlers containerd knows, with the features each advertises.
+    pub async fn runtime_handlers(&self) -> Result<Vec<RuntimeHandler>, Error> {
+        let mut c = self.rt.clone();
+        Ok(self
+            .call("Status", self.timeout, c.status(StatusRequest::default()))
+            .await?
+            .runtime_handlers)
     }
 
     /// RunPodSandbox with `runtime_handler` (e.g. `runc`, `shoji`); returns the sandbox id.
@@ -370,6 +379,37 @@ impl Cri {
             stderr: !tty,
         };
         Ok(self.call("Exec", self.timeout, c.exec(req)).await?.url)
+    }
+
+    /// Attach: asks for a streaming URL attached to container `id`'s init (run it with
+    /// `tty_session` when the container has a tty).
+    pub async fn attach_url(&self, id: &str, tty: bool) -> Result<String, Error> {
+        let mut c = self.rt.clone();
+        let req = AttachRequest {
+            container_id: id.into(),
+            stdin: true,
+            tty,
+            stdout: true,
+            stderr: !tty,
+        };
+        Ok(self.call("Attach", self.timeout, c.attach(req)).await?.url)
+    }
+
+    /// CheckpointContainer to the archive `location`.
+    pub async fn checkpoint(&self, id: &str, location: &Path) -> Result<(), Error> {
+        let mut c = self.rt.clone();
+        let req = CheckpointContainerRequest {
+            container_id: id.into(),
+            location: location.display().to_string(),
+            timeout: 30,
+        };
+        self.call(
+            "CheckpointContainer",
+            self.timeout,
+            c.checkpoint_container(req),
+        )
+        .await
+        .map(drop)
     }
 
     /// PortForward: asks for a streaming URL forwarding `ports` of pod `pod_id` (single use;

@@ -564,3 +564,43 @@ async fn pod_steps(
     cri.remove_container(&id).await?;
     Ok(())
 }
+
+/// `<scenario>::{runc,shoji}_containerd_{1_7,2}`: test scenario `$scenario` on each runtime and
+/// containerd version, on test networks `$net`..`$net + 3`, each run by `$on` (the test file's
+/// `on` unless given): the runc/shoji side-by-side tests.
+#[macro_export]
+macro_rules! side_by_side {
+    ($scenario:ident, $net:literal) => {
+        $crate::side_by_side!($scenario, $net, on);
+    };
+    ($scenario:ident, $net:literal, $on:ident) => {
+        mod $scenario {
+            use $crate::{
+                containerd::Version,
+                scenario::{Runtime, ShojiRuntime},
+            };
+
+            #[tokio::test]
+            async fn runc_containerd_1_7() {
+                super::$on(&Runtime::runc(), Version::V1_7, $net, super::$scenario).await
+            }
+
+            #[tokio::test]
+            async fn runc_containerd_2() {
+                super::$on(&Runtime::runc(), Version::V2, $net + 1, super::$scenario).await
+            }
+
+            #[tokio::test]
+            async fn shoji_containerd_1_7() {
+                let shoji = ShojiRuntime::new("");
+                super::$on(&shoji.runtime, Version::V1_7, $net + 2, super::$scenario).await
+            }
+
+            #[tokio::test]
+            async fn shoji_containerd_2() {
+                let shoji = ShojiRuntime::new("");
+                super::$on(&shoji.runtime, Version::V2, $net + 3, super::$scenario).await
+            }
+        }
+    };
+}

@@ -97,6 +97,66 @@ pub async fn exec_stream(
         .map_err(|_| fail(format!("no end within {limit:?}")))?
 }
 
+const CHANNEL_RESIZE: u8 = 4;
+
+/// One step of an interactive terminal session: a new terminal size, or input typed.
+pub enum Input<'a> {
+    Resize { width: u16, height: u16 },
+    Type(&'a str),
+}
+
+/// Drives a terminal session on a streaming URL (`Cri::exec_url` or `Cri::attach_url` with a
+/// tty): sends each input, then waits until the terminal's output since that input contains
+/// the text paired with it. Returns everything the terminal printed. Bounded by `limit`.
+pub async fn tty_session(
+    url: &str,
+    steps: &[(Input<'_>, &str)],
+    limit: Duration,
+) -> Result<String, Error> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let fail = stream_error(url);
+    let mut output = Vec::new();
+    let run = async {
+        let (mut ws, _) = ws_connect(url, STREAM_PROTOCOLS).await?;
+        for (input, want) in steps {
+            let msg = match input {
+                Input::Resize { width, height } => {
+                    let mut m = vec![CHANNEL_RESIZE];
+                    let size = serde_json::json!({ "Width": width, "Height": height });
+                    m.extend(serde_json::to_vec(&size).map_err(|e| fail(e.to_string()))?);
+                    m
+                }
+                Input::Type(text) => [&[CHANNEL_STDIN], text.as_bytes()].concat(),
+            };
+            ws.send(Message::binary(msg))
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            let from = output.len();
+            while !String::from_utf8_lossy(&output[from..]).contains(want) {
+                match ws.next().await {
+                    Some(Ok(Message::Binary(b))) if b.first() == Some(&CHANNEL_STDOUT) => {
+                        output.extend_from_slice(&b[1..])
+                    }
+                    Some(Ok(Message::Close(_))) | None => {
+                        return Err(fail(format!("the session ended before {want:?} showed")))
+                    }
+                    Some(Err(e)) => return Err(fail(e.to_string())),
+                    Some(Ok(_)) => {}
+                }
+            }
+        }
+        Ok::<_, Error>(())
+    };
+    match tokio::time::timeout(limit, run).await {
+        Ok(r) => r.map(|()| String::from_utf8_lossy(&output).into_owned()),
+        Err(_) => Err(fail(format!(
+            "no end within {limit:?}; the terminal printed {:?}",
+            String::from_utf8_lossy(&output)
+        ))),
+    }
+}
+
 /// What one forwarded connection brought back.
 #[derive(Debug)]
 pub struct Forwarded {

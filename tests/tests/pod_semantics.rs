@@ -337,45 +337,10 @@ async fn dual_stack(env: &Env) -> Result {
     .await
 }
 
-/// `$name_{runc,shoji}_{1_7,2}`: scenario `$scenario` on each runtime and containerd version, on test
-/// networks `$net`..`$net + 3`, made by `$on` ([`on`] unless given).
-macro_rules! side_by_side {
-    ($scenario:ident, $net:literal) => {
-        side_by_side!($scenario, $net, on);
-    };
-    ($scenario:ident, $net:literal, $on:ident) => {
-        mod $scenario {
-            use super::*;
-
-            #[tokio::test]
-            async fn runc_containerd_1_7() {
-                $on(&Runtime::runc(), Version::V1_7, $net, super::$scenario).await
-            }
-
-            #[tokio::test]
-            async fn runc_containerd_2() {
-                $on(&Runtime::runc(), Version::V2, $net + 1, super::$scenario).await
-            }
-
-            #[tokio::test]
-            async fn shoji_containerd_1_7() {
-                let shoji = ShojiRuntime::new("");
-                $on(&shoji.runtime, Version::V1_7, $net + 2, super::$scenario).await
-            }
-
-            #[tokio::test]
-            async fn shoji_containerd_2() {
-                let shoji = ShojiRuntime::new("");
-                $on(&shoji.runtime, Version::V2, $net + 3, super::$scenario).await
-            }
-        }
-    };
-}
-
-side_by_side!(shared_namespaces_and_sysctls, 221);
-side_by_side!(privileged_netfilter_and_big_writes, 241);
-side_by_side!(update_resources, 245);
-side_by_side!(dual_stack, 236, on_dual_stack);
+shoji_tests::side_by_side!(shared_namespaces_and_sysctls, 221);
+shoji_tests::side_by_side!(privileged_netfilter_and_big_writes, 241);
+shoji_tests::side_by_side!(update_resources, 245);
+shoji_tests::side_by_side!(dual_stack, 236, on_dual_stack);
 
 /// An update the pod's VM cannot hold. Cloud Hypervisor grows the VM (`vm.resize`) and the
 /// container gets its new limits. The documented difference of the QEMU backend: it cannot

@@ -171,6 +171,7 @@ pub fn container_spec(
         ));
     }
     let net_sysctls = take_net_sysctls(&mut linux)?;
+    plain_rootfs_propagation(&mut linux);
     linux.set_mount_label(None);
     linux.set_cgroups_path(Some(PathBuf::from(cgroup::spec_path(id))));
     spec.set_linux(Some(linux));
@@ -179,6 +180,19 @@ pub fn container_spec(
         pod_namespaces,
         net_sysctls,
     })
+}
+
+/// containerd writes runc's recursive names (`rslave` for a HostToContainer volume);
+/// libcontainer knows only the plain ones, and applies them recursively anyway.
+fn plain_rootfs_propagation(linux: &mut libcontainer::oci_spec::runtime::Linux) {
+    let plain = linux.rootfs_propagation().as_deref().and_then(|p| {
+        p.strip_prefix('r')
+            .filter(|rest| ["shared", "slave", "private", "unbindable"].contains(rest))
+            .map(str::to_string)
+    });
+    if plain.is_some() {
+        linux.set_rootfs_propagation(plain);
+    }
 }
 
 /// Where a sysctl applies in the guest.
@@ -522,6 +536,23 @@ mod tests {
         let p = spec.process().as_ref().unwrap();
         assert_eq!((p.terminal(), p.user().uid()), (Some(false), 1000));
         assert!(p.capabilities().is_none(), "no capabilities may be added");
+    }
+
+    #[test]
+    fn recursive_rootfs_propagation_names_become_plain_ones() {
+        let mut linux = libcontainer::oci_spec::runtime::Linux::default();
+        for (given, want) in [
+            ("rslave", "slave"),
+            ("rshared", "shared"),
+            ("rprivate", "private"),
+            ("runbindable", "unbindable"),
+            ("slave", "slave"),
+            ("rbogus", "rbogus"),
+        ] {
+            linux.set_rootfs_propagation(Some(given.into()));
+            plain_rootfs_propagation(&mut linux);
+            assert_eq!(linux.rootfs_propagation().as_deref(), Some(want), "{given}");
+        }
     }
 
     #[test]

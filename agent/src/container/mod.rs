@@ -24,6 +24,7 @@ pub mod pause;
 pub mod rootfs;
 pub mod standby;
 pub mod start;
+pub mod volumes;
 
 use std::{
     os::{

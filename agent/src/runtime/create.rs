@@ -17,7 +17,7 @@ use super::{
 };
 use crate::{
     cgroup,
-    container::{self, guest_spec, rootfs},
+    container::{self, guest_spec, rootfs, volumes},
     io::{ConsoleSocket, ProcessIo},
     logger::{log, ms_since},
 };
@@ -107,6 +107,8 @@ impl Runtime {
         // Parsed and checked before anything is mounted: a bad spec fails fast.
         let mut guest =
             guest_spec::container_spec(&req.spec_json, id, &rootfs::path(dir), req.terminal)?;
+        volumes::check(id, &req.submounts)
+            .map_err(|e| RuntimeError::InvalidArgument(e.to_string()))?;
         let parse_ms = lap();
         if !guest.pod_namespaces.is_empty() {
             guest.join_pod(self.pod.pause().await?);
@@ -127,6 +129,10 @@ impl Runtime {
                 .as_ref()
                 .expect("container_spec checks the process"),
         )?;
+        for (path, error) in volumes::reveal(&req.submounts) {
+            debug!(log(), "a nested volume mount is gone"; "container" => id,
+                "path" => path, "error" => %error);
+        }
         spec.save(dir.join("config.json"))
             .map_err(internal("writing config.json"))?;
 

@@ -1,28 +1,16 @@
 //! containerd-shim-shoji-v2: the containerd shim v2 of shoji (`io.containerd.shoji.v2`).
-use containerd_shim_protos::{
-    protobuf::{Message, MessageField},
-    types::introspection::{RuntimeInfo, RuntimeVersion},
-};
 use shoji::containerd::{
     bootstrap::{self, ShojiShim},
-    RUNTIME_TYPE,
+    info, RUNTIME_TYPE,
 };
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    // containerd 2.x asks `-info` for the runtime's identity; containerd-shim 0.11's run()
-    // does not answer it.
+    // containerd 2.x asks `-info` for the runtime's identity and features; containerd-shim
+    // 0.11's run() does not answer it.
     if args.iter().skip(1).any(|a| a == "-info") {
-        let info = RuntimeInfo {
-            name: RUNTIME_TYPE.into(),
-            version: MessageField::some(RuntimeVersion {
-                version: env!("CARGO_PKG_VERSION").into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        let bytes = info.write_to_bytes().expect("RuntimeInfo encodes");
-        std::io::Write::write_all(&mut std::io::stdout(), &bytes).expect("write RuntimeInfo");
+        std::io::Write::write_all(&mut std::io::stdout(), &info::runtime_info())
+            .expect("write RuntimeInfo");
         return;
     }
     if args.iter().skip(1).any(|a| a == "-v" || a == "--version") {

@@ -3,6 +3,7 @@
 //! options, metrics). Below this module the shim works with its own types.
 pub mod bootstrap;
 pub mod events;
+pub mod info;
 pub mod options;
 pub mod stats;
 pub mod task;

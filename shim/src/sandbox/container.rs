@@ -88,7 +88,7 @@ impl Sandbox {
         });
         let created = async {
             let rootfs = self.mount_rootfs(&req.id, &req.rootfs)?;
-            self.share_volumes(&req.id, &mut req.spec)?;
+            let submounts = self.share_volumes(&req.id, &mut req.spec)?;
             let spec_json = serde_json::to_vec(&req.spec)
                 .map_err(|e| SandboxError::Invalid(format!("OCI spec: {e}")))?;
             self.agent
@@ -103,6 +103,7 @@ impl Sandbox {
                     .into(),
                     terminal,
                     stdin: req.stdin,
+                    submounts,
                     ..Default::default()
                 })
                 .await?;
@@ -213,11 +214,12 @@ impl Sandbox {
 
     /// Shares the spec's host bind mounts with the guest (each at
     /// `<container>/volumes/m<i>`, read-only enforced on the host) and rewrites their
-    /// sources to the guest paths.
-    fn share_volumes(&self, container_id: &str, spec: &mut Spec) -> Result<()> {
+    /// sources to the guest paths. Returns the guest paths of the mounts nested in them.
+    fn share_volumes(&self, container_id: &str, spec: &mut Spec) -> Result<Vec<String>> {
         let Some(mounts) = spec.mounts().clone() else {
-            return Ok(());
+            return Ok(Vec::new());
         };
+        let mut submounts = Vec::new();
         let mut rewritten = Vec::with_capacity(mounts.len());
         for (i, mut m) in mounts.into_iter().enumerate() {
             if oci::is_host_bind(&m) {
@@ -238,14 +240,29 @@ impl Sandbox {
                     .join("volumes")
                     .join(format!("m{i}"));
                 let options = m.options().clone().unwrap_or_default();
+                if options.iter().any(|o| o == "rshared" || o == "shared") {
+                    return Err(SandboxError::Invalid(format!(
+                        "the mount at {} asks for bidirectional mount propagation ({}): a mount \
+                         made inside the pod's VM cannot reach the host; use HostToContainer \
+                         (rslave) propagation",
+                        m.destination().display(),
+                        source.display()
+                    )));
+                }
                 self.shared
                     .bind(&source, &rel, BindMode::from_options(&options))?;
+                submounts.extend(
+                    self.shared
+                        .nested_mounts(&rel)
+                        .iter()
+                        .map(|p| guest_path(p)),
+                );
                 m.set_source(Some(PathBuf::from(guest_path(&rel))));
             }
             rewritten.push(m);
         }
         spec.set_mounts(Some(rewritten));
-        Ok(())
+        Ok(submounts)
     }
 }
 

@@ -114,6 +114,21 @@ impl SharedDir {
         Ok(target)
     }
 
+    /// The mounts nested below `rel` (not `rel` itself), as paths relative to the shared
+    /// directory, parents first.
+    pub fn nested_mounts(&self, rel: &Path) -> Vec<PathBuf> {
+        let root = self.path.join(rel);
+        let mut nested: Vec<PathBuf> = mounts_under(&root)
+            .into_iter()
+            .filter(|p| p != &root)
+            .filter_map(|p| p.strip_prefix(&self.path).ok().map(Path::to_path_buf))
+            .collect();
+        nested.sort();
+        nested.dedup();
+        nested.sort_by_key(|p| p.components().count());
+        nested
+    }
+
     /// Mounts a filesystem (e.g. containerd's overlay snapshot) at `rel` under the shared
     /// directory; `options` are the mount(8) options. Returns the host target.
     pub fn mount_fs(
