@@ -89,9 +89,32 @@ critest_binaries() {
   ln -sfn "$sha" "$store/current"
 }
 
+# Debian's dynamically linked busybox, for the images' /bin/sh: its shell runs commands by exec through PATH as
+# the e2e busybox image's does (busybox-static's runs its own applets in-process, so a masked /bin/ls would
+# still run). Fetched once with apt-get download, never installed (it conflicts with busybox-static). Without
+# it the images keep busybox-static's shell and only the MaskedPaths spec suffers.
+shell_busybox() {
+  local dest=$CACHE/critest/busybox-shell tmp
+  SHELL_ARGS=(--shell "$dest/bin/busybox")
+  [ -x "$dest/bin/busybox" ] && return
+  tmp=$(mktemp -d /tmp/shoji-critest-busybox.XXXXXX)
+  if (cd "$tmp" && apt-get download -q -o APT::Sandbox::User=root busybox) >&2 &&
+    rm -rf "$dest.partial" && dpkg-deb -x "$tmp"/busybox_*.deb "$dest.partial"; then
+    mv "$dest.partial" "$dest"
+  else
+    log "could not fetch Debian's busybox package: the images keep busybox-static's shell (MaskedPaths fails)"
+    SHELL_ARGS=()
+  fi
+  rm -rf "$tmp"
+}
+
 command -v jq >/dev/null || apt_install jq
 critest_binaries
-hack/setup.sh >&2 || die "hack/setup.sh failed"
+shell_busybox
+# shoji's pieces (guest kernel, initramfs, shim), only when shoji runs.
+if [[ " $runtimes " == *" shoji "* ]]; then
+  hack/setup.sh >&2 || die "hack/setup.sh failed"
+fi
 cargo build -q -p shoji-tests --bin critest-registry >&2
 target=${CARGO_TARGET_DIR:-$root/target}/debug
 CTRD_BIN=$CACHE/containerd/$ctrd_version/usr/bin
@@ -109,7 +132,7 @@ shm_before=$(ipcs -m | awk '$2 ~ /^[0-9]+$/ {print $2}' | sort)
 pids_with() {
   local f
   for f in /proc/[0-9]*/"$1"; do
-    if tr '\0' '\n' <"$f" 2>/dev/null | grep -qxF -- "$2"; then
+    if tr '\0' '\n' 2>/dev/null <"$f" | grep -qxF -- "$2"; then
       f=${f#/proc/}
       echo "${f%%/*}"
     fi
@@ -161,7 +184,7 @@ log "waiting for the host-wide containerd lock $LOCK"
 flock -w 900 9 || die "another private containerd held $LOCK for 15 minutes"
 
 # The image registry (tests/src/bin/critest-registry.rs) on a free port of 127.0.0.1.
-"$target/critest-registry" --port-file "$WORK/registry.addr" >/dev/null 2>"$LOGS/registry.log" &
+"$target/critest-registry" --port-file "$WORK/registry.addr" "${SHELL_ARGS[@]}" >/dev/null 2>"$LOGS/registry.log" &
 REGISTRY_PID=$!
 for _ in $(seq 600); do
   [ -s "$WORK/registry.addr" ] || ! kill -0 "$REGISTRY_PID" 2>/dev/null && break

@@ -4,7 +4,10 @@
 //!
 //! What each image must do comes from critest's specs (cri-tools `pkg/validate`):
 //! - busybox: a shell and the usual applets, `pgrep`, `ipcs -m`, accounts `nobody` and `www-data`; `/bin/ls` a
-//!   hard link, not a symlink, so that masking it (MaskedPaths) masks only `ls`.
+//!   hard link, not a symlink, so that masking it (MaskedPaths) masks only `ls`. MaskedPaths also needs a shell
+//!   that runs `ls` by exec: busybox-static's runs its own applets in-process (FEATURE_SH_STANDALONE), so with
+//!   `shell` given (Debian's dynamically linked busybox, built without it) that is `/bin/sh`, with the host
+//!   libraries it links.
 //! - nginx: HTTP 200 on :80 from a forked worker; `nginx: master process ...` in its command line; its pid in
 //!   `/var/run/nginx.pid` (`tests/images/nginx.c`). hostnet-nginx: the same on :12003.
 //! - httpd: HTTP 200 on :80 and a log line containing `httpd`.
@@ -69,6 +72,8 @@ pub enum Error {
     },
     #[error("critest images: gcc -static {src}: {stderr}")]
     Compile { src: PathBuf, stderr: String },
+    #[error("critest images: ldd {shell}: {stderr}")]
+    Ldd { shell: PathBuf, stderr: String },
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
@@ -121,12 +126,55 @@ fn layer(
         .map_err(io_err("build layer"))
 }
 
+/// The shared libraries `binary` loads (`ldd`), the loader included: absolute paths as the binary names them.
+fn libraries(binary: &Path) -> Result<Vec<String>, Error> {
+    let out = std::process::Command::new("ldd")
+        .arg(binary)
+        .output()
+        .map_err(io_err("run ldd"))?;
+    if !out.status.success() {
+        return Err(Error::Ldd {
+            shell: binary.into(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        });
+    }
+    // "\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "\t/lib64/ld-linux-x86-64.so.2 (0x...)".
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let path = l.split_once("=> ").map_or(l, |(_, p)| p).trim();
+            let path = path.split(" (").next()?;
+            path.starts_with('/').then(|| path.to_string())
+        })
+        .collect())
+}
+
+/// Adds `shell` as `/bin/sh` and the libraries it links at their paths, with their directories.
+fn add_shell(base: &mut Layer, shell: &Path) -> Result<(), Error> {
+    let read = |p: &Path| std::fs::read(p).map_err(io_err(format!("read {}", p.display())));
+    base.file("bin/sh", 0o755, &read(shell)?)
+        .map_err(io_err("busybox layer"))?;
+    let mut dirs = std::collections::BTreeSet::new();
+    for lib in libraries(shell)? {
+        let rel = lib.trim_start_matches('/');
+        for dir in Path::new(rel).ancestors().skip(1) {
+            let dir = dir.to_string_lossy().into_owned();
+            if !dir.is_empty() && dirs.insert(dir.clone()) {
+                base.dir(&dir, 0o755, 0).map_err(io_err("busybox layer"))?;
+            }
+        }
+        base.file(rel, 0o755, &read(Path::new(&lib))?)
+            .map_err(io_err("busybox layer"))?;
+    }
+    Ok(())
+}
+
 fn cmd(args: &[&str]) -> Vec<String> {
     args.iter().map(|a| a.to_string()).collect()
 }
 
-/// Every image critest pulls (but the digest-pinned one), plus the sandbox image.
-pub fn build() -> Result<Vec<Tagged>, Error> {
+/// Every image critest pulls (but the digest-pinned one), plus the sandbox image; `shell`: see the module doc.
+pub fn build(shell: Option<&Path>) -> Result<Vec<Tagged>, Error> {
     let busybox = Busybox::from_host()?;
     let work = tempfile::tempdir().map_err(io_err("temp dir"))?;
     let nginx_bin = static_program("nginx", work.path())?;
@@ -134,9 +182,13 @@ pub fn build() -> Result<Vec<Tagged>, Error> {
     let pause_bin = static_program("pause", work.path())?;
     let (pgrep, ipcs) = (read_source("pgrep")?, read_source("ipcs")?);
 
+    let own = if shell.is_some() { &["ls", "sh"][..] } else { &["ls"] };
     let mut base = busybox
-        .rootfs(PASSWD, GROUP, &["ls"])
+        .rootfs(PASSWD, GROUP, own)
         .map_err(io_err("busybox layer"))?;
+    if let Some(shell) = shell {
+        add_shell(&mut base, shell)?;
+    }
     base.hardlink("bin/ls", "bin/busybox")
         .and_then(|()| base.file("bin/pgrep", 0o755, &pgrep))
         .and_then(|()| base.file("bin/ipcs", 0o755, &ipcs))
@@ -295,4 +347,71 @@ pub fn build() -> Result<Vec<Tagged>, Error> {
         .into_iter()
         .map(|(reference, image)| Tagged { reference, image })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// (path, type, mode, uid) of each entry of a layer.
+    fn entries(layer: &crate::oci::Blob) -> Vec<(String, tar::EntryType, u32, u64)> {
+        let mut ar = tar::Archive::new(&layer.bytes[..]);
+        ar.entries()
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let h = e.header();
+                let path = e.path().unwrap().display().to_string();
+                (path, h.entry_type(), h.mode().unwrap(), h.uid().unwrap())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn images_carry_what_critest_checks() {
+        let images = build(None).expect("images");
+        let get = |r: &str| {
+            images
+                .iter()
+                .find(|t| t.reference == r)
+                .unwrap_or_else(|| panic!("{r} missing"))
+                .image
+                .clone()
+        };
+        let nnp = get("registry.k8s.io/e2e-test-images/nonewprivs:1.3");
+        assert!(entries(nnp.layers.last().unwrap()).iter().any(|(p, t, mode, uid)| {
+            p == "usr/local/bin/nnp" && *t == tar::EntryType::Regular && mode & 0o7777 == 0o4755 && *uid == 0
+        }));
+        let busybox = get("registry.k8s.io/e2e-test-images/busybox:1.29-2");
+        let base = entries(&busybox.layers[0]);
+        for (path, kind) in [
+            ("bin/ls", tar::EntryType::Link),
+            ("bin/pgrep", tar::EntryType::Regular),
+            ("bin/ipcs", tar::EntryType::Regular),
+            ("bin/sh", tar::EntryType::Symlink),
+        ] {
+            assert!(base.iter().any(|(p, t, ..)| p == path && *t == kind), "{path}");
+        }
+        let tags: Vec<_> = (1..=3)
+            .map(|t| get(&format!("{CRI_TOOLS}/test-image-tags:{t}")).manifest.digest.clone())
+            .collect();
+        assert!(tags.iter().all(|d| *d == tags[0]));
+        let distinct: std::collections::HashSet<_> = ["test-image-1:latest", "test-image-2:latest", "test-image-tag:test", "test-image-tag:all"]
+            .iter()
+            .map(|n| get(&format!("{CRI_TOOLS}/{n}")).manifest.digest.clone())
+            .collect();
+        assert_eq!(distinct.len(), 4);
+        let config: serde_json::Value = serde_json::from_slice(
+            &get(&format!("{CRI_TOOLS}/test-image-user-uid-group:latest")).config.bytes,
+        )
+        .unwrap();
+        assert_eq!(config["config"]["User"], "1003:1004");
+    }
+
+    #[test]
+    fn ldd_names_the_loader_and_libc() {
+        let libs = libraries(Path::new("/bin/sh")).expect("ldd /bin/sh");
+        assert!(libs.iter().any(|l| l.ends_with("/libc.so.6")), "{libs:?}");
+        assert!(libs.iter().any(|l| l.contains("ld-linux")), "{libs:?}");
+    }
 }

@@ -1,27 +1,32 @@
 //! Builds the images cri-tools' critest pulls (`shoji_tests::critest_images`) and serves them on 127.0.0.1 over
 //! the OCI distribution API (`shoji_tests::registry`), for `hack/critest.sh`.
 //!
-//!     critest-registry [--port-file FILE]
+//!     critest-registry [--port-file FILE] [--shell BUSYBOX]
 //!
 //! Binds a free port, writes `127.0.0.1:<port>` to FILE (when given, once the images are ready) and stdout, lists
-//! the references it serves on stderr, and serves until killed.
+//! the references it serves on stderr, and serves until killed. `--shell`: the busybox installed as the images'
+//! `/bin/sh` (see `critest_images`).
 
 use std::net::TcpListener;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use shoji_tests::{critest_images, registry::Registry};
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let port_file = match args.as_slice() {
-        [] => None,
-        [flag, file] if flag == "--port-file" => Some(file.clone()),
-        _ => {
-            eprintln!("usage: critest-registry [--port-file FILE]");
-            std::process::exit(2);
+    let (mut port_file, mut shell) = (None, None);
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        match (flag.as_str(), args.next()) {
+            ("--port-file", Some(file)) => port_file = Some(file),
+            ("--shell", Some(file)) => shell = Some(PathBuf::from(file)),
+            _ => {
+                eprintln!("usage: critest-registry [--port-file FILE] [--shell BUSYBOX]");
+                std::process::exit(2);
+            }
         }
-    };
-    let images = critest_images::build().unwrap_or_else(|e| {
+    }
+    let images = critest_images::build(shell.as_deref()).unwrap_or_else(|e| {
         eprintln!("critest-registry: {e}");
         std::process::exit(1);
     });
