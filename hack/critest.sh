@@ -294,7 +294,7 @@ for _ in $(seq 300); do
 done
 "$CTRD_BIN/ctr" --address "$SOCK" version >/dev/null 2>&1 || die "containerd not ready in 30 s"
 crictl() { timeout 300 "$BIN/crictl" --runtime-endpoint "unix://$SOCK" --image-endpoint "unix://$SOCK" "$@"; }
-crictl pull "$SANDBOX_IMAGE" >/dev/null || die "pulling $SANDBOX_IMAGE from the registry failed"
+crictl pull "$SANDBOX_IMAGE" >/dev/null 2>>"$LOGS/crictl.log" || die "pulling $SANDBOX_IMAGE from the registry failed"
 log "containerd $("$CTRD_BIN/containerd" --version | awk '{print $3}') on $SOCK"
 
 # One critest run per runtime, bounded; its ginkgo JSON report is what gets compared.
@@ -314,7 +314,7 @@ for rt in $runtimes; do
   CRITEST_PID=''
   seconds[$rt]=$(($(date +%s) - start))
   # Pods a hung spec left behind must not weigh on the next runtime's run.
-  crictl --timeout 60s rmp -fa >>"$LOGS/cleanup.log" 2>&1 || true
+  crictl --timeout 60s rmp -fa >>"$LOGS/crictl.log" 2>&1 || true
 done
 
 # ---- results ----

@@ -53,7 +53,8 @@ nogroup:x:65534:
 ";
 /// images/image-predefined-group of cri-tools: `default-user` (1000) also in group 50000.
 const PREDEFINED_GROUP_PASSWD: &str = "default-user:x:1000:1000::/home/default-user:/bin/sh\n";
-const PREDEFINED_GROUP_GROUP: &str = "default-user:x:1000:\ngroup-defined-in-image:x:50000:default-user\n";
+const PREDEFINED_GROUP_GROUP: &str =
+    "default-user:x:1000:\ngroup-defined-in-image:x:50000:default-user\n";
 /// httpd's command: a log line naming it, then busybox's httpd in the foreground.
 const HTTPD_FOREGROUND: &str = "#!/bin/sh
 echo \"httpd: serving /usr/local/apache2/htdocs on :80 (busybox httpd)\"
@@ -117,9 +118,7 @@ fn static_program(name: &str, out: &Path) -> Result<Vec<u8>, Error> {
 }
 
 /// A layer from `build`, which adds entries to an empty one.
-fn layer(
-    build: impl FnOnce(&mut Layer) -> std::io::Result<()>,
-) -> Result<crate::oci::Blob, Error> {
+fn layer(build: impl FnOnce(&mut Layer) -> std::io::Result<()>) -> Result<crate::oci::Blob, Error> {
     let mut l = Layer::default();
     build(&mut l)
         .and_then(|()| l.finish())
@@ -182,7 +181,11 @@ pub fn build(shell: Option<&Path>) -> Result<Vec<Tagged>, Error> {
     let pause_bin = static_program("pause", work.path())?;
     let (pgrep, ipcs) = (read_source("pgrep")?, read_source("ipcs")?);
 
-    let own = if shell.is_some() { &["ls", "sh"][..] } else { &["ls"] };
+    let own = if shell.is_some() {
+        &["ls", "sh"][..]
+    } else {
+        &["ls"]
+    };
     let mut base = busybox
         .rootfs(PASSWD, GROUP, own)
         .map_err(io_err("busybox layer"))?;
@@ -213,7 +216,10 @@ pub fn build(shell: Option<&Path>) -> Result<Vec<Tagged>, Error> {
             vec![nginx_layer.clone()],
             RunConfig {
                 cmd: cmd(&["nginx", "-g", "daemon off;"]),
-                env: port.map(|p| format!("NGINX_PORT={p}")).into_iter().collect(),
+                env: port
+                    .map(|p| format!("NGINX_PORT={p}"))
+                    .into_iter()
+                    .collect(),
                 ..Default::default()
             },
         )
@@ -244,7 +250,10 @@ pub fn build(shell: Option<&Path>) -> Result<Vec<Tagged>, Error> {
                 },
             )),
         ),
-        (format!("{E2E}/busybox:1.29-2"), on_base(Vec::new(), shell())),
+        (
+            format!("{E2E}/busybox:1.29-2"),
+            on_base(Vec::new(), shell()),
+        ),
         (format!("{E2E}/nginx:1.14-2"), nginx(None)),
         (
             format!("{CRI_TOOLS}/hostnet-nginx-amd64:latest"),
@@ -379,9 +388,14 @@ mod tests {
                 .clone()
         };
         let nnp = get("registry.k8s.io/e2e-test-images/nonewprivs:1.3");
-        assert!(entries(nnp.layers.last().unwrap()).iter().any(|(p, t, mode, uid)| {
-            p == "usr/local/bin/nnp" && *t == tar::EntryType::Regular && mode & 0o7777 == 0o4755 && *uid == 0
-        }));
+        assert!(entries(nnp.layers.last().unwrap())
+            .iter()
+            .any(|(p, t, mode, uid)| {
+                p == "usr/local/bin/nnp"
+                    && *t == tar::EntryType::Regular
+                    && mode & 0o7777 == 0o4755
+                    && *uid == 0
+            }));
         let busybox = get("registry.k8s.io/e2e-test-images/busybox:1.29-2");
         let base = entries(&busybox.layers[0]);
         for (path, kind) in [
@@ -390,19 +404,34 @@ mod tests {
             ("bin/ipcs", tar::EntryType::Regular),
             ("bin/sh", tar::EntryType::Symlink),
         ] {
-            assert!(base.iter().any(|(p, t, ..)| p == path && *t == kind), "{path}");
+            assert!(
+                base.iter().any(|(p, t, ..)| p == path && *t == kind),
+                "{path}"
+            );
         }
         let tags: Vec<_> = (1..=3)
-            .map(|t| get(&format!("{CRI_TOOLS}/test-image-tags:{t}")).manifest.digest.clone())
+            .map(|t| {
+                get(&format!("{CRI_TOOLS}/test-image-tags:{t}"))
+                    .manifest
+                    .digest
+                    .clone()
+            })
             .collect();
         assert!(tags.iter().all(|d| *d == tags[0]));
-        let distinct: std::collections::HashSet<_> = ["test-image-1:latest", "test-image-2:latest", "test-image-tag:test", "test-image-tag:all"]
-            .iter()
-            .map(|n| get(&format!("{CRI_TOOLS}/{n}")).manifest.digest.clone())
-            .collect();
+        let distinct: std::collections::HashSet<_> = [
+            "test-image-1:latest",
+            "test-image-2:latest",
+            "test-image-tag:test",
+            "test-image-tag:all",
+        ]
+        .iter()
+        .map(|n| get(&format!("{CRI_TOOLS}/{n}")).manifest.digest.clone())
+        .collect();
         assert_eq!(distinct.len(), 4);
         let config: serde_json::Value = serde_json::from_slice(
-            &get(&format!("{CRI_TOOLS}/test-image-user-uid-group:latest")).config.bytes,
+            &get(&format!("{CRI_TOOLS}/test-image-user-uid-group:latest"))
+                .config
+                .bytes,
         )
         .unwrap();
         assert_eq!(config["config"]["User"], "1003:1004");

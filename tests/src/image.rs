@@ -135,8 +135,9 @@ pub fn busybox_archive() -> Result<PathBuf, Error> {
         return Ok(path);
     }
     fs::create_dir_all(&dir).map_err(io_err(format!("create {}", dir.display())))?;
-    let passwd =
-        format!("root:x:0:0:root:/root:/bin/sh\nuser:x:{USER_UID}:{USER_UID}:user:/home/user:/bin/sh\n");
+    let passwd = format!(
+        "root:x:0:0:root:/root:/bin/sh\nuser:x:{USER_UID}:{USER_UID}:user:/home/user:/bin/sh\n"
+    );
     let group = format!("root:x:0:\nuser:x:{USER_UID}:\n");
     let archive = busybox
         .rootfs(&passwd, &group, &[])

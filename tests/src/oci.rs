@@ -144,9 +144,7 @@ impl Image {
 
     /// Every blob of the image: layers, config, manifest.
     pub fn blobs(&self) -> impl Iterator<Item = &Blob> {
-        self.layers
-            .iter()
-            .chain([&self.config, &self.manifest])
+        self.layers.iter().chain([&self.config, &self.manifest])
     }
 
     /// The manifest's descriptor with `annotations`, as an image index lists it.

@@ -165,7 +165,10 @@ mod tests {
         l.file("hello", 0o644, b"hi").unwrap();
         let image = Arc::new(Image::new(vec![l.finish().unwrap()], &RunConfig::default()));
         let mut r = Registry::default();
-        r.add("gcr.io/k8s-staging-cri-tools/test-image-tags:1", image.clone());
+        r.add(
+            "gcr.io/k8s-staging-cri-tools/test-image-tags:1",
+            image.clone(),
+        );
         (r, image)
     }
 
@@ -179,7 +182,10 @@ mod tests {
         );
         assert_eq!(by_tag.status, 200);
         assert_eq!(by_tag.content_type, MANIFEST_MEDIA_TYPE);
-        assert_eq!(by_tag.digest.as_deref(), Some(image.manifest.digest.as_str()));
+        assert_eq!(
+            by_tag.digest.as_deref(),
+            Some(image.manifest.digest.as_str())
+        );
         let by_digest = r.handle(
             "GET",
             &format!(
@@ -190,11 +196,18 @@ mod tests {
         assert_eq!(by_digest, by_tag);
         let layer = r.handle(
             "GET",
-            &format!("/v2/k8s-staging-cri-tools/test-image-tags/blobs/{}", image.layers[0].digest),
+            &format!(
+                "/v2/k8s-staging-cri-tools/test-image-tags/blobs/{}",
+                image.layers[0].digest
+            ),
         );
         assert_eq!(layer.body, image.layers[0].bytes);
         assert_eq!(
-            r.handle("GET", "/v2/k8s-staging-cri-tools/test-image-tags/manifests/2").status,
+            r.handle(
+                "GET",
+                "/v2/k8s-staging-cri-tools/test-image-tags/manifests/2"
+            )
+            .status,
             404
         );
         assert_eq!(r.handle("PUT", "/v2/").status, 405);
@@ -214,8 +227,14 @@ mod tests {
         let mut text = String::new();
         conn.read_to_string(&mut text).unwrap();
         assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
-        assert!(text.contains(&format!("Docker-Content-Digest: {}\r\n", image.manifest.digest)));
-        assert!(text.contains(&format!("Content-Length: {}\r\n", image.manifest.bytes.len())));
+        assert!(text.contains(&format!(
+            "Docker-Content-Digest: {}\r\n",
+            image.manifest.digest
+        )));
+        assert!(text.contains(&format!(
+            "Content-Length: {}\r\n",
+            image.manifest.bytes.len()
+        )));
         assert!(text.ends_with("\r\n\r\n"), "{text}");
     }
 }

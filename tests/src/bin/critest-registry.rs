@@ -46,7 +46,9 @@ fn main() {
     if let Some(file) = &port_file {
         // Written whole under another name and renamed: a reader never sees half an address.
         let tmp = format!("{file}.tmp");
-        if let Err(e) = std::fs::write(&tmp, format!("{addr}\n")).and_then(|()| std::fs::rename(&tmp, file)) {
+        if let Err(e) =
+            std::fs::write(&tmp, format!("{addr}\n")).and_then(|()| std::fs::rename(&tmp, file))
+        {
             eprintln!("critest-registry: write {file}: {e}");
             std::process::exit(1);
         }
