@@ -121,10 +121,11 @@ CTRD_BIN=$CACHE/containerd/$ctrd_version/usr/bin
 [ -x "$CTRD_BIN/containerd" ] || die "no containerd in $CTRD_BIN (hack/install-containerd.sh)"
 
 # ---- the run's own resources, all removed by cleanup() ----
-WORK=$(mktemp -d /tmp/shoji-critest.XXXXXX)
+# Short: shoji's sandbox sockets live under $RUN_DIR/<64-hex id>/ and Unix socket paths are limited to 108 bytes.
+WORK=$(mktemp -d /tmp/shjcrt.XXXXXX)
 LOGS=$(mktemp -d /tmp/shoji-critest-logs.XXXXXX)
 SOCK=$WORK/ctrd.sock
-RUN_DIR=$WORK/shoji-run
+RUN_DIR=$WORK/run
 CTRD_PID='' REGISTRY_PID='' CRITEST_PID=''
 shm_before=$(ipcs -m | awk '$2 ~ /^[0-9]+$/ {print $2}' | sort)
 
@@ -283,8 +284,11 @@ EOF
 fi
 cp "$WORK/config.toml" "$LOGS/containerd-config.toml"
 
-mkdir -p "$RUN_DIR"
-PATH="$CTRD_BIN:$target:$PATH" SHOJI_CACHE=$CACHE SHOJI_RUN_DIR=$RUN_DIR \
+# shoji's own configuration, not the host's /etc/shoji: torn-down sandboxes' logs (guest console, agent) go to
+# the logs directory.
+mkdir -p "$RUN_DIR" "$LOGS/shoji"
+printf 'log_dir = "%s"\nlog_retention = 1000\n' "$LOGS/shoji" >"$WORK/shoji.toml"
+PATH="$CTRD_BIN:$target:$PATH" SHOJI_CACHE=$CACHE SHOJI_RUN_DIR=$RUN_DIR SHOJI_CONFIG=$WORK/shoji.toml \
   "$CTRD_BIN/containerd" --config "$WORK/config.toml" --log-level debug >"$LOGS/containerd.log" 2>&1 &
 CTRD_PID=$!
 for _ in $(seq 300); do
