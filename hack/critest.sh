@@ -146,6 +146,15 @@ stop_pid() { # pid, seconds of grace after SIGTERM
   timeout "$2" tail --pid="$1" -f /dev/null 2>/dev/null || kill -9 "$1" 2>/dev/null || true
 }
 
+# portmap's DNAT rules of our network's pods that never got their CNI DEL (a stop that hung): the jumps from
+# CNI-HOSTPORT-DNAT, which name the network, and the per-pod chains they lead to.
+drop_portmap_rules() {
+  iptables -t nat -L CNI-HOSTPORT-DNAT -n --line-numbers 2>/dev/null |
+    awk '/dnat name: "shoji-critest"/ {print $1, $2}' | sort -rn | while read -r num chain; do
+    iptables -t nat -D CNI-HOSTPORT-DNAT "$num" && iptables -t nat -F "$chain" && iptables -t nat -X "$chain"
+  done
+}
+
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
@@ -167,6 +176,7 @@ cleanup() {
     umount -l "$m" 2>>"$LOGS/cleanup.log"
   done
   ip link del "$BRIDGE" 2>/dev/null
+  drop_portmap_rules
   # critest's HostIpc specs make 1 MiB segments on the host with ipcmk and never remove them.
   for id in $(comm -13 <(echo "$shm_before") <(ipcs -m | awk '$2 ~ /^[0-9]+$/ && $5 == 1048576 && $6 == 0 {print $2}' | sort)); do
     ipcrm -m "$id"
@@ -212,6 +222,7 @@ cat >"$WORK/net.d/10-critest.conflist" <<EOF
   {"type": "portmap", "capabilities": {"portMappings": true}}]}
 EOF
 ip link del "$BRIDGE" 2>/dev/null || true
+drop_portmap_rules
 
 runtimes_toml() { # the CRI runtimes table prefix
   printf '[%s.runtimes.runc]\n  runtime_type = "io.containerd.runc.v2"\n' "$1"
@@ -325,11 +336,19 @@ done
 # One line per spec: name <TAB> state <TAB> first line of the failure or skip message.
 specs() {
   [ -s "$LOGS/critest-$1.json" ] || return 0
-  jq -r '.[].SpecReports[]? | select(.LeafNodeType == "It")
+  # The gist of a failure: gomega's lines before its dump of the error value ("{" ... "occurred"), without its
+  # type annotations; container and pod ids shortened.
+  jq -r 'def brief: split("\n") | map(sub("^\\s+"; "") | sub("\\s+$"; ""))
+      | .[0:((map(. == "{" or . == "occurred") | index(true)) // length)]
+      | map(select(. != "" and . != "Unexpected error:" and (test("^<[^>]*>:$") | not)))
+      | join(" ") | gsub("failed to create containerd task: failed to create shim task: create [0-9a-f]{64}: "; "")
+      | gsub("(?<id>[0-9a-f]{12})[0-9a-f]{52}"; "\(.id)...");
+    .[].SpecReports[]? | select(.LeafNodeType == "It")
     | [((.ContainerHierarchyTexts // []) + [.LeafNodeText] | join(" ")),
        (if .State == "passed" then "passed" elif .State == "skipped" or .State == "pending" then "skipped"
         else "failed" end),
-       ((.Failure.Message // "") | split("\n") | map(select(test("\\S"))) | first // "" | .[0:240])]
+       ((if (.Failure.FailureNodeType // "It") != "It" then "in \(.Failure.FailureNodeType): " else "" end)
+        + (.Failure.Message // "" | brief) | .[0:300])]
     | @tsv' "$LOGS/critest-$1.json" | sort
 }
 declare -A state message
