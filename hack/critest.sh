@@ -167,7 +167,7 @@ cleanup() {
   fi
   stop_pid "$CTRD_PID" 10
   # Shims (their command line names our socket) and VMMs (their environment names our shoji run dir).
-  for pid in $(pids_with cmdline "$SOCK") $(pids_with environ "SHOJI_RUN_DIR=$RUN_DIR"); do
+  for pid in $( (pids_with cmdline "$SOCK"; pids_with environ "SHOJI_RUN_DIR=$RUN_DIR") | sort -u); do
     echo "killed leftover pid $pid: $(tr '\0' ' ' </proc/"$pid"/cmdline 2>/dev/null)" >>"$LOGS/cleanup.log"
     kill -9 "$pid" 2>/dev/null
   done
