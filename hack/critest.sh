@@ -321,7 +321,7 @@ for rt in $runtimes; do
     --ginkgo.timeout "$((RUN_TIMEOUT - 60))s" --ginkgo.json-report "$LOGS/critest-$rt.json")
   [ -n "$focus" ] && args+=(--ginkgo.focus "$focus")
   start=$(date +%s)
-  # In its own directory: critest writes pod log dirs relative to it.
+  # In a directory of its own, removed with the rest: anything critest writes relative to where it runs.
   mkdir -p "$WORK/critest-$rt"
   (cd "$WORK/critest-$rt" && exec timeout -k 30 "$RUN_TIMEOUT" "$BIN/critest" "${args[@]}") >"$LOGS/critest-$rt.log" 2>&1 &
   CRITEST_PID=$!
