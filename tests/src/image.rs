@@ -11,6 +11,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 use crate::containerd::Containerd;
+use crate::oci::{Blob, Image, Layer, RunConfig};
 
 /// The image's reference, fully qualified so CRI does not rewrite it.
 pub const BUSYBOX: &str = "localhost/shoji/busybox:test";
@@ -41,168 +42,106 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Io { what, source }
 }
 
-struct Blob {
-    digest: String,
-    size: usize,
+/// The host's busybox-static binary and the applets it has.
+pub struct Busybox {
     bytes: Vec<u8>,
+    applets: Vec<String>,
 }
 
-impl Blob {
-    fn new(bytes: Vec<u8>) -> Blob {
-        let digest = format!("sha256:{:x}", Sha256::digest(&bytes));
-        Blob {
-            digest,
-            size: bytes.len(),
-            bytes,
+impl Busybox {
+    pub fn from_host() -> Result<Busybox, Error> {
+        let bytes = fs::read(BUSYBOX_BIN).map_err(|_| Error::NoBusybox)?;
+        let out = std::process::Command::new(BUSYBOX_BIN)
+            .arg("--list")
+            .output()
+            .map_err(io_err(format!("{BUSYBOX_BIN} --list")))?;
+        if !out.status.success() {
+            return Err(Error::NoBusybox);
         }
+        let applets = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(String::from)
+            .collect();
+        Ok(Busybox { bytes, applets })
     }
-}
 
-fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
-    let mut h = tar::Header::new_gnu();
-    h.set_entry_type(kind);
-    h.set_mode(mode);
-    h.set_size(size);
-    h.set_uid(0);
-    h.set_gid(0);
-    h.set_mtime(0);
-    h
-}
-
-fn append_file(
-    t: &mut tar::Builder<Vec<u8>>,
-    path: &str,
-    mode: u32,
-    data: &[u8],
-) -> std::io::Result<()> {
-    let mut h = header(tar::EntryType::Regular, mode, data.len() as u64);
-    t.append_data(&mut h, path, data)
-}
-
-fn append_dir(
-    t: &mut tar::Builder<Vec<u8>>,
-    path: &str,
-    mode: u32,
-    uid: u32,
-) -> std::io::Result<()> {
-    let mut h = header(tar::EntryType::Directory, mode, 0);
-    h.set_uid(uid.into());
-    h.set_gid(uid.into());
-    t.append_data(&mut h, path, std::io::empty())
-}
-
-/// The root filesystem layer (uncompressed tar).
-fn rootfs_layer(busybox: &[u8], applets: &[String]) -> std::io::Result<Vec<u8>> {
-    let mut t = tar::Builder::new(Vec::new());
-    for d in [
-        "bin", "etc", "root", "home", "proc", "sys", "dev", "www", "var", "usr", "usr/bin",
-    ] {
-        append_dir(&mut t, d, 0o755, 0)?;
+    /// A short hash of the binary, naming what is built from it.
+    pub fn key(&self) -> String {
+        format!("{:x}", Sha256::digest(&self.bytes))[..16].to_string()
     }
-    append_dir(&mut t, "tmp", 0o1777, 0)?;
-    append_dir(&mut t, "home/user", 0o755, USER_UID)?;
-    append_file(&mut t, "bin/busybox", 0o755, busybox)?;
-    for applet in applets.iter().filter(|a| a.as_str() != "busybox") {
-        let mut h = header(tar::EntryType::Symlink, 0o777, 0);
-        t.append_link(&mut h, format!("bin/{applet}"), "busybox")?;
+
+    /// The root filesystem, unfinished (the caller may add files): the directories, `/bin/busybox`, a symlink
+    /// per applet except those in `skip`, `/etc/passwd` and `/etc/group` as given, `/www/index.html`.
+    pub fn rootfs(&self, passwd: &str, group: &str, skip: &[&str]) -> std::io::Result<Layer> {
+        let mut t = Layer::default();
+        for d in [
+            "bin", "etc", "root", "home", "proc", "sys", "dev", "www", "var", "usr", "usr/bin",
+        ] {
+            t.dir(d, 0o755, 0)?;
+        }
+        t.dir("tmp", 0o1777, 0)?;
+        t.dir("home/user", 0o755, USER_UID)?;
+        t.file("bin/busybox", 0o755, &self.bytes)?;
+        for applet in &self.applets {
+            if applet != "busybox" && !skip.contains(&applet.as_str()) {
+                t.symlink(&format!("bin/{applet}"), "busybox")?;
+            }
+        }
+        t.file("etc/passwd", 0o644, passwd.as_bytes())?;
+        t.file("etc/group", 0o644, group.as_bytes())?;
+        t.file("www/index.html", 0o644, b"shoji busybox httpd\n")?;
+        Ok(t)
     }
-    append_file(
-        &mut t,
-        "etc/passwd",
-        0o644,
-        format!(
-            "root:x:0:0:root:/root:/bin/sh\nuser:x:{USER_UID}:{USER_UID}:user:/home/user:/bin/sh\n"
-        )
-        .as_bytes(),
-    )?;
-    append_file(
-        &mut t,
-        "etc/group",
-        0o644,
-        format!("root:x:0:\nuser:x:{USER_UID}:\n").as_bytes(),
-    )?;
-    append_file(&mut t, "www/index.html", 0o644, b"shoji busybox httpd\n")?;
-    t.into_inner()
 }
 
 /// The OCI layout (`oci-layout`, `index.json`, blobs) as the tar archive `ctr images import` reads.
-fn oci_archive(layer: Vec<u8>) -> std::io::Result<Vec<u8>> {
-    let layer = Blob::new(layer);
-    let config = serde_json::json!({
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {
-            "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-            "Cmd": ["sleep", "2147483647"],
-            "WorkingDir": "/",
+fn oci_archive(layer: Blob) -> std::io::Result<Vec<u8>> {
+    let image = Image::new(
+        vec![layer],
+        &RunConfig {
+            cmd: vec!["sleep".into(), "2147483647".into()],
+            ..Default::default()
         },
-        "rootfs": {"type": "layers", "diff_ids": [layer.digest]},
-    });
-    let config = Blob::new(serde_json::to_vec(&config).expect("json"));
-    let manifest = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config.digest, "size": config.size},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer.digest, "size": layer.size}],
-    });
-    let manifest = Blob::new(serde_json::to_vec(&manifest).expect("json"));
+    );
     let index = serde_json::json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.index.v1+json",
-        "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": manifest.digest,
-            "size": manifest.size,
-            "platform": {"architecture": "amd64", "os": "linux"},
-            "annotations": {
-                "io.containerd.image.name": BUSYBOX,
-                "org.opencontainers.image.ref.name": "test",
-            },
-        }],
+        "manifests": [image.index_entry(serde_json::json!({
+            "io.containerd.image.name": BUSYBOX,
+            "org.opencontainers.image.ref.name": "test",
+        }))],
     });
-    let mut t = tar::Builder::new(Vec::new());
-    append_file(
-        &mut t,
-        "oci-layout",
-        0o644,
-        br#"{"imageLayoutVersion":"1.0.0"}"#,
-    )?;
-    append_file(
-        &mut t,
+    let mut t = Layer::default();
+    t.file("oci-layout", 0o644, br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    t.file(
         "index.json",
         0o644,
         &serde_json::to_vec(&index).expect("json"),
     )?;
-    for blob in [&layer, &config, &manifest] {
+    for blob in image.blobs() {
         let hex = blob.digest.trim_start_matches("sha256:");
-        append_file(&mut t, &format!("blobs/sha256/{hex}"), 0o644, &blob.bytes)?;
+        t.file(&format!("blobs/sha256/{hex}"), 0o644, &blob.bytes)?;
     }
-    t.into_inner()
+    t.finish().map(|b| b.bytes)
 }
 
 /// Path of the image archive, built once per busybox binary and cached in the temp dir (atomic rename, so
 /// parallel test processes never read a half-written archive).
 pub fn busybox_archive() -> Result<PathBuf, Error> {
-    let busybox = fs::read(BUSYBOX_BIN).map_err(|_| Error::NoBusybox)?;
-    let out = std::process::Command::new(BUSYBOX_BIN)
-        .arg("--list")
-        .output()
-        .map_err(io_err(format!("{BUSYBOX_BIN} --list")))?;
-    if !out.status.success() {
-        return Err(Error::NoBusybox);
-    }
-    let applets: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(String::from)
-        .collect();
-    let key = format!("{:x}", Sha256::digest(&busybox));
+    let busybox = Busybox::from_host()?;
     let dir = std::env::temp_dir().join("shoji-tests-images");
-    let path = dir.join(format!("busybox-{}.oci.tar", &key[..16]));
+    let path = dir.join(format!("busybox-{}.oci.tar", busybox.key()));
     if path.exists() {
         return Ok(path);
     }
     fs::create_dir_all(&dir).map_err(io_err(format!("create {}", dir.display())))?;
-    let archive = rootfs_layer(&busybox, &applets)
+    let passwd = format!(
+        "root:x:0:0:root:/root:/bin/sh\nuser:x:{USER_UID}:{USER_UID}:user:/home/user:/bin/sh\n"
+    );
+    let group = format!("root:x:0:\nuser:x:{USER_UID}:\n");
+    let archive = busybox
+        .rootfs(&passwd, &group, &[])
+        .and_then(Layer::finish)
         .and_then(oci_archive)
         .map_err(io_err("build busybox OCI archive"))?;
     let tmp = tempfile::NamedTempFile::new_in(&dir).map_err(io_err("temp archive"))?;
