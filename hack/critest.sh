@@ -195,7 +195,7 @@ log "waiting for the host-wide containerd lock $LOCK"
 flock -w 900 9 || die "another private containerd held $LOCK for 15 minutes"
 
 # The image registry (tests/src/bin/critest-registry.rs) on a free port of 127.0.0.1.
-"$target/critest-registry" --port-file "$WORK/registry.addr" "${SHELL_ARGS[@]}" >/dev/null 2>"$LOGS/registry.log" &
+"$target/critest-registry" --port-file "$WORK/registry.addr" "${SHELL_ARGS[@]}" >/dev/null 2>"$LOGS/registry.log" 9>&- &
 REGISTRY_PID=$!
 for _ in $(seq 600); do
   [ -s "$WORK/registry.addr" ] || ! kill -0 "$REGISTRY_PID" 2>/dev/null && break
@@ -300,7 +300,8 @@ cp "$WORK/config.toml" "$LOGS/containerd-config.toml"
 mkdir -p "$RUN_DIR" "$LOGS/shoji"
 printf 'log_dir = "%s"\nlog_retention = 1000\n' "$LOGS/shoji" >"$WORK/shoji.toml"
 PATH="$CTRD_BIN:$target:$PATH" SHOJI_CACHE=$CACHE SHOJI_RUN_DIR=$RUN_DIR SHOJI_CONFIG=$WORK/shoji.toml \
-  "$CTRD_BIN/containerd" --config "$WORK/config.toml" --log-level debug >"$LOGS/containerd.log" 2>&1 &
+  # 9>&-: the lock is this script's; a shim or VM that outlived a hung stop must not hold it.
+  "$CTRD_BIN/containerd" --config "$WORK/config.toml" --log-level debug >"$LOGS/containerd.log" 2>&1 9>&- &
 CTRD_PID=$!
 for _ in $(seq 300); do
   [ -S "$SOCK" ] && "$CTRD_BIN/ctr" --address "$SOCK" version >/dev/null 2>&1 && break
@@ -323,7 +324,7 @@ for rt in $runtimes; do
   start=$(date +%s)
   # In a directory of its own, removed with the rest: anything critest writes relative to where it runs.
   mkdir -p "$WORK/critest-$rt"
-  (cd "$WORK/critest-$rt" && exec timeout -k 30 "$RUN_TIMEOUT" "$BIN/critest" "${args[@]}") >"$LOGS/critest-$rt.log" 2>&1 &
+  (cd "$WORK/critest-$rt" && exec timeout -k 30 "$RUN_TIMEOUT" "$BIN/critest" "${args[@]}") >"$LOGS/critest-$rt.log" 2>&1 9>&- &
   CRITEST_PID=$!
   wait "$CRITEST_PID" || log "critest ($rt) exited with status $? (failures are counted from its report)"
   CRITEST_PID=''
