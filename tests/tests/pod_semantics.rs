@@ -17,6 +17,7 @@ use shoji_tests::{
     image::BUSYBOX,
     pods::{self, check, security, sh, sh_ok, Pods},
     scenario::{self, Env, Runtime, ShojiRuntime},
+    side_by_side,
 };
 
 /// Upper bound for one test, so a hang fails instead of stalling CI.
@@ -335,41 +336,6 @@ async fn dual_stack(env: &Env) -> Result {
         })
     })
     .await
-}
-
-/// `$name_{runc,shoji}_{1_7,2}`: scenario `$scenario` on each runtime and containerd version, on test
-/// networks `$net`..`$net + 3`, made by `$on` ([`on`] unless given).
-macro_rules! side_by_side {
-    ($scenario:ident, $net:literal) => {
-        side_by_side!($scenario, $net, on);
-    };
-    ($scenario:ident, $net:literal, $on:ident) => {
-        mod $scenario {
-            use super::*;
-
-            #[tokio::test]
-            async fn runc_containerd_1_7() {
-                $on(&Runtime::runc(), Version::V1_7, $net, super::$scenario).await
-            }
-
-            #[tokio::test]
-            async fn runc_containerd_2() {
-                $on(&Runtime::runc(), Version::V2, $net + 1, super::$scenario).await
-            }
-
-            #[tokio::test]
-            async fn shoji_containerd_1_7() {
-                let shoji = ShojiRuntime::new("");
-                $on(&shoji.runtime, Version::V1_7, $net + 2, super::$scenario).await
-            }
-
-            #[tokio::test]
-            async fn shoji_containerd_2() {
-                let shoji = ShojiRuntime::new("");
-                $on(&shoji.runtime, Version::V2, $net + 3, super::$scenario).await
-            }
-        }
-    };
 }
 
 side_by_side!(shared_namespaces_and_sysctls, 221);
