@@ -4,11 +4,26 @@
 use std::time::Duration;
 
 use crate::{
+    containerd::Version,
     cri::{api, Cri, ExecOutput},
-    scenario::{self, Env},
+    scenario::{self, Env, Runtime},
 };
 
 type Result<T = ()> = scenario::Result<T>;
+
+/// Upper bound for one pod test, so a hang fails instead of stalling CI.
+pub const TEST_LIMIT: Duration = Duration::from_secs(400);
+
+/// One pod test on `runtime` with containerd `version` and test network `net` (see
+/// [`scenario::in_env`]).
+pub async fn on(
+    runtime: &Runtime,
+    version: Version,
+    net: u8,
+    scenario: impl AsyncFnOnce(&Env) -> Result,
+) {
+    scenario::in_env(TEST_LIMIT, version, runtime, Some(net), scenario).await
+}
 
 pub fn check(cond: bool, what: impl FnOnce() -> String) -> Result {
     if cond {
@@ -150,14 +165,14 @@ pub fn security(c: &mut api::ContainerConfig) -> &mut api::LinuxContainerSecurit
 }
 
 /// `$name_{runc,shoji}_{1_7,2}`: scenario `$scenario` on each runtime and containerd version, on test
-/// networks `$net`..`$net + 3`, made by `$on` (the caller's `on` unless given), an async fn of
-/// (`&Runtime`, `Version`, network number, scenario).
+/// networks `$net`..`$net + 3`, made by `$on` ([`on`] unless given), an async fn of (`&Runtime`,
+/// `Version`, network number, scenario).
 #[macro_export]
 macro_rules! side_by_side {
     ($scenario:ident, $net:literal) => {
-        $crate::side_by_side!($scenario, $net, on);
+        $crate::side_by_side!($scenario, $net, $crate::pods::on);
     };
-    ($scenario:ident, $net:literal, $on:ident) => {
+    ($scenario:ident, $net:literal, $on:path) => {
         mod $scenario {
             use super::*;
             use $crate::{

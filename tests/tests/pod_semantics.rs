@@ -15,25 +15,14 @@ use shoji_tests::{
     containerd::Version,
     cri::{self, api},
     image::BUSYBOX,
-    pods::{self, check, security, sh, sh_ok, Pods},
+    pods::{self, check, on, security, sh, sh_ok, Pods},
     scenario::{self, Env, Runtime, ShojiRuntime},
     side_by_side,
 };
 
-/// Upper bound for one test, so a hang fails instead of stalling CI.
-const TEST_LIMIT: Duration = Duration::from_secs(400);
 const MIB: i64 = 1 << 20;
 
 type Result<T = ()> = scenario::Result<T>;
-
-async fn on(
-    runtime: &Runtime,
-    version: Version,
-    net: u8,
-    scenario: impl AsyncFnOnce(&Env) -> Result,
-) {
-    scenario::in_env(TEST_LIMIT, version, runtime, Some(net), scenario).await
-}
 
 /// [`on`] with a dual-stack pod network.
 async fn on_dual_stack(
@@ -43,7 +32,7 @@ async fn on_dual_stack(
     scenario: impl AsyncFnOnce(&Env) -> Result,
 ) {
     let net = || Ok(Some(cni::Network::new(net)?.dual_stack()?));
-    scenario::in_env_on(TEST_LIMIT, version, runtime, net, scenario).await
+    scenario::in_env_on(pods::TEST_LIMIT, version, runtime, net, scenario).await
 }
 
 fn namespaces(c: &mut api::ContainerConfig) -> &mut api::NamespaceOption {
