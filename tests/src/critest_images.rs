@@ -98,8 +98,8 @@ fn read_source(name: &str) -> Result<Vec<u8>, Error> {
     std::fs::read(&path).map_err(io_err(format!("read {}", path.display())))
 }
 
-/// Compiles `tests/images/<name>.c` into a static binary in `out` and returns its bytes.
-fn static_program(name: &str, out: &Path) -> Result<Vec<u8>, Error> {
+/// Compiles `tests/images/<name>.c` into a static binary `out/<name>` and returns its bytes.
+pub fn static_program(name: &str, out: &Path) -> Result<Vec<u8>, Error> {
     let src = sources().join(format!("{name}.c"));
     let bin = out.join(name);
     let res = std::process::Command::new("gcc")

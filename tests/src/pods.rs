@@ -4,11 +4,26 @@
 use std::time::Duration;
 
 use crate::{
+    containerd::Version,
     cri::{api, Cri, ExecOutput},
-    scenario::{self, Env},
+    scenario::{self, Env, Runtime},
 };
 
 type Result<T = ()> = scenario::Result<T>;
+
+/// Upper bound for one pod test, so a hang fails instead of stalling CI.
+pub const TEST_LIMIT: Duration = Duration::from_secs(400);
+
+/// One pod test on `runtime` with containerd `version` and test network `net` (see
+/// [`scenario::in_env`]).
+pub async fn on(
+    runtime: &Runtime,
+    version: Version,
+    net: u8,
+    scenario: impl AsyncFnOnce(&Env) -> Result,
+) {
+    scenario::in_env(TEST_LIMIT, version, runtime, Some(net), scenario).await
+}
 
 pub fn check(cond: bool, what: impl FnOnce() -> String) -> Result {
     if cond {
@@ -64,6 +79,21 @@ impl Pods {
         let id = self.cri.create_container(pod, config, pod_config).await?;
         self.cri.start_container(&id).await?;
         Ok(id)
+    }
+
+    /// StopPodSandbox + RemovePodSandbox of `pod` now, failing if they take longer than `limit`;
+    /// returns how long they took. The pod's cgroup is still checked gone at the end.
+    pub async fn stop_and_remove(&mut self, pod: &str, limit: Duration) -> Result<Duration> {
+        let began = std::time::Instant::now();
+        let down = async {
+            self.cri.stop_pod(pod).await?;
+            self.cri.remove_pod(pod).await
+        };
+        tokio::time::timeout(limit, down).await.map_err(|_| {
+            format!("StopPodSandbox + RemovePodSandbox of {pod} took over {limit:?}")
+        })??;
+        self.ids.retain(|id| id != pod);
+        Ok(began.elapsed())
     }
 
     /// Runs `steps`, then StopPodSandbox + RemovePodSandbox for every pod; the first error wins.
@@ -132,4 +162,45 @@ pub fn security(c: &mut api::ContainerConfig) -> &mut api::LinuxContainerSecurit
         .get_or_insert_with(Default::default)
         .security_context
         .get_or_insert_with(Default::default)
+}
+
+/// `$name_{runc,shoji}_{1_7,2}`: scenario `$scenario` on each runtime and containerd version, on test
+/// networks `$net`..`$net + 3`, made by `$on` ([`on`] unless given), an async fn of (`&Runtime`,
+/// `Version`, network number, scenario).
+#[macro_export]
+macro_rules! side_by_side {
+    ($scenario:ident, $net:literal) => {
+        $crate::side_by_side!($scenario, $net, $crate::pods::on);
+    };
+    ($scenario:ident, $net:literal, $on:path) => {
+        mod $scenario {
+            use super::*;
+            use $crate::{
+                containerd::Version,
+                scenario::{Runtime, ShojiRuntime},
+            };
+
+            #[tokio::test]
+            async fn runc_containerd_1_7() {
+                $on(&Runtime::runc(), Version::V1_7, $net, super::$scenario).await
+            }
+
+            #[tokio::test]
+            async fn runc_containerd_2() {
+                $on(&Runtime::runc(), Version::V2, $net + 1, super::$scenario).await
+            }
+
+            #[tokio::test]
+            async fn shoji_containerd_1_7() {
+                let shoji = ShojiRuntime::new("");
+                $on(&shoji.runtime, Version::V1_7, $net + 2, super::$scenario).await
+            }
+
+            #[tokio::test]
+            async fn shoji_containerd_2() {
+                let shoji = ShojiRuntime::new("");
+                $on(&shoji.runtime, Version::V2, $net + 3, super::$scenario).await
+            }
+        }
+    };
 }

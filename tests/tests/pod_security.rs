@@ -7,7 +7,6 @@
 //! mount cannot reach the host), checked on shoji alone.
 use std::{
     path::{Path, PathBuf},
-    process::Command,
     time::Duration,
 };
 
@@ -15,23 +14,14 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use shoji_tests::{
     containerd::Version,
     cri::{self, api},
+    critest_images,
     image::BUSYBOX,
-    pods::{self, check, security, sh, sh_ok, Pods},
-    scenario::{self, Env, Runtime, ShojiRuntime},
+    pods::{self, check, on, security, sh, sh_ok, Pods},
+    scenario::{self, Env, ShojiRuntime},
+    side_by_side,
 };
 
-const TEST_LIMIT: Duration = Duration::from_secs(400);
-
 type Result<T = ()> = scenario::Result<T>;
-
-async fn on(
-    runtime: &Runtime,
-    version: Version,
-    net: u8,
-    scenario: impl AsyncFnOnce(&Env) -> Result,
-) {
-    scenario::in_env(TEST_LIMIT, version, runtime, Some(net), scenario).await
-}
 
 fn profile(kind: api::security_profile::ProfileType, path: &Path) -> api::SecurityProfile {
     api::SecurityProfile {
@@ -143,28 +133,13 @@ async fn seccomp(env: &Env) -> Result {
     .await
 }
 
-/// A static program that prints its effective uid, installed set-uid root.
-const EUID_C: &str = r#"#include <stdio.h>
-#include <unistd.h>
-int main(void) { printf("Effective uid: %d\n", (int)geteuid()); return 0; }
-"#;
-
+/// critest's set-uid-root program (`tests/images/nonewprivs.c`: prints its effective uid)
+/// at `dir/nonewprivs`.
 fn setuid_program(dir: &Path) -> Result<()> {
-    let src = dir.join("euid.c");
-    std::fs::write(&src, EUID_C)?;
-    let out = Command::new("cc")
-        .args(["-static", "-O2", "-o"])
-        .arg(dir.join("euid"))
-        .arg(&src)
-        .output()?;
-    check(out.status.success(), || {
-        format!("cc euid.c: {}", String::from_utf8_lossy(&out.stderr))
-    })?;
-    std::os::unix::fs::chown(dir.join("euid"), Some(0), Some(0))?;
-    std::fs::set_permissions(
-        dir.join("euid"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o4755),
-    )?;
+    let bin = dir.join("nonewprivs");
+    critest_images::static_program("nonewprivs", dir)?;
+    std::os::unix::fs::chown(&bin, Some(0), Some(0))?;
+    std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o4755))?;
     Ok(())
 }
 
@@ -184,7 +159,7 @@ async fn no_new_privs(env: &Env) -> Result {
             s.no_new_privs = nnp;
             s.run_as_user = Some(api::Int64Value { value: 1000 });
             let id = pods.start(&pod, &cfg, &c).await?;
-            let got = sh_ok(&cri, &id, "/suid/euid").await?;
+            let got = sh_ok(&cri, &id, "/suid/nonewprivs").await?;
             check(got == want, || {
                 format!("no_new_privs {nnp}: {got:?}, want {want:?}")
             })?;
@@ -377,10 +352,10 @@ async fn host_to_container_propagation(env: &Env) -> Result {
     .await
 }
 
-shoji_tests::side_by_side!(seccomp, 160);
-shoji_tests::side_by_side!(no_new_privs, 164);
-shoji_tests::side_by_side!(read_only_volumes, 168);
-shoji_tests::side_by_side!(host_to_container_propagation, 172);
+side_by_side!(seccomp, 160);
+side_by_side!(no_new_privs, 164);
+side_by_side!(read_only_volumes, 168);
+side_by_side!(host_to_container_propagation, 172);
 
 /// Bidirectional propagation cannot work across a VM boundary (a mount made in the guest
 /// cannot appear on the host): shoji refuses it at create, naming it, instead of silently

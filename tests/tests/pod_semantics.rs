@@ -15,24 +15,14 @@ use shoji_tests::{
     containerd::Version,
     cri::{self, api},
     image::BUSYBOX,
-    pods::{self, check, security, sh, sh_ok, Pods},
+    pods::{self, check, on, security, sh, sh_ok, Pods},
     scenario::{self, Env, Runtime, ShojiRuntime},
+    side_by_side,
 };
 
-/// Upper bound for one test, so a hang fails instead of stalling CI.
-const TEST_LIMIT: Duration = Duration::from_secs(400);
 const MIB: i64 = 1 << 20;
 
 type Result<T = ()> = scenario::Result<T>;
-
-async fn on(
-    runtime: &Runtime,
-    version: Version,
-    net: u8,
-    scenario: impl AsyncFnOnce(&Env) -> Result,
-) {
-    scenario::in_env(TEST_LIMIT, version, runtime, Some(net), scenario).await
-}
 
 /// [`on`] with a dual-stack pod network.
 async fn on_dual_stack(
@@ -42,7 +32,7 @@ async fn on_dual_stack(
     scenario: impl AsyncFnOnce(&Env) -> Result,
 ) {
     let net = || Ok(Some(cni::Network::new(net)?.dual_stack()?));
-    scenario::in_env_on(TEST_LIMIT, version, runtime, net, scenario).await
+    scenario::in_env_on(pods::TEST_LIMIT, version, runtime, net, scenario).await
 }
 
 fn namespaces(c: &mut api::ContainerConfig) -> &mut api::NamespaceOption {
@@ -337,10 +327,10 @@ async fn dual_stack(env: &Env) -> Result {
     .await
 }
 
-shoji_tests::side_by_side!(shared_namespaces_and_sysctls, 221);
-shoji_tests::side_by_side!(privileged_netfilter_and_big_writes, 241);
-shoji_tests::side_by_side!(update_resources, 245);
-shoji_tests::side_by_side!(dual_stack, 236, on_dual_stack);
+side_by_side!(shared_namespaces_and_sysctls, 221);
+side_by_side!(privileged_netfilter_and_big_writes, 241);
+side_by_side!(update_resources, 245);
+side_by_side!(dual_stack, 236, on_dual_stack);
 
 /// An update the pod's VM cannot hold. Cloud Hypervisor grows the VM (`vm.resize`) and the
 /// container gets its new limits. The documented difference of the QEMU backend: it cannot

@@ -6,26 +6,16 @@
 use std::time::Duration;
 
 use shoji_tests::{
-    containerd::Version,
     cri::{self, api, tty_session, Input},
     image::BUSYBOX,
     pods::{check, security, sh_ok, Pods},
-    scenario::{self, Env, Runtime},
+    scenario::{self, Env},
+    side_by_side,
 };
 
-const TEST_LIMIT: Duration = Duration::from_secs(400);
 const SESSION: Duration = Duration::from_secs(60);
 
 type Result<T = ()> = scenario::Result<T>;
-
-async fn on(
-    runtime: &Runtime,
-    version: Version,
-    net: u8,
-    scenario: impl AsyncFnOnce(&Env) -> Result,
-) {
-    scenario::in_env(TEST_LIMIT, version, runtime, Some(net), scenario).await
-}
 
 /// Resizes the terminal twice and asks `stty size` each time; the last input is `last`.
 fn resize_and_ask<'a>(last: &'a str) -> [(Input<'a>, &'a str); 5] {
@@ -154,6 +144,6 @@ async fn checkpoint_is_refused(env: &Env) -> Result {
     .await
 }
 
-shoji_tests::side_by_side!(attach_exec_and_resize, 180);
-shoji_tests::side_by_side!(capabilities, 184);
-shoji_tests::side_by_side!(checkpoint_is_refused, 188);
+side_by_side!(attach_exec_and_resize, 180);
+side_by_side!(capabilities, 184);
+side_by_side!(checkpoint_is_refused, 188);

@@ -6,6 +6,7 @@
 //! goes to each pid of the frozen cgroup, so that nothing forks past it.
 use std::path::Path;
 
+use libcontainer::oci_spec::runtime::{LinuxNamespaceType, Spec};
 use nix::{
     errno::Errno,
     sys::signal::{kill, Signal},
@@ -65,6 +66,22 @@ pub async fn all(cgroup: &Path, signal: Signal) -> Result<(), KillError> {
     signalled
 }
 
+/// Whether the container's init is PID 1 of a PID namespace of its own, whose end is the end
+/// of every process in it. In the pod's PID namespace (or the guest's) the init's children
+/// outlive it, re-parented to that namespace's init and holding the container's output open:
+/// they must be killed with it, as runc's shim does (its `ShouldKillAllOnExit`).
+pub fn init_ends_all(spec: &Spec) -> bool {
+    spec.linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .is_some_and(|namespaces| {
+            namespaces.iter().any(|ns| {
+                ns.typ() == LinuxNamespaceType::Pid
+                    && ns.path().as_ref().is_none_or(|p| p.as_os_str().is_empty())
+            })
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::process::ExitStatusExt;
@@ -82,5 +99,32 @@ mod tests {
         let status = child.wait().unwrap();
         assert_eq!(status.signal(), Some(libc::SIGKILL));
         assert!(matches!(one(pid, Signal::SIGTERM), Err(KillError::Gone)));
+    }
+
+    fn spec_with_pid_namespace(path: Option<&str>) -> Spec {
+        let mut ns = libcontainer::oci_spec::runtime::LinuxNamespace::default();
+        ns.set_typ(LinuxNamespaceType::Pid)
+            .set_path(path.map(Into::into));
+        let mut spec = Spec::default();
+        if let Some(linux) = spec.linux_mut() {
+            linux.set_namespaces(Some(vec![ns]));
+        }
+        spec
+    }
+
+    #[test]
+    fn only_an_init_of_its_own_pid_namespace_ends_all() {
+        assert!(init_ends_all(&spec_with_pid_namespace(None)));
+        assert!(init_ends_all(&spec_with_pid_namespace(Some(""))));
+        // The pod's namespace (the pause process's).
+        assert!(!init_ends_all(&spec_with_pid_namespace(Some(
+            "/proc/7/ns/pid"
+        ))));
+        // No PID namespace: the guest's.
+        let mut spec = spec_with_pid_namespace(None);
+        if let Some(linux) = spec.linux_mut() {
+            linux.set_namespaces(Some(Vec::new()));
+        }
+        assert!(!init_ends_all(&spec));
     }
 }

@@ -172,7 +172,7 @@ impl Runtime {
             .map_err(internal("keeping the pty master"))?;
         let process = Arc::new(Process::new(&exec_id, PathBuf::from("/"), pio, None));
         *process.started.lock().unwrap() = true;
-        process.set_pid(&self.reaper, pid, born);
+        process.set_pid(&self.reaper, pid, born, None);
         consoles
             .shells
             .lock()

@@ -161,7 +161,8 @@ impl Runtime {
         // The container holds its ends now; ours must go so that EOF can happen.
         drop(child);
         let init = Arc::new(Process::new("", dir.to_path_buf(), pio, None));
-        init.set_pid(&self.reaper, pid, born);
+        let leftovers = (!container::kill::init_ends_all(&spec)).then(|| cgroup::dir(id));
+        init.set_pid(&self.reaper, pid, born, leftovers);
         if let Some(console) = console {
             let master = console
                 .receive(PTY_TIMEOUT)

@@ -296,7 +296,7 @@ impl Runtime {
         drop(child);
         // libcontainer has read it; it can be large (the argument list).
         let _ = fs::remove_file(p.dir.join("process.json"));
-        p.set_pid(&self.reaper, pid, born);
+        p.set_pid(&self.reaper, pid, born, None);
         if let Some(console) = console {
             let master = console
                 .receive(PTY_TIMEOUT)

@@ -12,11 +12,14 @@ use std::{
 };
 
 use nix::sys::signal::Signal;
+use slog::warn;
 use tokio::sync::watch;
 
 use super::EXEC_RETENTION;
 use crate::{
+    cgroup,
     io::{ChildStdio, ProcessIo},
+    logger::log,
     reaper::{Exit, Reaper},
 };
 
@@ -64,13 +67,26 @@ impl Process {
     }
 
     /// Records the pid and follows the process's exit through the reaper. `born`: a moment
-    /// before the process was created.
-    pub(super) fn set_pid(self: &Arc<Self>, reaper: &Reaper, pid: i32, born: Instant) {
+    /// before the process was created. `dies_with_it`: a cgroup whose processes are killed
+    /// when this one exits, before its exit is published (what it leaves would otherwise
+    /// hold its output open).
+    pub(super) fn set_pid(
+        self: &Arc<Self>,
+        reaper: &Reaper,
+        pid: i32,
+        born: Instant,
+        dies_with_it: Option<PathBuf>,
+    ) {
         *self.pid.lock().unwrap() = Some(pid);
         let rx = reaper.watch(pid, born);
         let p = self.clone();
         tokio::spawn(async move {
             if let Ok(exit) = rx.await {
+                if let Some(cgroup) = dies_with_it {
+                    if let Err(e) = cgroup::kill_all(&cgroup) {
+                        warn!(log(), "killing what the process left failed"; "cgroup" => %cgroup.display(), "error" => %e);
+                    }
+                }
                 p.exit
                     .send_if_modified(|e| e.is_none() && e.replace(exit).is_none());
             }

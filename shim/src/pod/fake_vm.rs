@@ -35,6 +35,8 @@ pub struct FakeVm {
     /// Processes that exit the moment they are started, with this status.
     exit_on_start: Mutex<HashMap<Key, u32>>,
     removed: Mutex<Vec<String>>,
+    /// Every signal_process: container, exec, signal, all.
+    pub signals: Mutex<Vec<(String, String, u32, bool)>>,
     /// Every update_container: container id and its resources JSON.
     pub updates: Mutex<Vec<(String, Vec<u8>)>>,
     stops: AtomicUsize,
@@ -63,6 +65,7 @@ impl FakeVm {
             processes: Mutex::new(HashMap::new()),
             exit_on_start: Mutex::new(HashMap::new()),
             removed: Mutex::new(Vec::new()),
+            signals: Mutex::new(Vec::new()),
             updates: Mutex::new(Vec::new()),
             stops: AtomicUsize::new(0),
             end: watch::channel(None).0,
@@ -181,6 +184,10 @@ impl PodVm for FakeVm {
     }
 
     async fn signal_process(&self, c: &str, e: &str, signal: u32, all: bool) -> Result<()> {
+        self.signals
+            .lock()
+            .unwrap()
+            .push((c.into(), e.into(), signal, all));
         let exec = if all { "" } else { e };
         if !self.exists(c, exec) {
             return Err(not_found("process"));

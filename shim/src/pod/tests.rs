@@ -260,6 +260,35 @@ async fn the_pause_container_is_killed_and_waited_without_the_guest() {
 }
 
 #[tokio::test]
+async fn a_kill_of_all_after_the_init_exited_still_reaches_the_guest() {
+    let w = World::new(Duration::ZERO);
+    w.running_pod().await;
+    w.started_exec().await;
+    w.vm.exit("c", "", 143);
+    assert_eq!(w.wait("c", "").await, 143);
+    // containerd's kill of all before Delete: what the init left in the pod's PID namespace.
+    w.pod.kill("c", "", 9, true).await.unwrap();
+    let sent = |c: &str, e: &str, signal, all| (c.to_string(), e.to_string(), signal, all);
+    assert_eq!(*w.vm.signals.lock().unwrap(), [sent("c", "", 9, true)]);
+    // The exited init alone, an exec with all, or the pause container: NOT_FOUND, not sent.
+    w.pod.kill("p", "", 9, false).await.unwrap();
+    assert_eq!(w.wait("p", "").await, 137);
+    for (c, e, all) in [("c", "", false), ("p", "", true)] {
+        assert!(matches!(
+            w.pod.kill(c, e, 9, all).await,
+            Err(PodError::ProcessNotFound { .. })
+        ));
+    }
+    w.vm.exit("c", "e1", 0);
+    assert_eq!(w.wait("c", "e1").await, 0);
+    assert!(matches!(
+        w.pod.kill("c", "e1", 9, true).await,
+        Err(PodError::ProcessNotFound { .. })
+    ));
+    assert_eq!(w.vm.signals.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
 async fn an_exec_may_exit_before_its_init() {
     let mut w = World::new(Duration::ZERO);
     w.running_pod().await;
