@@ -55,7 +55,7 @@ mod tests {
     #[test]
     fn submounts_must_lie_below_the_containers_volumes() {
         let ok = format!("{GUEST_SHARE_DIR}/c1/volumes/m0/tmpfs");
-        assert_eq!(check("c1", &[ok.clone()]), Ok(()));
+        assert_eq!(check("c1", std::slice::from_ref(&ok)), Ok(()));
         for bad in [
             format!("{GUEST_SHARE_DIR}/c2/volumes/m0/tmpfs"),
             format!("{GUEST_SHARE_DIR}/c1/volumes/../rootfs"),
