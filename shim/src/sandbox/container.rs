@@ -242,21 +242,24 @@ impl Sandbox {
                 let options = m.options().clone().unwrap_or_default();
                 if options.iter().any(|o| o == "rshared" || o == "shared") {
                     return Err(SandboxError::Invalid(format!(
-                        "the mount at {} asks for bidirectional mount propagation ({}): a mount \
-                         made inside the pod's VM cannot reach the host; use HostToContainer \
-                         (rslave) propagation",
-                        m.destination().display(),
-                        source.display()
+                        "the mount of {} at {} asks for bidirectional mount propagation \
+                         (rshared): a mount made inside the pod's VM cannot reach the host; use \
+                         HostToContainer (rslave) propagation",
+                        source.display(),
+                        m.destination().display()
                     )));
                 }
-                self.shared
-                    .bind(&source, &rel, BindMode::from_options(&options))?;
-                submounts.extend(
-                    self.shared
-                        .nested_mounts(&rel)
-                        .iter()
-                        .map(|p| guest_path(p)),
-                );
+                let mode = BindMode::from_options(&options);
+                self.shared.bind(&source, &rel, mode)?;
+                // Only a recursive bind brings mounts along (and only those need a look-up).
+                if mode.recursive {
+                    submounts.extend(
+                        self.shared
+                            .nested_mounts(&rel)
+                            .iter()
+                            .map(|p| guest_path(p)),
+                    );
+                }
                 m.set_source(Some(PathBuf::from(guest_path(&rel))));
             }
             rewritten.push(m);
