@@ -1,8 +1,8 @@
 //! Port-forward streams (`SHOJI-IO 1 forward <port>`): the host relays one TCP connection
 //! containerd opened for `kubectl port-forward`; the agent connects to `localhost:<port>` in
 //! the guest, whose network namespace is the pod's, and splices the two
-//! ([`shoji_agent_api::forward`]). Nothing listening is answered `ERR`, which the host turns
-//! into a reset of containerd's connection.
+//! ([`shoji_agent_api::forward`]). Nothing listening is refused (`ERR`, by the router), which
+//! the host turns into a reset of containerd's connection.
 use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     time::Duration,
@@ -15,17 +15,18 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::{io::refuse, logger::log};
+use crate::logger::log;
 
 /// How long connecting to the guest port may take (loopback: only a full accept queue is slow).
 /// Below the host's default bound on the verdict (the agent call timeout), so the host hears why.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut conn: S, port: u16) {
-    let mut target = match connect(port).await {
-        Ok(t) => t,
-        Err(reason) => return refuse(conn, &reason).await,
-    };
+/// Answers `OK` on `conn` and splices it with `target` until either side ends.
+pub async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
+    mut conn: S,
+    mut target: TcpStream,
+    port: u16,
+) {
     if conn.write_all(b"OK\n").await.is_err() {
         return;
     }
@@ -38,7 +39,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut conn: S, port: u16) {
 
 /// `127.0.0.1:<port>`, else `[::1]:<port>` (a server may listen on one family only), as
 /// containerd dials localhost for runc pods.
-async fn connect(port: u16) -> Result<TcpStream, String> {
+pub async fn connect(port: u16) -> Result<TcpStream, String> {
     let attempts = async {
         let mut errors = Vec::new();
         for ip in [Ipv4Addr::LOCALHOST.into(), Ipv6Addr::LOCALHOST.into()] {

@@ -20,7 +20,7 @@ use shoji_agent_api::{
     CMDLINE_DEBUG_CONSOLE, CMDLINE_HOSTNAME, CMDLINE_LOG_LEVEL, CMDLINE_PAGE_REPORTING_ORDER,
     CMDLINE_SHARE_TAG, GUEST_SHARE_DIR,
 };
-use slog::{error, warn};
+use slog::{error, info, warn};
 
 use crate::{
     cgroup,
@@ -70,13 +70,13 @@ impl Cmdline {
 
 /// Milliseconds spent in each phase of bring-up, logged with readiness.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct BootTimes {
+struct BootTimes {
     /// From the first run's start to the second run's start (the switch to a tmpfs root).
-    pub root_switch_ms: Option<f64>,
-    pub mounts_ms: f64,
-    pub share_ms: f64,
+    root_switch_ms: Option<f64>,
+    mounts_ms: f64,
+    share_ms: f64,
     /// The second run's start to serving (mounts, share, runtime, lo).
-    pub init_ms: f64,
+    init_ms: f64,
 }
 
 /// PID 1's whole life; never returns (the VM powers off).
@@ -132,11 +132,36 @@ pub fn run() -> ! {
         if let Err(e) = network::loopback_up().await {
             warn!(log(), "bringing up lo failed"; "error" => %e);
         }
-        times.init_ms = ms_since(started);
-        server::serve(times, cmdline.debug_console).await
+        let times = BootTimes {
+            init_ms: ms_since(started),
+            ..times
+        };
+        let serving = match server::start(cmdline.debug_console).await {
+            Ok(s) => s,
+            Err(e) => return e,
+        };
+        expedite_rcu(false);
+        // The first helper's start is paid while the host prepares its first request.
+        crate::container::standby::replenish();
+        if serving.announced {
+            info!(log(), "agent ready";
+                "since_boot_ms" => uptime_ms(), "root_switch_ms" => times.root_switch_ms,
+                "mounts_ms" => times.mounts_ms, "share_ms" => times.share_ms,
+                "init_ms" => times.init_ms, "seccomp" => "libseccomp, linked statically",
+                "debug_console" => cmdline.debug_console);
+        }
+        serving.wait().await
     });
     error!(log(), "agent server failed, powering off"; "error" => %result);
     power_off()
+}
+
+fn uptime_ms() -> f64 {
+    fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        .map(|s| s * 1000.0)
+        .unwrap_or(0.0)
 }
 
 fn now_us() -> u64 {
@@ -191,7 +216,7 @@ fn report_free_blocks_from(order: u32) {
 /// alone ~25 ms). The kernel expedites them until it starts PID 1; the agent goes on doing
 /// so until it is ready, and then stops (containers' execs measured slower with it).
 /// Best effort: it only costs time.
-pub fn expedite_rcu(on: bool) {
+fn expedite_rcu(on: bool) {
     let _ = fs::write("/sys/kernel/rcu_expedited", if on { "1" } else { "0" });
 }
 

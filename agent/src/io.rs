@@ -1,5 +1,5 @@
-//! Process stdio: pipes or a pty per process, and the stream listener on vsock port 1025
-//! (protocol in `shoji_agent_api::stream`; port-forward streams go to [`crate::forward`]).
+//! Process stdio: pipes or a pty per process, and the pumps that move it over an attached
+//! stream (which stream goes where is [`crate::streams`]' job).
 //!
 //! Output is read only while its stream is attached, so nothing is lost before the host
 //! attaches (the pipe or pty buffers it, and the process blocks when that is full). When
@@ -25,7 +25,7 @@ use nix::{
     fcntl::{fcntl, FcntlArg, OFlag},
     unistd::pipe2,
 };
-use shoji_agent_api::stream::{read_frame, read_line, StreamKind, StreamRequest, MAX_HEADER};
+use shoji_agent_api::stream::{read_frame, StreamKind};
 use slog::{debug, warn};
 use tokio::{
     io::{unix::AsyncFd, AsyncRead, AsyncWrite, AsyncWriteExt},
@@ -33,7 +33,7 @@ use tokio::{
 };
 
 pub use self::console_socket::ConsoleSocket;
-use crate::{forward, logger::log, runtime::Runtime};
+use crate::logger::log;
 
 /// How long after StartProcess unattached output is kept for a stream to attach.
 pub const ATTACH_GRACE: Duration = Duration::from_secs(5);
@@ -41,8 +41,6 @@ pub const ATTACH_GRACE: Duration = Duration::from_secs(5);
 pub const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
 /// How long an output pump lets a writer of small pieces go on before sending what it read.
 const COALESCE: Duration = Duration::from_millis(1);
-/// How long a new connection may take to send its header.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A non-blocking pipe end or pty master driven by tokio.
 struct AsyncFile(AsyncFd<OwnedFd>);
@@ -113,7 +111,7 @@ enum Slot {
 
 /// What attaching yields: the fd now, or (a tty attached early) the fd once it exists.
 #[derive(Debug)]
-enum Attached {
+pub enum Attached {
     Now(OwnedFd),
     Later(oneshot::Receiver<OwnedFd>),
 }
@@ -267,7 +265,7 @@ impl ProcessIo {
     }
 
     /// Takes the fd a new stream of `kind` serves.
-    fn attach(&self, kind: StreamKind) -> Result<Attached, String> {
+    pub fn attach(&self, kind: StreamKind) -> Result<Attached, String> {
         let mut slots = self.slots.lock().unwrap();
         match slots.get_mut(&kind) {
             Some(slot @ Slot::Waiting(_)) => match std::mem::replace(slot, Slot::Taken) {
@@ -412,33 +410,16 @@ async fn pump_input<R: AsyncRead + Unpin>(kind: StreamKind, fd: OwnedFd, conn: &
     }
 }
 
-/// Serves one stream connection: header, verdict, then the data in its direction(s).
-pub async fn serve_stream<S>(runtime: Arc<Runtime>, mut conn: S)
-where
+/// Serves an attached stream: answers `OK`, then moves the data in its direction(s) until
+/// the process's end closes. `attached` is what [`ProcessIo::attach`] gave for `kind`.
+pub async fn serve_attached<S>(
+    pio: Arc<ProcessIo>,
+    kind: StreamKind,
+    attached: Attached,
+    mut conn: S,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let request = match tokio::time::timeout(HEADER_TIMEOUT, read_line(&mut conn, MAX_HEADER)).await
-    {
-        Ok(Ok(line)) => StreamRequest::parse(&line).map_err(|e| e.to_string()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!("no header within {HEADER_TIMEOUT:?}")),
-    };
-    let header = match request {
-        Ok(StreamRequest::Forward { port }) => return forward::serve(conn, port).await,
-        Ok(StreamRequest::Process(h)) => Ok(h),
-        Err(reason) => Err(reason),
-    };
-    let attached = header.and_then(|h| {
-        let pio = runtime
-            .process_io(&h.container_id, &h.exec_id)
-            .map_err(|e| e.to_string())?;
-        let fd = pio.attach(h.kind)?;
-        Ok((h, pio, fd))
-    });
-    let (h, pio, attached) = match attached {
-        Ok(a) => a,
-        Err(reason) => return refuse(conn, &reason).await,
-    };
     let answered = conn.write_all(b"OK\n").await.is_ok();
     let fd = match attached {
         Attached::Now(fd) => fd,
@@ -450,15 +431,14 @@ where
     };
     if !answered {
         // The host went away before the verdict: keep draining so the process cannot block.
-        if h.kind != StreamKind::Stdin {
-            pump_output(&pio, h.kind, fd, None::<S>).await;
+        if kind != StreamKind::Stdin {
+            pump_output(&pio, kind, fd, None::<S>).await;
         }
         return;
     }
-    debug!(log(), "stream attached"; "container" => &h.container_id, "exec" => &h.exec_id, "stream" => %h.kind);
-    match h.kind {
-        StreamKind::Stdin => drop(pump_input(h.kind, fd, &mut conn).await),
-        StreamKind::Stdout | StreamKind::Stderr => pump_output(&pio, h.kind, fd, Some(conn)).await,
+    match kind {
+        StreamKind::Stdin => drop(pump_input(kind, fd, &mut conn).await),
+        StreamKind::Stdout | StreamKind::Stderr => pump_output(&pio, kind, fd, Some(conn)).await,
         StreamKind::Tty => {
             let input = match fd.try_clone() {
                 Ok(i) => i,
@@ -470,18 +450,10 @@ where
                 let end = pump_input(StreamKind::Tty, input, &mut rd).await;
                 p.input_ended(end);
             });
-            pump_output(&pio, h.kind, fd, Some(wr)).await;
+            pump_output(&pio, kind, fd, Some(wr)).await;
             input_task.abort();
         }
     }
-}
-
-/// Answers `ERR <reason>` and closes the stream.
-pub async fn refuse<S: AsyncWrite + Unpin>(mut conn: S, reason: &str) {
-    debug!(log(), "refused a stream"; "reason" => reason);
-    let line = format!("ERR {}\n", reason.replace('\n', " "));
-    let _ = conn.write_all(line.as_bytes()).await;
-    let _ = conn.shutdown().await;
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! shoji-agent: PID 1 of a shoji microVM.
 //!
 //! Run by the kernel as `/init`, it prepares the guest (`init`), reaps every process
-//! (`reaper`), serves the agent API on vsock (`server`, `io`, `forward`) and runs containers through
+//! (`reaper`), serves the agent API on vsock (`server`; stdio and port-forward streams: `streams`, `io`, `forward`) and runs containers through
 //! short-lived single-threaded copies of itself (`shoji-agent helper <verb> ...`, see
 //! `container`), so libcontainer never runs inside the multi-threaded PID 1.
 mod cgroup;
@@ -16,6 +16,7 @@ mod oom;
 mod reaper;
 mod runtime;
 mod server;
+mod streams;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();

@@ -1,6 +1,6 @@
 //! The ttrpc `Agent` service on vsock port 1024 (thin: each RPC is one `Runtime` call),
 //! the stdio listener on port 1025, and the readiness announcement to the host.
-use std::{sync::Arc, time::Duration};
+use std::{path::Path, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use shoji_agent_api::{
@@ -8,20 +8,19 @@ use shoji_agent_api::{
     types::*,
     AGENT_PORT, IO_PORT, READY_LINE, READY_PORT,
 };
-use slog::{debug, error, info, warn};
+use slog::{debug, error, warn};
 use tokio::{io::AsyncWriteExt, sync::mpsc};
 use tokio_vsock::{VsockAddr, VsockListener, VsockStream, VMADDR_CID_ANY, VMADDR_CID_HOST};
 use ttrpc::{r#async::TtrpcContext, Code};
 
 use crate::{
     guest,
-    init::{self, BootTimes},
-    io,
     logger::log,
     network,
     oom::OomWatcher,
     reaper::Reaper,
-    runtime::{Runtime, RuntimeError},
+    runtime::{LinuxGuest, Runtime, RuntimeError, RUN_DIR},
+    streams,
 };
 
 /// How long the agent keeps trying to announce itself.
@@ -250,49 +249,40 @@ async fn announce_ready() -> bool {
     false
 }
 
-fn uptime_ms() -> f64 {
-    std::fs::read_to_string("/proc/uptime")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
-        .map(|s| s * 1000.0)
-        .unwrap_or(0.0)
+/// The agent's listeners, bound; [`Serving::wait`] runs until one fails.
+pub struct Serving {
+    server: ttrpc::r#async::Server,
+    failed: mpsc::UnboundedReceiver<ServeError>,
+    /// Whether the host heard that the agent is ready.
+    pub announced: bool,
 }
 
-/// Serves until a listener fails. The VM is stopped from the host (the VMM is ended with
-/// everything in it), so there is no orderly way out.
+/// Binds the agent API and the stream listener, then tells the host the agent is ready.
 /// `debug_console`: the host allowed debug consoles (`shoji.debug_console=1`).
-pub async fn serve(boot: BootTimes, debug_console: bool) -> ServeError {
-    let reaper = match Reaper::start() {
-        Ok(r) => r,
-        Err(e) => return ServeError::Reaper(e),
-    };
-    let oom = match OomWatcher::start() {
-        Ok(o) => o,
-        Err(e) => return ServeError::Oom(e),
-    };
-    let runtime = Arc::new(Runtime::new(reaper, oom, debug_console));
-    let (fail_tx, mut fail_rx) = mpsc::unbounded_channel();
+pub async fn start(debug_console: bool) -> Result<Serving, ServeError> {
+    let reaper = Reaper::start().map_err(ServeError::Reaper)?;
+    let oom = OomWatcher::start().map_err(ServeError::Oom)?;
+    let runtime = Arc::new(Runtime::new(
+        Arc::new(LinuxGuest::new(reaper)),
+        Path::new(RUN_DIR),
+        oom,
+        debug_console,
+    ));
+    let (fail_tx, failed) = mpsc::unbounded_channel();
     let service = Arc::new(Service {
         runtime: runtime.clone(),
     });
-    let server = ttrpc::r#async::Server::new().bind(&format!("vsock://-1:{AGENT_PORT}"));
-    let mut server = match server {
-        Ok(s) => s.register_service(create_agent(service)),
-        Err(e) => return e.into(),
-    };
-    if let Err(e) = server.start().await {
-        return e.into();
-    }
-    let listener = match VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, IO_PORT)) {
-        Ok(l) => l,
-        Err(e) => return ServeError::Io(e),
-    };
-    let rt = runtime.clone();
+    let mut server = ttrpc::r#async::Server::new()
+        .bind(&format!("vsock://-1:{AGENT_PORT}"))?
+        .register_service(create_agent(service));
+    server.start().await?;
+    let listener =
+        VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, IO_PORT)).map_err(ServeError::Io)?;
     tokio::spawn(async move {
         loop {
             match listener.accept().await {
                 Ok((conn, _)) => {
-                    tokio::spawn(io::serve_stream(rt.clone(), conn));
+                    tokio::spawn(streams::serve(runtime.clone(), conn));
                 }
                 Err(e)
                     if e.raw_os_error() == Some(libc::EMFILE)
@@ -308,21 +298,23 @@ pub async fn serve(boot: BootTimes, debug_console: bool) -> ServeError {
             }
         }
     });
-
-    let ready = announce_ready().await;
-    init::expedite_rcu(false);
-    // The first helper's start is paid while the host prepares its first request.
-    crate::container::standby::replenish();
-    if ready {
-        info!(log(), "agent ready";
-            "since_boot_ms" => uptime_ms(), "root_switch_ms" => boot.root_switch_ms, "mounts_ms" => boot.mounts_ms,
-            "share_ms" => boot.share_ms, "init_ms" => boot.init_ms, "seccomp" => "libseccomp, linked statically",
-            "debug_console" => debug_console);
-    } else {
+    let announced = announce_ready().await;
+    if !announced {
         error!(log(), "could not announce readiness to the host"; "port" => READY_PORT);
     }
+    Ok(Serving {
+        server,
+        failed,
+        announced,
+    })
+}
 
-    let failed = fail_rx.recv().await;
-    let _ = server.shutdown().await;
-    failed.unwrap_or(ServeError::Io(std::io::ErrorKind::BrokenPipe.into()))
+impl Serving {
+    /// Serves until a listener fails. The VM is stopped from the host (the VMM is ended with
+    /// everything in it), so there is no orderly way out.
+    pub async fn wait(mut self) -> ServeError {
+        let failed = self.failed.recv().await;
+        let _ = self.server.shutdown().await;
+        failed.unwrap_or(ServeError::Io(std::io::ErrorKind::BrokenPipe.into()))
+    }
 }

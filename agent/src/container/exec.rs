@@ -6,7 +6,11 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use super::{helper, spawn_process, HelperError, NewProcess};
+use super::{
+    describe,
+    spawn::{spawn_process, NewProcess},
+    HelperError,
+};
 use crate::reaper::Reaper;
 
 pub const VERB: &str = "exec";
@@ -25,7 +29,7 @@ pub(super) fn run(req: Request) -> Result<(), String> {
         .with_process(Some(&req.spec))
         .with_detach(true)
         .build()
-        .map_err(|e| helper::describe(&e))?;
+        .map_err(|e| describe(&e))?;
     Ok(())
 }
 

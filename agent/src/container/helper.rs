@@ -1,11 +1,5 @@
 //! Helper mode: `shoji-agent helper <verb> <work-dir> <request-json>`, one verb per process.
-use std::{
-    error::Error,
-    fs::File,
-    os::fd::{FromRawFd, OwnedFd, RawFd},
-    path::Path,
-    sync::Mutex,
-};
+use std::{fs::File, path::Path, sync::Mutex};
 
 use serde::de::DeserializeOwned;
 
@@ -61,29 +55,4 @@ fn send_tracing_to(path: &Path) {
             .with_max_level(tracing_subscriber::filter::LevelFilter::WARN)
             .try_init();
     }
-}
-
-/// An error and its sources, outermost first (libcontainer's top-level messages are terse).
-pub(super) fn describe(e: &dyn Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let next = s.to_string();
-        if !text.ends_with(&next) {
-            text.push_str(": ");
-            text.push_str(&next);
-        }
-        source = s.source();
-    }
-    text
-}
-
-/// Takes ownership of an fd the agent placed at a fixed number.
-pub(super) fn inherited(fd: RawFd) -> Result<OwnedFd, String> {
-    // SAFETY: F_GETFD only checks that the descriptor is open.
-    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-        return Err(format!("fd {fd} was not passed to the helper"));
-    }
-    // SAFETY: the fd is open and nothing else in this process owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }

@@ -22,6 +22,7 @@ pub mod helper;
 pub mod kill;
 pub mod pause;
 pub mod rootfs;
+pub mod spawn;
 pub mod standby;
 pub mod start;
 pub mod volumes;
@@ -196,78 +197,17 @@ pub async fn run_helper(
     })
 }
 
-/// How long a `create` or `exec` helper may take (libcontainer sets up namespaces, mounts
-/// and cgroups; seconds under TCG on a loaded host).
-const SPAWN_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// How a new process gets its stdio and reports its pid: the part of a `create` or `exec`
-/// helper request they share.
-#[derive(serde::Serialize, serde::Deserialize)]
-pub struct NewProcess {
-    id: String,
-    pid_file: std::path::PathBuf,
-    console_socket: Option<std::path::PathBuf>,
-    /// Stdio fds are at FD_STDIN/FD_STDOUT/FD_STDERR (false with a console socket).
-    stdio: bool,
-}
-
-impl NewProcess {
-    /// Helper side: the libcontainer builder for this process (state root, pid file, stdio).
-    fn builder(&self) -> Result<libcontainer::container::builder::ContainerBuilder, String> {
-        use libcontainer::{container::builder::ContainerBuilder, syscall::syscall::SyscallType};
-        let e = |e: libcontainer::error::LibcontainerError| helper::describe(&e);
-        let mut builder = ContainerBuilder::new(self.id.clone(), SyscallType::default())
-            .with_root_path(STATE_ROOT)
-            .map_err(e)?
-            .with_pid_file(Some(&self.pid_file))
-            .map_err(e)?
-            .with_console_socket(self.console_socket.as_ref());
-        if self.stdio {
-            builder = builder
-                .with_stdin(helper::inherited(FD_STDIN)?)
-                .with_stdout(helper::inherited(FD_STDOUT)?)
-                .with_stderr(helper::inherited(FD_STDERR)?);
+/// An error and its sources, outermost first (libcontainer's top-level messages are terse).
+pub(crate) fn describe(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let next = s.to_string();
+        if !text.ends_with(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
         }
-        Ok(builder)
+        source = s.source();
     }
-}
-
-/// Agent side: runs helper `verb` for a new process of container `id` whose stdio are
-/// `stdio` (None with a tty: the pty master then arrives on `console_socket`); returns the
-/// process's pid. `request` builds the verb's request around the [`NewProcess`] part.
-async fn spawn_process<R: Serialize>(
-    reaper: &Reaper,
-    verb: &'static str,
-    id: &str,
-    dir: &Path,
-    stdio: Option<[BorrowedFd<'_>; 3]>,
-    console_socket: Option<&Path>,
-    request: impl FnOnce(NewProcess) -> R,
-) -> Result<i32, HelperError> {
-    let pid_file = dir.join(format!("{verb}.pid"));
-    let process = NewProcess {
-        id: id.to_string(),
-        pid_file: pid_file.clone(),
-        console_socket: console_socket.map(Path::to_path_buf),
-        stdio: stdio.is_some(),
-    };
-    let fds = match stdio {
-        Some([i, o, e]) => vec![(FD_STDIN, i), (FD_STDOUT, o), (FD_STDERR, e)],
-        None => vec![],
-    };
-    run_helper(reaper, verb, dir, &request(process), &fds, SPAWN_TIMEOUT).await?;
-    read_pid_file(verb, &pid_file)
-}
-
-/// The pid libcontainer wrote for the process a helper made.
-fn read_pid_file(verb: &'static str, path: &Path) -> Result<i32, HelperError> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    text.trim().parse().map_err(|_| HelperError::Failed {
-        verb,
-        status: 0,
-        message: format!(
-            "helper {verb} succeeded but {} holds no pid ({text:?})",
-            path.display()
-        ),
-    })
+    text
 }

@@ -12,7 +12,7 @@ use libcontainer::{
     notify_socket::NOTIFY_FILE,
 };
 
-use super::{helper, STATE_ROOT};
+use super::{describe, STATE_ROOT};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -21,8 +21,8 @@ const START_MESSAGE: &[u8] = b"start container";
 
 fn run(id: &str) -> Result<(), String> {
     let root = Path::new(STATE_ROOT).join(id);
-    let mut c = Container::load(root.clone()).map_err(|e| helper::describe(&e))?;
-    c.refresh_status().map_err(|e| helper::describe(&e))?;
+    let mut c = Container::load(root.clone()).map_err(|e| describe(&e))?;
+    c.refresh_status().map_err(|e| describe(&e))?;
     if !c.can_start() {
         return Err(format!("container is {:?}, not created", c.status()));
     }
@@ -35,7 +35,7 @@ fn run(id: &str) -> Result<(), String> {
     drop(stream);
     c.set_status(ContainerStatus::Running)
         .save()
-        .map_err(|e| helper::describe(&e))
+        .map_err(|e| describe(&e))
 }
 
 pub async fn start(id: &str) -> Result<(), String> {

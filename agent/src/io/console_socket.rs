@@ -11,8 +11,6 @@ use std::{
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 use tokio::net::UnixListener;
 
-const CONSOLE_DIR: &str = "/run/shoji/console";
-
 /// The listening end of libcontainer's console socket, over which a tty process's pty
 /// master arrives.
 pub struct ConsoleSocket {
@@ -21,12 +19,12 @@ pub struct ConsoleSocket {
 }
 
 impl ConsoleSocket {
-    pub fn bind() -> io::Result<ConsoleSocket> {
+    /// A new socket in `dir`.
+    pub fn bind(dir: &Path) -> io::Result<ConsoleSocket> {
         // sun_path holds 108 bytes: a short counter name, not the container id.
         static NEXT: AtomicU64 = AtomicU64::new(0);
-        std::fs::create_dir_all(CONSOLE_DIR)?;
-        let path =
-            Path::new(CONSOLE_DIR).join(format!("{}.sock", NEXT.fetch_add(1, Ordering::Relaxed)));
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join(format!("{}.sock", NEXT.fetch_add(1, Ordering::Relaxed)));
         let _ = std::fs::remove_file(&path);
         Ok(ConsoleSocket {
             listener: UnixListener::bind(&path)?,

@@ -172,7 +172,7 @@ impl Runtime {
             .map_err(internal("keeping the pty master"))?;
         let process = Arc::new(Process::new(&exec_id, PathBuf::from("/"), pio, None));
         *process.started.lock().unwrap() = true;
-        process.set_pid(&self.reaper, pid, born, None);
+        process.set_pid(&self.os, pid, born, None);
         consoles
             .shells
             .lock()
@@ -255,11 +255,8 @@ mod tests {
 
     #[tokio::test]
     async fn consoles_are_refused_unless_the_host_allowed_them() {
-        let runtime = Runtime::new(
-            Arc::new(crate::reaper::Reaper::default()),
-            crate::oom::OomWatcher::start().unwrap(),
-            false,
-        );
+        let guest = super::super::tests::runtime(false);
+        let runtime = &guest.rt;
         let err = runtime
             .start_debug_console(&DebugConsoleRequest::default())
             .await

@@ -12,13 +12,14 @@ use shoji_agent_api::types::CreateContainerRequest;
 use slog::debug;
 
 use super::{
-    helper_err, internal, pod, process::Process, Container, Runtime, RuntimeError, CONTAINERS_DIR,
-    PTY_TIMEOUT,
+    helper_err, internal,
+    process::{Launch, Process},
+    Container, Runtime, RuntimeError,
 };
 use crate::{
     cgroup,
     container::{self, guest_spec, rootfs, volumes},
-    io::{ConsoleSocket, ProcessIo},
+    io::ProcessIo,
     logger::{log, ms_since},
 };
 
@@ -57,9 +58,11 @@ impl Runtime {
             )));
         }
         let began = std::time::Instant::now();
-        let dir = Path::new(CONTAINERS_DIR).join(id);
+        let dir = self.container_dir(id);
         // A leftover of an earlier failed attempt must not leak into this one.
-        rootfs::teardown(&dir).map_err(internal("cleaning up an old container directory"))?;
+        self.os
+            .remove_files(&dir)
+            .map_err(internal("cleaning up an old container directory"))?;
         fs::create_dir_all(&dir).map_err(internal("creating the container directory"))?;
         match self
             .create_in(
@@ -111,18 +114,23 @@ impl Runtime {
             .map_err(|e| RuntimeError::InvalidArgument(e.to_string()))?;
         let parse_ms = lap();
         if !guest.pod_namespaces.is_empty() {
-            guest.join_pod(self.pod.pause().await?);
+            guest.join_pod(self.pod.pause(self.os.as_ref()).await?);
         }
         let pause_ms = lap();
-        let rootfs = rootfs::assemble(source, overlay, dir).map_err(|e| match e {
-            rootfs::RootfsError::NoSource(_) => RuntimeError::InvalidArgument(e.to_string()),
-            e => RuntimeError::Internal(e.to_string()),
-        })?;
+        let rootfs = self
+            .os
+            .assemble_rootfs(source, overlay, dir)
+            .map_err(|e| match e {
+                rootfs::RootfsError::NoSource(_) => RuntimeError::InvalidArgument(e.to_string()),
+                e => RuntimeError::Internal(e.to_string()),
+            })?;
         let rootfs_ms = lap();
         let guest_spec::GuestSpec {
             spec, net_sysctls, ..
         } = guest;
-        pod::set_net_sysctls(&net_sysctls)?;
+        if !net_sysctls.is_empty() {
+            self.os.set_sysctls(net_sysctls, None).await?;
+        }
         guest_spec::check_executable(
             &rootfs,
             spec.process()
@@ -136,42 +144,25 @@ impl Runtime {
         spec.save(dir.join("config.json"))
             .map_err(internal("writing config.json"))?;
 
-        let (pio, child, console) = if req.terminal {
-            (
-                ProcessIo::tty(),
-                None,
-                Some(ConsoleSocket::bind().map_err(internal("console socket"))?),
-            )
+        let (pio, child) = if req.terminal {
+            (ProcessIo::tty(), None)
         } else {
             let (pio, child) = ProcessIo::pipes(req.stdin).map_err(internal("stdio pipes"))?;
-            (pio, Some(child), None)
+            (pio, Some(child))
         };
+        let launch = Launch::new(child, &self.console_dir())?;
         let born = std::time::Instant::now();
         debug!(log(), "container prepared"; "container" => id, "parse_ms" => parse_ms,
             "pause_wait_ms" => pause_ms, "rootfs_ms" => rootfs_ms, "spec_ms" => lap());
-        let pid = container::create::create(
-            &self.reaper,
-            id,
-            dir,
-            child.as_ref().map(|c| c.fds()),
-            console.as_ref().map(|c| c.path()),
-        )
-        .await
-        .map_err(helper_err(format!("creating container {id:?}")))?;
-        // The container holds its ends now; ours must go so that EOF can happen.
-        drop(child);
+        let pid = self
+            .os
+            .create(id, dir, launch.stdio())
+            .await
+            .map_err(helper_err(format!("creating container {id:?}")))?;
         let init = Arc::new(Process::new("", dir.to_path_buf(), pio, None));
         let leftovers = (!container::kill::init_ends_all(&spec)).then(|| cgroup::dir(id));
-        init.set_pid(&self.reaper, pid, born, leftovers);
-        if let Some(console) = console {
-            let master = console
-                .receive(PTY_TIMEOUT)
-                .await
-                .map_err(internal("receiving the pty master"))?;
-            init.io
-                .set_master(master)
-                .map_err(internal("keeping the pty master"))?;
-        }
+        init.set_pid(&self.os, pid, born, leftovers);
+        launch.finish(&init.io).await?;
         Ok(Arc::new(Container {
             id: id.to_string(),
             dir: dir.to_path_buf(),

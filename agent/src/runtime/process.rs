@@ -3,25 +3,29 @@
 use std::{
     collections::HashMap,
     fs,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
     },
-    time::{Instant, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use nix::sys::signal::Signal;
 use slog::warn;
 use tokio::sync::watch;
 
-use super::EXEC_RETENTION;
+use super::{guest_os::NewStdio, internal, GuestOs, RuntimeError};
 use crate::{
-    cgroup,
-    io::{ChildStdio, ProcessIo},
+    io::{ChildStdio, ConsoleSocket, ProcessIo},
     logger::log,
-    reaper::{Exit, Reaper},
+    reaper::Exit,
 };
+
+/// How long a tty process's pty master may take to arrive on its console socket.
+const PTY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an exec is remembered after WaitProcess reported its exit.
+pub(super) const EXEC_RETENTION: Duration = Duration::from_secs(60);
 
 /// One process: a container's init (exec_id "") or an exec.
 pub(super) struct Process {
@@ -72,18 +76,18 @@ impl Process {
     /// hold its output open).
     pub(super) fn set_pid(
         self: &Arc<Self>,
-        reaper: &Reaper,
+        os: &Arc<dyn GuestOs>,
         pid: i32,
         born: Instant,
         dies_with_it: Option<PathBuf>,
     ) {
         *self.pid.lock().unwrap() = Some(pid);
-        let rx = reaper.watch(pid, born);
-        let p = self.clone();
+        let rx = os.reap(pid, born);
+        let (p, os) = (self.clone(), os.clone());
         tokio::spawn(async move {
             if let Ok(exit) = rx.await {
                 if let Some(cgroup) = dies_with_it {
-                    if let Err(e) = cgroup::kill_all(&cgroup) {
+                    if let Err(e) = os.signal_all(&cgroup, Signal::SIGKILL).await {
                         warn!(log(), "killing what the process left failed"; "cgroup" => %cgroup.display(), "error" => %e);
                     }
                 }
@@ -102,6 +106,50 @@ impl Process {
         };
         self.exit
             .send_if_modified(|e| e.is_none() && e.replace(gone).is_none());
+    }
+}
+
+/// How a process being made gets its stdio: the container's ends of its pipes, or (a tty)
+/// a console socket its pty master will arrive on.
+pub(super) struct Launch {
+    child: Option<ChildStdio>,
+    console: Option<ConsoleSocket>,
+}
+
+impl Launch {
+    /// For a process whose pipe ends are `child` (None: a tty, whose socket is bound in `console_dir`).
+    pub(super) fn new(
+        child: Option<ChildStdio>,
+        console_dir: &Path,
+    ) -> Result<Launch, RuntimeError> {
+        let console = match child {
+            Some(_) => None,
+            None => Some(ConsoleSocket::bind(console_dir).map_err(internal("console socket"))?),
+        };
+        Ok(Launch { child, console })
+    }
+
+    pub(super) fn stdio(&self) -> NewStdio<'_> {
+        match (&self.child, &self.console) {
+            (Some(child), _) => NewStdio::Pipes(child.fds()),
+            (None, Some(console)) => NewStdio::Console(console.path()),
+            (None, None) => unreachable!("Launch::new binds a console socket without pipes"),
+        }
+    }
+
+    /// Once the process exists: lets go of the pipe ends (the container holds its own, and
+    /// EOF must be possible), and keeps a tty's pty master in `io`.
+    pub(super) async fn finish(self, io: &ProcessIo) -> Result<(), RuntimeError> {
+        drop(self.child);
+        if let Some(console) = self.console {
+            let master = console
+                .receive(PTY_TIMEOUT)
+                .await
+                .map_err(internal("receiving the pty master"))?;
+            io.set_master(master)
+                .map_err(internal("keeping the pty master"))?;
+        }
+        Ok(())
     }
 }
 
