@@ -305,13 +305,17 @@ async fn volumes_reach_the_guest_read_only_holds_and_host_rewrites_show() {
     std::fs::create_dir_all(host.join("ro")).unwrap();
     std::fs::create_dir_all(host.join("rw")).unwrap();
     std::fs::write(host.join("ro/hello"), "from the host\n").unwrap();
-    // virtiofsd exports a read-only view of the shared directory.
-    let export = sandbox.dir().join("export").display().to_string();
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    // virtiofsd exports a read-only view of the shared directory, from the sandbox's mount
+    // namespace (the host's holds no mount of the sandbox): its root is that view.
+    let host_mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!host_mounts.contains(&sandbox.dir().display().to_string()));
+    let state = shoji::sandbox::State::read(sandbox.dir()).unwrap();
+    let virtiofsd = state.pids.iter().find(|p| p.name == "virtiofsd").unwrap();
+    let mountinfo = std::fs::read_to_string(format!("/proc/{}/mountinfo", virtiofsd.pid)).unwrap();
     let view = mountinfo
         .lines()
-        .find(|l| l.split(' ').nth(4) == Some(export.as_str()))
-        .expect("export view mounted");
+        .find(|l| l.split(' ').nth(4) == Some("/"))
+        .unwrap_or_else(|| panic!("virtiofsd has no root: {mountinfo}"));
     assert!(
         view.split(' ')
             .nth(5)

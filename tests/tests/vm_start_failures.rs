@@ -95,7 +95,8 @@ async fn a_flooding_console_stays_under_its_cap() {
     let env = TestEnv::new("flood").await;
     let mut cfg = env.sandbox_config("flood");
     cfg.config.initrd = flood_initrd();
-    cfg.config.timeouts.agent_ready = Duration::from_secs(8);
+    // Long enough to pass the cap at ~100 KB/s, what a loaded 2-core host's TCG serial gives.
+    cfg.config.timeouts.agent_ready = Duration::from_secs(12);
     let console = cfg.dir().join("console.log");
     let previous = cfg.dir().join("console.log.1");
     let start = tokio::spawn(Sandbox::start(cfg, env.log.clone()));

@@ -28,7 +28,7 @@ use crate::{
     logtail, network,
     oci::VmSize,
     port_forward::PortForward,
-    sharefs::{BindMode, ReadOnly, SharedDir, Virtiofsd, VirtiofsdOptions},
+    sharefs::{BindMode, Propagation, ReadOnly, SharedDir, Virtiofsd, VirtiofsdOptions},
 };
 
 /// The guest CID. Each VM has its own vsock back-end, so every VM can use the same one.
@@ -179,6 +179,7 @@ impl Boot {
                 socket: dir.join("virtiofsd.sock"),
                 log: dir.join("virtiofsd.log"),
             },
+            shared.namespace(),
             self.ledger.as_ref(),
         )?);
         let driver = self.driver.insert(hypervisor::new(
@@ -366,6 +367,7 @@ fn share_debug_shell(shared: &SharedDir, log: &Logger) {
     let mode = BindMode {
         recursive: false,
         read_only: ReadOnly::Top,
+        propagation: Propagation::Private,
     };
     if let Err(e) = shared.bind(busybox, std::path::Path::new(DEBUG_SHELL_REL), mode) {
         warn!(log, "the debug console will have no shell"; "error" => %e);

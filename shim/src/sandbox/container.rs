@@ -255,7 +255,7 @@ impl Sandbox {
                 if mode.recursive {
                     submounts.extend(
                         self.shared
-                            .nested_mounts(&rel)
+                            .nested_mounts(&rel)?
                             .iter()
                             .map(|p| guest_path(p)),
                     );

@@ -254,6 +254,9 @@ impl Sandbox {
     /// The shim leaves the pod cgroup, then every host resource is removed.
     async fn release(&self) -> Result<()> {
         self.shared.close();
+        if let Err(e) = self.shared.unmount_all() {
+            warn!(self.log, "unmounting the shared directory failed"; "error" => %e);
+        }
         let state = self.ledger.snapshot();
         if let (Some(cg), Some(previous)) =
             (&state.cgroup, self.cgroup_previous.lock().unwrap().take())
@@ -276,7 +279,7 @@ impl Drop for Sandbox {
         if vm.take().is_some() {
             warn!(self.log, "sandbox dropped without stop(), cleaning up");
             self.shared.close();
-            let _ = crate::sharefs::unmount_tree(&self.dir);
+            let _ = self.shared.unmount_all();
         }
     }
 }

@@ -1,11 +1,13 @@
 //! The directory a sandbox exports to its guest, and the virtiofsd that serves it.
 //!
-//! virtiofsd only sees mounts added under its shared directory after it started if they
-//! propagate into its mount namespace, and `/` is often a private mount. So the directory
-//! is made a shared mount point of its own before virtiofsd starts, and every container
-//! rootfs or volume is mounted under it afterwards (mounts before the agent is told, so
-//! the guest never caches an empty directory).
+//! Every mount of it lives in the sandbox's own mount namespace ([`MountNamespace`]), where
+//! virtiofsd runs too. virtiofsd only sees mounts added under its shared directory after it
+//! started if they propagate into its own namespace, so the directory is made a shared
+//! mount point of its own before virtiofsd starts, and every container rootfs or volume is
+//! mounted under it afterwards (mounts before the agent is told, so the guest never caches
+//! an empty directory).
 mod mounts;
+mod namespace;
 mod virtiofsd;
 
 use std::{
@@ -15,9 +17,16 @@ use std::{
 
 use nix::mount::{mount, MsFlags};
 
-use self::mounts::{make_mountpoint, mount_err, restrict, split_options};
+use self::{
+    mounts::{make_mountpoint, mount_err, restrict, split_options},
+    namespace::{attach, clone_tree},
+};
 pub use self::{
-    mounts::{mounts_under, remove_tree, unmount, unmount_tree, BindMode, MountError, ReadOnly},
+    mounts::{
+        mounts_under, remove_tree, unmount, unmount_tree, BindMode, MountError, Propagation,
+        ReadOnly,
+    },
+    namespace::MountNamespace,
     virtiofsd::{Virtiofsd, VirtiofsdOptions},
 };
 
@@ -32,14 +41,15 @@ pub use self::{
 pub struct SharedDir {
     path: PathBuf,
     export: PathBuf,
+    /// Where all of it is mounted; the mounts go with it.
+    ns: MountNamespace,
     /// Set when teardown begins: a mount racing it would outlive the unmount.
     closed: AtomicBool,
 }
 
 impl SharedDir {
-    /// Creates `path` as a shared mount point and `export` as its read-only view. Call
-    /// before virtiofsd starts. On error, what was mounted stays for the caller's teardown
-    /// ([`unmount_tree`] of a parent directory).
+    /// Creates `path` as a shared mount point and `export` as its read-only view, in a new
+    /// mount namespace. Call before virtiofsd starts.
     pub fn create(path: &Path, export: &Path) -> Result<SharedDir, MountError> {
         for dir in [path, export] {
             std::fs::create_dir_all(dir).map_err(|source| MountError {
@@ -48,21 +58,26 @@ impl SharedDir {
                 source,
             })?;
         }
-        let none = None::<&str>;
-        mount(Some(path), path, none, MsFlags::MS_BIND, none).map_err(mount_err("bind", path))?;
-        mount(none, path, none, MsFlags::MS_PRIVATE, none)
-            .map_err(mount_err("make-private", path))?;
-        mount(none, path, none, MsFlags::MS_SHARED, none)
-            .map_err(mount_err("make-shared", path))?;
-        mount(Some(path), export, none, MsFlags::MS_BIND, none)
-            .map_err(mount_err("bind", export))?;
-        mount(none, export, none, MsFlags::MS_SLAVE, none)
-            .map_err(mount_err("make-slave", export))?;
-        let ro = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
-        mount(none, export, none, ro, none).map_err(mount_err("remount read-only", export))?;
+        let ns = MountNamespace::create()?;
+        ns.run(|| -> Result<(), MountError> {
+            let none = None::<&str>;
+            mount(Some(path), path, none, MsFlags::MS_BIND, none)
+                .map_err(mount_err("bind", path))?;
+            mount(none, path, none, MsFlags::MS_PRIVATE, none)
+                .map_err(mount_err("make-private", path))?;
+            mount(none, path, none, MsFlags::MS_SHARED, none)
+                .map_err(mount_err("make-shared", path))?;
+            mount(Some(path), export, none, MsFlags::MS_BIND, none)
+                .map_err(mount_err("bind", export))?;
+            mount(none, export, none, MsFlags::MS_SLAVE, none)
+                .map_err(mount_err("make-slave", export))?;
+            let ro = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+            mount(none, export, none, ro, none).map_err(mount_err("remount read-only", export))
+        })??;
         Ok(SharedDir {
             path: path.to_path_buf(),
             export: export.to_path_buf(),
+            ns,
             closed: AtomicBool::new(false),
         })
     }
@@ -74,6 +89,11 @@ impl SharedDir {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The mount namespace everything is mounted in (virtiofsd must run in it).
+    pub fn namespace(&self) -> &MountNamespace {
+        &self.ns
     }
 
     fn open_target(&self, rel: &Path) -> Result<PathBuf, MountError> {
@@ -89,7 +109,8 @@ impl SharedDir {
     }
 
     /// Bind-mounts `source` (a directory or a file) at `rel` under the shared directory as
-    /// `mode` says, always nosuid and nodev on the host. Returns the host target.
+    /// `mode` says, always nosuid and nodev on the host. The source is seen as the caller
+    /// sees it (a copy made here, attached in the sandbox's namespace). Returns the target.
     pub fn bind(&self, source: &Path, rel: &Path, mode: BindMode) -> Result<PathBuf, MountError> {
         let target = self.open_target(rel)?;
         let is_dir = source
@@ -100,25 +121,22 @@ impl SharedDir {
                 source: e,
             })?
             .is_dir();
-        make_mountpoint(&target, is_dir)?;
-        let mut flags = MsFlags::MS_BIND;
-        if mode.recursive {
-            flags |= MsFlags::MS_REC;
-        }
-        mount(Some(source), &target, None::<&str>, flags, None::<&str>)
-            .map_err(mount_err(format!("bind {}", source.display()), &target))?;
-        if let Err(e) = restrict(&target, mode.read_only) {
-            let _ = unmount_tree(&target);
-            return Err(e);
-        }
+        let tree = clone_tree(source, mode.recursive)?;
+        restrict(&tree, source, mode)?;
+        self.ns.run(|| {
+            make_mountpoint(&target, is_dir)?;
+            attach(&tree, &target)
+        })??;
         Ok(target)
     }
 
     /// The mounts nested below `rel` (not `rel` itself), as paths relative to the shared
     /// directory, parents first.
-    pub fn nested_mounts(&self, rel: &Path) -> Vec<PathBuf> {
+    pub fn nested_mounts(&self, rel: &Path) -> Result<Vec<PathBuf>, MountError> {
         let root = self.path.join(rel);
-        let mut nested: Vec<PathBuf> = mounts_under(&root)
+        let mut nested: Vec<PathBuf> = self
+            .ns
+            .run(|| mounts_under(&root))?
             .into_iter()
             .filter(|p| p != &root)
             .filter_map(|p| p.strip_prefix(&self.path).ok().map(Path::to_path_buf))
@@ -126,7 +144,7 @@ impl SharedDir {
         nested.sort();
         nested.dedup();
         nested.sort_by_key(|p| p.components().count());
-        nested
+        Ok(nested)
     }
 
     /// Mounts a filesystem (e.g. containerd's overlay snapshot) at `rel` under the shared
@@ -139,17 +157,19 @@ impl SharedDir {
         options: &[String],
     ) -> Result<PathBuf, MountError> {
         let target = self.open_target(rel)?;
-        make_mountpoint(&target, true)?;
         let (flags, data) = split_options(options);
         let flags = flags | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-        mount(
-            Some(source),
-            &target,
-            Some(fstype),
-            flags,
-            Some(data.as_str()),
-        )
-        .map_err(mount_err(format!("mount {fstype} {source}"), &target))?;
+        self.ns.run(|| {
+            make_mountpoint(&target, true)?;
+            mount(
+                Some(source),
+                &target,
+                Some(fstype),
+                flags,
+                Some(data.as_str()),
+            )
+            .map_err(mount_err(format!("mount {fstype} {source}"), &target))
+        })??;
         Ok(target)
     }
 
@@ -157,8 +177,10 @@ impl SharedDir {
     /// a mount that would not go). Idempotent.
     pub fn remove(&self, rel: &Path) -> Result<(), MountError> {
         let root = self.path.join(rel);
-        unmount_tree(&root)?;
-        remove_tree(&root)
+        self.ns.run(|| {
+            unmount_tree(&root)?;
+            remove_tree(&root)
+        })?
     }
 
     /// Refuses new mounts from now on: teardown has begun, and a mount racing it would
@@ -166,49 +188,110 @@ impl SharedDir {
     pub fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
     }
+
+    /// Unmounts everything (the directories stay for the caller's teardown). Idempotent.
+    pub fn unmount_all(&self) -> Result<(), MountError> {
+        self.ns.run(|| {
+            unmount_tree(&self.export)?;
+            unmount_tree(&self.path)
+        })?
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn base(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("shoji-sharefs-{name}-{}", std::process::id()))
+    }
+
+    fn tmpfs(at: &Path) {
+        std::fs::create_dir_all(at).unwrap();
+        let none = None::<&str>;
+        mount(Some("tmpfs"), at, Some("tmpfs"), MsFlags::empty(), none).unwrap();
+    }
+
+    fn opts(o: &[&str]) -> BindMode {
+        BindMode::from_options(&o.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
     /// `ro` makes the bind read-only and leaves the mounts below it as they are (runc's
     /// behaviour); `rro` makes all of them read-only; a plain `bind` does not bring them.
     #[test]
     fn read_only_binds_follow_ro_rro_and_recursion() {
-        let base = std::env::temp_dir().join(format!("shoji-sharefs-{}", std::process::id()));
+        let base = base("ro");
         let src = base.join("src");
-        std::fs::create_dir_all(src.join("sub")).unwrap();
-        let none = None::<&str>;
-        mount(
-            Some("tmpfs"),
-            &src.join("sub"),
-            Some("tmpfs"),
-            MsFlags::empty(),
-            none,
-        )
-        .unwrap();
+        tmpfs(&src.join("sub"));
         let shared = SharedDir::create(&base.join("shared"), &base.join("export")).unwrap();
-        let writable = |p: &Path| std::fs::write(p.join("probe"), b"x").is_ok();
-        let bind = |rel: &str, opts: &[&str]| {
-            let opts: Vec<String> = opts.iter().map(|s| s.to_string()).collect();
+        let writable = |p: PathBuf| {
             shared
-                .bind(&src, Path::new(rel), BindMode::from_options(&opts))
+                .namespace()
+                .run(|| std::fs::write(p.join("probe"), b"x").is_ok())
                 .unwrap()
         };
+        let bind = |rel: &str, o: &[&str]| shared.bind(&src, Path::new(rel), opts(o)).unwrap();
         let ro = bind("ro", &["rbind", "ro"]);
-        assert!(!writable(&ro));
-        assert!(writable(&ro.join("sub")));
+        assert!(!writable(ro.clone()));
+        assert!(writable(ro.join("sub")));
         let rro = bind("rro", &["rbind", "rro"]);
-        assert!(!writable(&rro));
-        assert!(!writable(&rro.join("sub")));
+        assert!(!writable(rro.clone()));
+        assert!(!writable(rro.join("sub")));
         let flat = bind("flat", &["bind"]);
-        assert!(writable(&flat));
-        assert!(!mounts_under(&flat).iter().any(|m| m.ends_with("sub")));
+        assert!(writable(flat.clone()));
+        assert_eq!(
+            shared.nested_mounts(Path::new("flat")).unwrap(),
+            Vec::<PathBuf>::new()
+        );
+        assert_eq!(
+            shared.nested_mounts(Path::new("ro")).unwrap(),
+            [PathBuf::from("ro/sub")]
+        );
         shared.close();
-        assert!(shared
-            .bind(&src, Path::new("late"), BindMode::from_options(&[]))
-            .is_err());
+        assert!(shared.bind(&src, Path::new("late"), opts(&[])).is_err());
+        shared.unmount_all().unwrap();
+        unmount_tree(&base).unwrap();
+        remove_tree(&base).unwrap();
+    }
+
+    /// The host's mount table never holds the sandbox's mounts, so a host mount point a
+    /// volume copied can go while the pod runs; a host mount made after the bind reaches
+    /// it with `rslave` only, as under runc.
+    #[test]
+    fn binds_stay_out_of_the_hosts_mount_table_and_propagate_as_asked() {
+        let base = base("prop");
+        let src = base.join("src");
+        tmpfs(&src);
+        let none = None::<&str>;
+        mount(none, &src, none, MsFlags::MS_SHARED, none).unwrap();
+        tmpfs(&src.join("nested"));
+        let shared = SharedDir::create(&base.join("shared"), &base.join("export")).unwrap();
+        let private = shared
+            .bind(&src, Path::new("private"), opts(&["rbind"]))
+            .unwrap();
+        let slave = shared
+            .bind(&src, Path::new("slave"), opts(&["rbind", "rslave"]))
+            .unwrap();
+        assert_eq!(mounts_under(&shared.path), Vec::<PathBuf>::new());
+        assert_eq!(mounts_under(&shared.export), Vec::<PathBuf>::new());
+        // The nested mount point goes on the host while both binds hold a copy of it.
+        nix::mount::umount2(&src.join("nested"), nix::mount::MntFlags::empty()).unwrap();
+        std::fs::remove_dir(src.join("nested")).unwrap();
+        // A later host mount reaches the slave bind and the guest's view, not the private one.
+        tmpfs(&src.join("later"));
+        std::fs::write(src.join("later/hello"), b"x").unwrap();
+        let export = shared.export.clone();
+        let seen = |p: PathBuf| {
+            shared
+                .namespace()
+                .run(|| p.join("later/hello").exists())
+                .unwrap()
+        };
+        assert!(seen(slave.clone()));
+        assert!(seen(export.join("slave")));
+        assert!(!seen(private.clone()));
+        assert!(!seen(export.join("private")));
+        shared.unmount_all().unwrap();
         unmount_tree(&base).unwrap();
         remove_tree(&base).unwrap();
     }

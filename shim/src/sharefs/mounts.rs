@@ -1,7 +1,10 @@
 //! Mount plumbing for the shared directory: mount options, unmounting a tree, and removing
 //! directories without ever deleting through a mount point into someone else's files.
 use std::{
-    os::unix::fs::MetadataExt,
+    os::{
+        fd::{AsRawFd, OwnedFd},
+        unix::fs::MetadataExt,
+    },
     path::{Path, PathBuf},
 };
 
@@ -78,6 +81,16 @@ pub struct BindMode {
     /// `rbind`: the mounts below the source come along.
     pub recursive: bool,
     pub read_only: ReadOnly,
+    pub propagation: Propagation,
+}
+
+/// Whether the host's later mounts below a bind's source reach the bind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Propagation {
+    /// No (`private`, `rprivate`, or nothing said: CRI's PROPAGATION_PRIVATE).
+    Private,
+    /// Yes (`slave`, `rslave`: CRI's HostToContainer).
+    Slave,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,16 +115,48 @@ impl BindMode {
             } else {
                 ReadOnly::No
             },
+            propagation: if has("rslave") || has("slave") {
+                Propagation::Slave
+            } else {
+                Propagation::Private
+            },
         }
     }
 }
 
 /// The host side of a bind never runs setuid programs or opens devices the guest could
-/// have made (nosuid, nodev on it and everything below it), and is read-only as asked.
-pub(super) fn restrict(target: &Path, read_only: ReadOnly) -> Result<(), MountError> {
-    const MOUNT_ATTR_RDONLY: u64 = 0x1;
-    const MOUNT_ATTR_NOSUID: u64 = 0x2;
-    const MOUNT_ATTR_NODEV: u64 = 0x4;
+/// have made (nosuid, nodev on it and everything below it), is read-only as asked, and
+/// hears of the host's later mounts below its source only with `slave` propagation (as a
+/// container's bind does under runc). `tree` is a detached copy ([`super::namespace::clone_tree`]).
+pub(super) fn restrict(tree: &OwnedFd, source: &Path, mode: BindMode) -> Result<(), MountError> {
+    let mut set = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV;
+    if mode.read_only == ReadOnly::Recursive {
+        set |= MOUNT_ATTR_RDONLY;
+    }
+    let propagation = match mode.propagation {
+        Propagation::Private => libc::MS_PRIVATE,
+        Propagation::Slave => libc::MS_SLAVE,
+    };
+    setattr(tree, source, true, set, propagation)?;
+    if mode.read_only == ReadOnly::Top {
+        setattr(tree, source, false, MOUNT_ATTR_RDONLY, 0)?;
+    }
+    Ok(())
+}
+
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const MOUNT_ATTR_NOSUID: u64 = 0x2;
+const MOUNT_ATTR_NODEV: u64 = 0x4;
+
+/// mount_setattr(2) on the mount `tree` is (with every mount below it when `recursive`):
+/// sets the `set` attributes and, unless 0, the propagation type.
+fn setattr(
+    tree: &OwnedFd,
+    source: &Path,
+    recursive: bool,
+    set: u64,
+    propagation: u64,
+) -> Result<(), MountError> {
     /// `struct mount_attr` of mount_setattr(2).
     #[repr(C)]
     struct MountAttr {
@@ -120,42 +165,32 @@ pub(super) fn restrict(target: &Path, read_only: ReadOnly) -> Result<(), MountEr
         propagation: u64,
         userns_fd: u64,
     }
-    let mut set = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV;
-    if read_only == ReadOnly::Recursive {
-        set |= MOUNT_ATTR_RDONLY;
-    }
     let attr = MountAttr {
         attr_set: set,
         attr_clr: 0,
-        propagation: 0,
+        propagation,
         userns_fd: 0,
     };
-    let path = std::ffi::CString::new(target.as_os_str().as_encoded_bytes())
-        .map_err(|e| io_err("restrict", target)(std::io::Error::other(e)))?;
-    // SAFETY: mount_setattr(2) reads a mount_attr of the size given, which lives for the call.
+    let mut flags = libc::AT_EMPTY_PATH;
+    if recursive {
+        flags |= libc::AT_RECURSIVE;
+    }
+    // SAFETY: mount_setattr(2) reads the empty path and a mount_attr of the size given,
+    // which live for the call.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_mount_setattr,
-            libc::AT_FDCWD,
-            path.as_ptr(),
-            libc::AT_RECURSIVE as libc::c_uint,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            flags as libc::c_uint,
             &attr as *const MountAttr,
             std::mem::size_of::<MountAttr>(),
         )
     };
     if rc != 0 {
-        return Err(io_err("mount_setattr nosuid,nodev", target)(
+        return Err(io_err("mount_setattr on the bind of", source)(
             std::io::Error::last_os_error(),
         ));
-    }
-    if read_only == ReadOnly::Top {
-        let ro = MsFlags::MS_BIND
-            | MsFlags::MS_REMOUNT
-            | MsFlags::MS_RDONLY
-            | MsFlags::MS_NOSUID
-            | MsFlags::MS_NODEV;
-        nix::mount::mount(None::<&str>, target, None::<&str>, ro, None::<&str>)
-            .map_err(mount_err("remount read-only", target))?;
     }
     Ok(())
 }
@@ -173,16 +208,18 @@ pub fn unmount(target: &Path) -> Result<(), MountError> {
     }
 }
 
-/// Unmounts `root` and every mount below it, deepest first (read from /proc/self/mountinfo).
+/// Unmounts `root` and every mount below it, deepest first (read from the calling
+/// thread's mount table).
 pub fn unmount_tree(root: &Path) -> Result<(), MountError> {
     let mut targets = mounts_under(root);
     targets.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
     targets.iter().try_for_each(|t| unmount(t))
 }
 
-/// Mount points equal to or below `root`, each listed once per stacked mount.
+/// Mount points equal to or below `root`, each listed once per stacked mount, in the
+/// calling thread's mount namespace.
 pub fn mounts_under(root: &Path) -> Vec<PathBuf> {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+    let Ok(info) = std::fs::read_to_string("/proc/thread-self/mountinfo") else {
         return Vec::new();
     };
     info.lines()
@@ -289,20 +326,23 @@ mod tests {
             BindMode::from_options(&o.iter().map(|s| s.to_string()).collect::<Vec<_>>())
         };
         assert_eq!(
-            m(&["rbind", "ro"]),
+            m(&["rbind", "ro", "rprivate"]),
             BindMode {
                 recursive: true,
-                read_only: ReadOnly::Top
+                read_only: ReadOnly::Top,
+                propagation: Propagation::Private,
             }
         );
         assert_eq!(
-            m(&["bind", "rro"]),
+            m(&["bind", "rro", "rslave"]),
             BindMode {
                 recursive: false,
-                read_only: ReadOnly::Recursive
+                read_only: ReadOnly::Recursive,
+                propagation: Propagation::Slave,
             }
         );
         assert_eq!(m(&["rw"]).read_only, ReadOnly::No);
+        assert_eq!(m(&["rw"]).propagation, Propagation::Private);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! guest. One per VM; it exits by itself when the VMM disconnects.
 use std::{path::PathBuf, process::Command, time::Duration};
 
+use super::MountNamespace;
 use crate::daemon::{Daemon, DaemonError, ExitWatch, PidLedger};
 
 /// How to run virtiofsd for one VM.
@@ -25,8 +26,10 @@ pub struct Virtiofsd {
 impl Virtiofsd {
     /// Launches virtiofsd; [`Virtiofsd::ready`] waits for its socket, so other daemons can
     /// start meanwhile.
+    /// `namespace`: the shared directory's mount namespace, where it runs.
     pub fn spawn(
         opts: &VirtiofsdOptions,
+        namespace: &MountNamespace,
         ledger: &dyn PidLedger,
     ) -> Result<Virtiofsd, DaemonError> {
         let _ = std::fs::remove_file(&opts.socket);
@@ -44,6 +47,12 @@ impl Virtiofsd {
                 "--announce-submounts",
                 "--xattr",
             ]);
+        namespace
+            .enter_on_exec(&mut cmd)
+            .map_err(|e| DaemonError::Spawn {
+                what: "virtiofsd",
+                source: e.source,
+            })?;
         Ok(Virtiofsd {
             daemon: Daemon::spawn("virtiofsd", cmd, &opts.log, ledger)?,
             socket: opts.socket.clone(),

@@ -17,7 +17,7 @@ use shoji::{
         clh::{Clh, ClhOptions},
         NetDevice, ShareDevice, VmSpec, VsockDevice,
     },
-    sharefs::{Virtiofsd, VirtiofsdOptions},
+    sharefs::{MountNamespace, Virtiofsd, VirtiofsdOptions},
 };
 
 use super::{FakeClh, Record};
@@ -54,6 +54,7 @@ impl DriverEnv {
                 socket: dir.path().join("sandbox/virtiofsd.sock"),
                 log: dir.path().join("virtiofsd.log"),
             },
+            &MountNamespace::create().unwrap(),
             &NoLedger,
         )
         .unwrap();
