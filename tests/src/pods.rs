@@ -157,6 +157,14 @@ pub fn with_env(mut c: api::ContainerConfig, key: &str, value: &str) -> api::Con
     c
 }
 
+/// The pod's Linux security context, made if missing.
+pub fn pod_security(cfg: &mut api::PodSandboxConfig) -> &mut api::LinuxSandboxSecurityContext {
+    cfg.linux
+        .get_or_insert_with(Default::default)
+        .security_context
+        .get_or_insert_with(Default::default)
+}
+
 pub fn security(c: &mut api::ContainerConfig) -> &mut api::LinuxContainerSecurityContext {
     c.linux
         .get_or_insert_with(Default::default)

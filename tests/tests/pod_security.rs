@@ -16,7 +16,7 @@ use shoji_tests::{
     cri::{self, api},
     critest_images,
     image::BUSYBOX,
-    pods::{self, check, on, security, sh, sh_ok, Pods},
+    pods::{self, check, on, pod_security, security, sh, sh_ok, Pods},
     scenario::{self, Env, ShojiRuntime},
     side_by_side,
 };
@@ -359,10 +359,38 @@ async fn host_to_container_propagation(env: &Env) -> Result {
     .await
 }
 
+/// A device cgroup per container, as runc makes one: an unprivileged container cannot make a
+/// device node it was not given though it holds CAP_MKNOD, and can the ones it was given
+/// (/dev/null's numbers); a privileged container can make any.
+async fn device_cgroup(env: &Env) -> Result {
+    let work = tempfile::Builder::new().prefix("shoji-pod-").tempdir()?;
+    Pods::scenario(env, async |pods: &mut Pods| {
+        let cri = pods.cri.clone();
+        let mut cfg = cri::pod_config("devices", "shoji-test", work.path());
+        pod_security(&mut cfg).privileged = true;
+        let pod = pods.run(&cfg).await?;
+        let plain = cri::container_config("plain", BUSYBOX, &["sleep", "1000"]);
+        let plain = pods.start(&pod, &cfg, &plain).await?;
+        let out = sh(&cri, &plain, "mknod /tmp/mem c 1 1 2>&1").await?;
+        check(
+            out.exit_code != 0 && out.stdout.contains("Operation not permitted"),
+            || format!("an unprivileged container made /dev/mem's node: {out:?}"),
+        )?;
+        sh_ok(&cri, &plain, "mknod /tmp/null c 1 3 && echo x > /tmp/null").await?;
+        let mut admin = cri::container_config("admin", BUSYBOX, &["sleep", "1000"]);
+        security(&mut admin).privileged = true;
+        let admin = pods.start(&pod, &cfg, &admin).await?;
+        sh_ok(&cri, &admin, "mknod /tmp/mem c 1 1").await?;
+        Ok(())
+    })
+    .await
+}
+
 side_by_side!(seccomp, 160);
 side_by_side!(no_new_privs, 164);
 side_by_side!(read_only_volumes, 168);
 side_by_side!(host_to_container_propagation, 172);
+side_by_side!(device_cgroup, 192);
 
 /// Bidirectional propagation cannot work across a VM boundary (a mount made in the guest
 /// cannot appear on the host): shoji refuses it at create, naming it, instead of silently

@@ -15,7 +15,7 @@ use shoji_tests::{
     containerd::Version,
     cri::{self, api},
     image::BUSYBOX,
-    pods::{self, check, on, security, sh, sh_ok, Pods},
+    pods::{self, check, on, pod_security, security, sh, sh_ok, Pods},
     scenario::{self, Env, Runtime, ShojiRuntime},
     side_by_side,
 };
@@ -38,13 +38,6 @@ async fn on_dual_stack(
 fn namespaces(c: &mut api::ContainerConfig) -> &mut api::NamespaceOption {
     security(c)
         .namespace_options
-        .get_or_insert_with(Default::default)
-}
-
-fn pod_security(cfg: &mut api::PodSandboxConfig) -> &mut api::LinuxSandboxSecurityContext {
-    cfg.linux
-        .get_or_insert_with(Default::default)
-        .security_context
         .get_or_insert_with(Default::default)
 }
 
