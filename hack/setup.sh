@@ -20,7 +20,7 @@ log() { echo "[setup] $*" >&2; }
 APT_PACKAGES=(
   qemu-system-x86 linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev xz-utils
   busybox-static cpio gzip lz4 containerd runc containernetworking-plugins iproute2 iptables
-  protobuf-compiler libseccomp-dev libcap-ng-dev pkg-config
+  protobuf-compiler libseccomp-dev libcap-ng-dev pkg-config zlib1g-dev
 )
 
 apt_packages() {
