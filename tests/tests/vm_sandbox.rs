@@ -34,6 +34,12 @@ async fn finish(env: TestEnv, sandbox: Sandbox) {
 async fn agent_health_and_guest_details() {
     let env = TestEnv::new("health").await;
     let sandbox = env.start("health").await;
+    // Only the host's root reaches the agent's socket, the console and the state.
+    let mode = std::fs::metadata(sandbox.dir()).unwrap().permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o700
+    );
     let health = sandbox.agent().health().await.unwrap();
     assert!(!health.version.is_empty());
     let d = sandbox.agent().guest_details().await.unwrap();

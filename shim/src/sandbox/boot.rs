@@ -1,6 +1,6 @@
 //! The boot sequence of a sandbox, holding what was made so far so that a failure at any
 //! step undoes exactly that (the ledger already names it for a crash).
-use std::{path::Path, sync::Arc};
+use std::{os::unix::fs::DirBuilderExt, path::Path, sync::Arc};
 
 use shoji_agent_api::{
     types::{ConfigureNetworkRequest, Sysctl},
@@ -52,7 +52,9 @@ pub(super) async fn boot(cfg: SandboxConfig, log: Logger) -> Result<Sandbox> {
     }
     let dir = cfg.dir();
     std::fs::create_dir_all(&c.run_dir).map_err(io(format!("create {}", c.run_dir.display())))?;
-    match std::fs::create_dir(&dir) {
+    // Its files reach the guest's agent (the vsock socket), its console and its state: the
+    // host's root only.
+    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             return Err(SandboxError::Exists {
                 id: cfg.id.clone(),

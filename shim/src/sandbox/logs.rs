@@ -24,6 +24,9 @@ pub const LOG_FILES: &[&str] = &[
     "clh-stdio.log",
     "clh-events.json",
 ];
+/// Marks a directory of `log_dir` as a sandbox's kept logs: pruning removes nothing else, so
+/// a `log_dir` shared with other programs (`/var/log`) loses none of theirs.
+const KEPT_MARKER: &str = ".shoji-sandbox-logs";
 /// Where `shoji console` records each use, in the sandbox directory.
 pub const DEBUG_CONSOLE_LOG: &str = "debug-console.log";
 /// Most bytes kept of one file (its end): the console is already capped at 1 MiB plus
@@ -99,6 +102,7 @@ pub fn retain(dir: &Path, retention: &LogRetention) -> std::io::Result<()> {
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::DirBuilder::new().mode(0o700).create(&tmp)?;
     let copied = (|| {
+        std::fs::write(tmp.join(KEPT_MARKER), b"")?;
         for name in LOG_FILES.iter().chain([&STATE_FILE]) {
             let src = dir.join(name);
             if src.is_file() {
@@ -128,10 +132,15 @@ pub fn copy_tail<W: std::io::Write>(src: &Path, to: &mut W, max: u64) -> std::io
 }
 
 /// Keeps the `keep` most recently kept sandboxes' logs in `log_dir`, removes the others.
+/// Only directories this module wrote count (named by a sandbox id, holding its marker).
 fn prune(log_dir: &Path, keep: usize) -> std::io::Result<()> {
     let mut kept: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(log_dir)?
         .flatten()
-        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .filter(|e| {
+            let name = e.file_name();
+            super::validate_id("sandbox id", &name.to_string_lossy()).is_ok()
+                && e.path().join(KEPT_MARKER).is_file()
+        })
         .filter_map(|e| {
             let m = e.metadata().ok().filter(|m| m.is_dir())?;
             Some((m.modified().ok()?, e.path()))
@@ -167,6 +176,15 @@ mod tests {
             dir: base.join("kept"),
             keep: 2,
         };
+        // What other programs keep in the same directory is never pruned.
+        let journal = retention.dir.join("journal");
+        std::fs::create_dir_all(&journal).unwrap();
+        std::fs::write(journal.join("system.journal"), "theirs").unwrap();
+        let t = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        std::fs::File::open(&journal)
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
         for (i, id) in ["a", "b", "c"].iter().enumerate() {
             let dir = run.join(id);
             std::fs::create_dir_all(&dir).unwrap();
@@ -187,8 +205,9 @@ mod tests {
                 .unwrap();
             std::fs::remove_dir_all(&dir).unwrap();
         }
-        // "a" was pruned; "b" and "c" are kept.
+        // "a" was pruned; "b" and "c" are kept, and the other program's directory.
         assert!(find(&run, &retention.dir, "a").is_err());
+        assert!(journal.join("system.journal").is_file());
         let c = find(&run, &retention.dir, "c").unwrap();
         assert_eq!(c, LogPlace::Retained(retention.dir.join("c")));
         let names: Vec<_> = c
