@@ -72,6 +72,35 @@ async fn vm_run_reports_a_missing_kernel_in_one_line() {
     env.assert_no_leak().await;
 }
 
+/// Sizes the guest cannot boot with, or above the configured maxima, are refused at once
+/// with what was wrong, as the shim refuses a pod's (nothing is started).
+#[tokio::test]
+async fn vm_run_refuses_impossible_sizes_before_starting() {
+    let env = TestEnv::new("cli-sizes").await;
+    for (args, says) in [
+        (["--memory", "10"], "at least 64 MiB"),
+        (["--cpus", "0"], "at least 1"),
+        (["--cpus", "100000"], "above max_vcpus"),
+        (["--memory", "99999999"], "above max_memory_mib"),
+    ] {
+        let began = std::time::Instant::now();
+        let out = shoji(&env)
+            .args(["vm", "run"])
+            .args(args)
+            .args(["--", "true"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(125), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+        assert!(
+            began.elapsed() < std::time::Duration::from_secs(5),
+            "{args:?}"
+        );
+    }
+    env.assert_no_leak().await;
+}
+
 /// Starts `shoji vm run -- sleep 1000` and returns once its guest is up.
 fn start_sleeping_vm(env: &TestEnv) -> std::process::Child {
     let child = shoji(env)

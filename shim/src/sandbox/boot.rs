@@ -42,6 +42,7 @@ pub(super) async fn boot(cfg: SandboxConfig, log: Logger) -> Result<Sandbox> {
         validate_hostname(h)?;
     }
     let c = &cfg.config;
+    validate_size(cfg.vcpus, cfg.memory_mib, c)?;
     for (what, path) in [("guest kernel", &c.kernel), ("guest initramfs", &c.initrd)] {
         if !path.is_file() {
             return Err(SandboxError::Missing {
@@ -446,6 +447,36 @@ fn validate_hostname(h: &str) -> Result<()> {
             h.chars().take(80).collect::<String>()
         )))
     }
+}
+
+/// The least memory a VM boots with: the guest kernel, the agent and a container's start.
+pub const MIN_MEMORY_MIB: u64 = 64;
+
+/// A VM's size within what the guest needs and the configured maxima, checked before
+/// anything starts, whoever asks (a pod's limits, `shoji vm run --cpus/--memory`).
+fn validate_size(vcpus: u32, memory_mib: u64, c: &Config) -> Result<()> {
+    let refuse = |why: String| Err(SandboxError::Invalid(why));
+    if vcpus == 0 {
+        return refuse("a VM of 0 vCPUs: it needs at least 1".into());
+    }
+    if vcpus > c.max_vcpus {
+        return refuse(format!(
+            "a VM of {vcpus} vCPUs: above max_vcpus = {} (shoji configuration)",
+            c.max_vcpus
+        ));
+    }
+    if memory_mib < MIN_MEMORY_MIB {
+        return refuse(format!(
+            "a VM of {memory_mib} MiB: the guest needs at least {MIN_MEMORY_MIB} MiB"
+        ));
+    }
+    if memory_mib > c.max_memory_mib {
+        return refuse(format!(
+            "a VM of {memory_mib} MiB: above max_memory_mib = {} (shoji configuration)",
+            c.max_memory_mib
+        ));
+    }
+    Ok(())
 }
 
 fn io(context: String) -> impl FnOnce(std::io::Error) -> SandboxError {
