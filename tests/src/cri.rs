@@ -292,6 +292,28 @@ impl Cri {
             })
     }
 
+    /// The host pid containerd knows for container `id`'s task (ContainerStatus's verbose
+    /// info): runc's container process, shoji's VMM.
+    pub async fn container_pid(&self, id: &str) -> Result<u32, Error> {
+        let mut c = self.rt.clone();
+        let req = ContainerStatusRequest {
+            container_id: id.into(),
+            verbose: true,
+        };
+        let info = self
+            .call("ContainerStatus", self.timeout, c.container_status(req))
+            .await?
+            .info;
+        info.get("info")
+            .and_then(|i| serde_json::from_str::<serde_json::Value>(i).ok())
+            .and_then(|i| i["pid"].as_u64())
+            .map(|pid| pid as u32)
+            .ok_or(Error::Missing {
+                call: "ContainerStatus",
+                field: "info.pid",
+            })
+    }
+
     /// Polls ContainerStatus until container `id` has exited (bounded by `limit`); returns that status.
     pub async fn wait_exited(&self, id: &str, limit: Duration) -> Result<ContainerStatus, Error> {
         let deadline = tokio::time::Instant::now() + limit;

@@ -320,9 +320,54 @@ async fn dual_stack(env: &Env) -> Result {
     .await
 }
 
+/// The host's OOM priority of what runs a container: with runc its own process, with shoji
+/// the pod's VMM, which takes the lowest value among the pod's containers (kubelet's QoS
+/// values: 1000 BestEffort, -997 Guaranteed, which containerd raises to its own at least).
+async fn oom_priority(env: &Env) -> Result {
+    let work = tempfile::Builder::new().prefix("shoji-pod-").tempdir()?;
+    Pods::scenario(env, async |pods: &mut Pods| {
+        let cri = pods.cri.clone();
+        let cfg = cri::pod_config("oom", "shoji-test", work.path());
+        let pod = pods.run(&cfg).await?;
+        let adj_of = async |id: &str| -> Result<i32> {
+            let pid = cri.container_pid(id).await?;
+            Ok(std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj"))?
+                .trim()
+                .parse()?)
+        };
+        let asking = |name: &str, adj: i64| {
+            let mut c = cri::container_config(name, BUSYBOX, &["sleep", "1000"]);
+            c.linux.get_or_insert_with(Default::default).resources =
+                Some(api::LinuxContainerResources {
+                    oom_score_adj: adj,
+                    ..Default::default()
+                });
+            c
+        };
+        let best_effort = pods.start(&pod, &cfg, &asking("besteffort", 1000)).await?;
+        let got = adj_of(&best_effort).await?;
+        check(got == 1000, || format!("a BestEffort container's host process has {got}"))?;
+        // containerd (restrict_oom_score_adj) raises a value below its own to its own.
+        let floor: i32 = std::fs::read_to_string("/proc/self/oom_score_adj")?.trim().parse()?;
+        let guaranteed = pods.start(&pod, &cfg, &asking("guaranteed", -997)).await?;
+        let got = adj_of(&guaranteed).await?;
+        check(got == floor.max(-997), || {
+            format!("a Guaranteed container's host process has {got}")
+        })?;
+        cri.stop_container(&guaranteed, Duration::from_secs(1)).await?;
+        cri.remove_container(&guaranteed).await?;
+        let got = adj_of(&best_effort).await?;
+        check(got == 1000, || {
+            format!("once the Guaranteed container is gone, the BestEffort one's host process has {got}")
+        })
+    })
+    .await
+}
+
 side_by_side!(shared_namespaces_and_sysctls, 221);
 side_by_side!(privileged_netfilter_and_big_writes, 241);
 side_by_side!(update_resources, 245);
+side_by_side!(oom_priority, 196);
 side_by_side!(dual_stack, 236, on_dual_stack);
 
 /// An update the pod's VM cannot hold. Cloud Hypervisor grows the VM (`vm.resize`) and the

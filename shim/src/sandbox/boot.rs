@@ -103,6 +103,7 @@ pub(super) async fn boot(cfg: SandboxConfig, log: Logger) -> Result<Sandbox> {
                 vmm_pid,
                 end,
                 boot_times,
+                oom: Default::default(),
                 sizing: Sizing::new(
                     VmSize {
                         vcpus: cfg.vcpus,

@@ -10,6 +10,7 @@ use shoji_agent_api::{
     types::{CreateContainerRequest, ExecProcessRequest, Rootfs, WaitProcessResponse},
     GUEST_SHARE_DIR,
 };
+use slog::warn;
 use tokio::net::UnixStream;
 
 use super::{validate_id, Result, Sandbox, SandboxError};
@@ -113,6 +114,10 @@ impl Sandbox {
                 .as_ref()
                 .and_then(|l| l.resources().as_ref());
             self.sizing.track(&req.id, resources);
+            let adj = req.spec.process().as_ref().and_then(|p| p.oom_score_adj());
+            if let Some(adj) = self.oom.track(&req.id, adj) {
+                self.set_oom_score_adj(adj);
+            }
             Ok(())
         }
         .await;
@@ -173,6 +178,9 @@ impl Sandbox {
         validate_id("container id", container_id)?;
         let removed = self.agent.remove_container(container_id).await;
         self.sizing.forget(container_id);
+        if let Some(adj) = self.oom.forget(container_id) {
+            self.set_oom_score_adj(adj);
+        }
         let unmounted = self.shared.remove(Path::new(container_id));
         if removed.is_ok() && unmounted.is_ok() {
             self.ledger
@@ -180,6 +188,13 @@ impl Sandbox {
         }
         unmounted?;
         Ok(removed?)
+    }
+
+    /// Gives the VMM and its daemons the pod's OOM priority (see `oom.rs`).
+    fn set_oom_score_adj(&self, adj: i32) {
+        for (pid, e) in super::oom::apply(&self.ledger.snapshot().pids, adj) {
+            warn!(self.log, "setting oom_score_adj failed"; "pid" => pid, "value" => adj, "error" => %e);
+        }
     }
 
     /// Mounts a container's rootfs under the shared directory; returns its guest path.

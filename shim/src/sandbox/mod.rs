@@ -17,6 +17,7 @@ mod cleanup;
 mod console;
 mod container;
 pub mod logs;
+mod oom;
 mod sizing;
 mod state;
 
@@ -185,6 +186,8 @@ pub struct Sandbox {
     end: watch::Receiver<Option<VmExit>>,
     boot_times: BootTimes,
     sizing: sizing::Sizing,
+    /// The pod's OOM priority on the host, from its containers' specs.
+    oom: oom::OomPriority,
     /// `kubectl port-forward` into the VM, for a pod with a network (see [`crate::port_forward`]).
     port_forward: Option<PortForward>,
 }
