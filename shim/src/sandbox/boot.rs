@@ -12,6 +12,7 @@ use tokio::sync::watch;
 
 use super::{
     cleanup, console,
+    logs::DAEMON_LOGS,
     sizing::Sizing,
     state::{Ledger, LogRetention, RecordedPid, SandboxInfo, State},
     validate_id, BootTimes, Result, Sandbox, SandboxConfig, SandboxError, SHARE_TAG,
@@ -247,6 +248,10 @@ impl Boot {
         });
         let mut end = vm_end.subscribe();
         console::bound(spec.console_log.clone(), end.clone());
+        console::bound_daemon_logs(
+            DAEMON_LOGS.iter().map(|f| dir.join(f)).collect(),
+            end.clone(),
+        );
 
         let timeout = c.timeouts.agent_ready;
         let console = || logtail::quoted(&spec.console_log, CONSOLE_TAIL);

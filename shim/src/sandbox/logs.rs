@@ -24,6 +24,14 @@ pub const LOG_FILES: &[&str] = &[
     "clh-stdio.log",
     "clh-events.json",
 ];
+/// The logs the VM's daemons write (each bounded while they run, like the console).
+pub const DAEMON_LOGS: &[&str] = &[
+    "qemu.log",
+    "vhost-device-vsock.log",
+    "virtiofsd.log",
+    "clh.log",
+    "clh-stdio.log",
+];
 /// Marks a directory of `log_dir` as a sandbox's kept logs: pruning removes nothing else, so
 /// a `log_dir` shared with other programs (`/var/log`) loses none of theirs.
 const KEPT_MARKER: &str = ".shoji-sandbox-logs";
