@@ -338,7 +338,7 @@ async fn bad_specs_are_rejected_with_what_is_wrong() {
     let err = vm.prepare(&s).await.unwrap_err().to_string();
     assert_eq!(
         err,
-        "network namespace not found at /run/netns/shoji-clh-none"
+        "network namespace /run/netns/shoji-clh-none does not exist"
     );
 
     let err = vm.start().await.unwrap_err().to_string();

@@ -21,8 +21,7 @@ use slog::{debug, info, warn, Logger};
 use tokio::sync::watch;
 
 use super::{
-    tap, Accel, Capabilities, Hypervisor, HypervisorError, HypervisorKind, Result, VmEnd, VmExit,
-    VmSpec,
+    Accel, Capabilities, Hypervisor, HypervisorError, HypervisorKind, Result, VmEnd, VmExit, VmSpec,
 };
 use crate::daemon::{Daemon, DaemonError, PidLedger};
 
@@ -127,7 +126,7 @@ impl Clh {
         for stale in [api_socket, &spec.vsock.socket] {
             remove_file(stale)?;
         }
-        let netns = tap::pod_netns(&spec.nets)?;
+        let netns = crate::network::pod_netns(&spec.nets)?;
 
         let mut cmd = Command::new(&self.opts.binary);
         cmd.arg("--api-socket")
@@ -157,7 +156,7 @@ impl Clh {
         api.create(vm_config(spec, self.opts.memory_hotplug_mib))
             .await?;
         if !spec.nets.is_empty() {
-            let taps = tap::open_taps(&spec.nets).await?;
+            let taps = crate::network::open_taps(&spec.nets).await?;
             for (i, (net, fd)) in spec.nets.iter().zip(&taps).enumerate() {
                 api.add_net(&net_config(net, i), fd.as_fd()).await?;
                 debug!(self.log, "tap handed to cloud-hypervisor"; "tap" => &net.tap, "fd" => fd.as_raw_fd());
@@ -411,7 +410,7 @@ fn validate(spec: &VmSpec, binary: &Path) -> Result<()> {
             ),
         ));
     }
-    tap::pod_netns(&spec.nets)?;
+    crate::network::pod_netns(&spec.nets)?;
     Ok(())
 }
 

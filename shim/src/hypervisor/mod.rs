@@ -22,12 +22,14 @@ use serde::{Deserialize, Serialize};
 use slog::Logger;
 use tokio::sync::watch;
 
-use crate::daemon::{DaemonError, ExitWatch, PidLedger};
+use crate::{
+    daemon::{DaemonError, ExitWatch, PidLedger},
+    network::{NetDevice, NetworkError},
+};
 
 pub mod choice;
 pub mod clh;
 pub mod qemu;
-pub mod tap;
 
 /// Which VMM drives a sandbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,16 +96,6 @@ pub struct VsockDevice {
     pub socket: PathBuf,
 }
 
-/// A guest NIC backed by a tap device in the pod's network namespace.
-#[derive(Debug, Clone)]
-pub struct NetDevice {
-    pub tap: String,
-    pub mac: String,
-    pub mtu: u32,
-    /// The network namespace the tap lives in (the VMM opens the tap there), if not the host's.
-    pub netns: Option<PathBuf>,
-}
-
 /// How the guest's CPUs are executed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -164,6 +156,9 @@ pub enum HypervisorError {
         #[source]
         source: std::io::Error,
     },
+    /// The VM's NICs cannot be handed to the VMM.
+    #[error(transparent)]
+    Network(#[from] NetworkError),
 }
 
 pub type Result<T, E = HypervisorError> = std::result::Result<T, E>;

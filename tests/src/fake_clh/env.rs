@@ -15,8 +15,9 @@ use shoji::{
     daemon::NoLedger,
     hypervisor::{
         clh::{Clh, ClhOptions},
-        NetDevice, ShareDevice, VmSpec, VsockDevice,
+        ShareDevice, VmSpec, VsockDevice,
     },
+    network::NetDevice,
     sharefs::{MountNamespace, Virtiofsd, VirtiofsdOptions},
 };
 

@@ -7,7 +7,7 @@ use cloud_hypervisor_client::models::{
     PayloadConfig, RngConfig, SerialConfig, VmConfig, VsockConfig,
 };
 
-use crate::hypervisor::{NetDevice, VmSpec};
+use crate::{hypervisor::VmSpec, network::NetDevice};
 
 /// The driver's own kernel arguments, before the sandbox's. `reboot=t` turns a panic
 /// reboot into a triple fault, which Cloud Hypervisor handles as a shutdown: a crashed

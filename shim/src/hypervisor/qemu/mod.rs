@@ -22,7 +22,7 @@ use slog::{debug, info, warn, Logger};
 use tokio::sync::watch;
 
 use super::{
-    describe_status, tap, Accel, Capabilities, Hypervisor, HypervisorError, HypervisorKind, Result,
+    describe_status, Accel, Capabilities, Hypervisor, HypervisorError, HypervisorKind, Result,
     VmEnd, VmExit, VmSpec,
 };
 use crate::{
@@ -369,7 +369,7 @@ impl Hypervisor for Qemu {
         }
         self.spec = Some(spec.clone());
         let prepared = async {
-            self.taps = tap::open_taps(&spec.nets).await?;
+            self.taps = crate::network::open_taps(&spec.nets).await?;
             self.start_vsock_backend().await
         }
         .await;

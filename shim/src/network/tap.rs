@@ -1,31 +1,22 @@
 //! Opening a pod's tap devices from the host, inside the pod's network namespace, so their
 //! fds can be handed to the VMM (QEMU inherits them, Cloud Hypervisor gets them over its
-//! API socket). The taps themselves are made by [`crate::network`].
+//! API socket). The taps themselves are made by [`super::setup`].
 use std::{
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::Path,
 };
 
-use crate::{
-    hypervisor::{HypervisorError, NetDevice, Result},
-    network,
-};
+use super::{in_netns, NetDevice, NetworkError, Result};
 
 /// The one network namespace the NICs live in (`None`: the host's).
 pub fn pod_netns(nets: &[NetDevice]) -> Result<Option<&Path>> {
     let mut all = nets.iter().map(|n| n.netns.as_deref());
     let first = all.next().flatten();
     if all.any(|ns| ns != first) {
-        return Err(HypervisorError::Invalid {
-            call: "prepare",
-            why: "all NICs must live in the same network namespace".into(),
-        });
+        return Err(NetworkError::MixedNamespaces);
     }
     if let Some(ns) = first.filter(|ns| !ns.exists()) {
-        return Err(HypervisorError::Missing {
-            what: "network namespace",
-            path: ns.to_path_buf(),
-        });
+        return Err(NetworkError::NoNamespace(ns.display().to_string()));
     }
     Ok(first)
 }
@@ -38,7 +29,7 @@ pub async fn open_taps(nets: &[NetDevice]) -> Result<Vec<OwnedFd>> {
         .map(|p| p.display().to_string())
         .unwrap_or_else(|| "the host namespace".into());
     let taps: Vec<String> = nets.iter().map(|n| n.tap.clone()).collect();
-    network::in_netns(netns, move || {
+    in_netns(netns, move || {
         taps.iter()
             .map(|tap| {
                 open_tap(tap).map_err(|e| std::io::Error::new(e.kind(), format!("tap {tap}: {e}")))
@@ -46,7 +37,7 @@ pub async fn open_taps(nets: &[NetDevice]) -> Result<Vec<OwnedFd>> {
             .collect()
     })
     .await
-    .map_err(|source| HypervisorError::Io {
+    .map_err(|source| NetworkError::Io {
         context: format!("opening the taps in {where_}"),
         source,
     })

@@ -14,7 +14,9 @@ use serde::{Deserialize, Serialize};
 use shoji_agent_api::types::{ConfigureNetworkRequest, Interface, Route};
 use tokio::process::Command;
 
-use crate::hypervisor::NetDevice;
+mod tap;
+
+pub use self::tap::{open_taps, pod_netns};
 
 /// How long one `ip`/`tc` command may take.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
@@ -31,9 +33,27 @@ pub enum NetworkError {
     NoNamespace(String),
     #[error("network namespace {0} is the host's: a VM is not plugged into the host network")]
     HostNamespace(String),
+    #[error("all NICs of a VM must live in the same network namespace")]
+    MixedNamespaces,
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 pub type Result<T, E = NetworkError> = std::result::Result<T, E>;
+
+/// A guest NIC backed by a tap device in the pod's network namespace.
+#[derive(Debug, Clone)]
+pub struct NetDevice {
+    pub tap: String,
+    pub mac: String,
+    pub mtu: u32,
+    /// The network namespace the tap lives in (the VMM opens the tap there), if not the host's.
+    pub netns: Option<PathBuf>,
+}
 
 /// Taps carry this prefix; a pod interface never does.
 const TAP_PREFIX: &str = "shojitap";
