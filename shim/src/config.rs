@@ -24,7 +24,7 @@ const MAX_LOG_RETENTION: u32 = 10_000;
 pub const DEFAULT_CACHE_DIR: &str = "/var/cache/shoji";
 /// Bounds of the VM-size settings: what the VMMs and the guest kernel (NR_CPUS 64) accept.
 const MAX_VCPUS: u32 = 64;
-const MIN_MEMORY_MIB: u64 = 64;
+pub const MIN_MEMORY_MIB: u64 = 64;
 const MAX_MEMORY_MIB: u64 = 1 << 20;
 /// No timeout is longer than an hour: a bound, and far from any arithmetic overflow.
 const MAX_TIMEOUT: Duration = Duration::from_secs(3600);

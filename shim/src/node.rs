@@ -156,53 +156,11 @@ pub fn view(id: &str, dir: &Path) -> SandboxView {
 /// starting with it.
 pub fn resolve(run_dir: &Path, prefix: &str) -> Result<String, String> {
     let is_sandbox = |d: &Path| d.join(STATE_FILE).is_file();
-    match unique_prefix(&[(run_dir, &is_sandbox)], prefix)? {
+    match crate::sandbox::unique_prefix(&[(run_dir, &is_sandbox)], prefix)? {
         Some((id, _)) => Ok(id),
         None => Err(format!(
             "no sandbox {prefix} in {} (`shoji ps` lists them)",
             run_dir.display()
-        )),
-    }
-}
-
-/// Where to look for an id prefix: a directory and which of its entries count.
-pub type Place<'a> = (&'a Path, &'a dyn Fn(&Path) -> bool);
-
-/// The entry named `prefix`, or the one entry whose name starts with it, in the first of
-/// `places` that has it, with the index of that place. None when nothing matches; an error
-/// for an id that is no id and for an ambiguous prefix.
-pub fn unique_prefix(places: &[Place], prefix: &str) -> Result<Option<(String, usize)>, String> {
-    if crate::sandbox::validate_id("sandbox id", prefix).is_err() {
-        return Err(format!("{prefix:?} is not a sandbox id"));
-    }
-    if let Some(i) = places.iter().position(|(dir, ok)| ok(&dir.join(prefix))) {
-        return Ok(Some((prefix.into(), i)));
-    }
-    let mut found: Vec<(String, usize)> = Vec::new();
-    for (i, (dir, ok)) in places.iter().enumerate() {
-        for name in std::fs::read_dir(dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| e.file_name().to_str().map(String::from))
-        {
-            if name.starts_with(prefix)
-                && ok(&dir.join(&name))
-                && !found.iter().any(|f| f.0 == name)
-            {
-                found.push((name, i));
-            }
-        }
-    }
-    match found.len() {
-        0 | 1 => Ok(found.pop()),
-        n => Err(format!(
-            "{prefix} names {n} sandboxes: {}",
-            found
-                .iter()
-                .map(|f| f.0.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
         )),
     }
 }

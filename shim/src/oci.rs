@@ -1,12 +1,11 @@
-//! What the shim reads from an OCI spec written by containerd: which role the container plays
-//! in its pod (CRI annotations), the sandbox it asks for (size, network namespace, host
-//! cgroup, hostname), and which mounts are host paths that have to travel into the VM
-//! through the shared directory.
+//! What the shim reads from an OCI spec written by containerd, checked: which role the
+//! container plays in its pod (CRI annotations), what the pod declares (its limits, name,
+//! network namespace, host cgroup, sysctls), and which mounts are host paths that have to
+//! travel into the VM through the shared directory. A plain reader: what a sandbox makes of
+//! it is `sandbox::spec`.
 use std::path::PathBuf;
 
 use oci_spec::runtime::{LinuxNamespaceType, Mount as OciMount, Spec};
-
-use crate::{config::Config, sandbox::SandboxConfig};
 
 pub const ANNOTATION_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
 pub const ANNOTATION_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
@@ -56,25 +55,26 @@ pub fn grouping(spec: &Spec, container_id: &str) -> String {
 /// A spec asking for something shoji refuses, with the field and the limit named.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct SpecError(String);
-
-/// The VM size of a pod: from the pod's summed limits when kubelet declared them, plus the
-/// guest's own overhead; the configured defaults otherwise.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct VmSize {
-    pub vcpus: u32,
-    pub memory_mib: u64,
-}
+pub struct SpecError(pub String);
 
 /// CFS bandwidth periods the kernel accepts (1 ms to 1 s), in microseconds.
 const CPU_PERIOD_US: std::ops::RangeInclusive<i64> = 1_000..=1_000_000;
 
-/// A numeric sandbox annotation: absent, `0` or negative mean "no limit" (as CRI sends them).
+/// The pod's summed limits, as kubelet declares them to the runtime (CRI's sandbox
+/// annotations); `None` where it declared no limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PodLimits {
+    /// CFS quota and period, in microseconds.
+    pub cpu: Option<(u64, u64)>,
+    pub memory_bytes: Option<u64>,
+}
+
+/// A limit annotation: a non-negative integer; `-1` and `0` mean none.
 fn limit(spec: &Spec, key: &str) -> Result<Option<u64>, SpecError> {
     let Some(v) = annotation(spec, key) else {
         return Ok(None);
     };
-    let n: i64 = v.trim().parse().map_err(|_| {
+    let n: i64 = v.parse().map_err(|_| {
         SpecError(format!(
             "annotation {key}={:?} is not an integer",
             v.chars().take(40).collect::<String>()
@@ -83,9 +83,9 @@ fn limit(spec: &Spec, key: &str) -> Result<Option<u64>, SpecError> {
     Ok((n > 0).then_some(n as u64))
 }
 
-/// The VM a pod's spec asks for, within the configured maxima.
-pub fn vm_size(spec: &Spec, config: &Config) -> Result<VmSize, SpecError> {
-    let vcpus = match (
+/// The pod's limits, checked for what the kernel would refuse.
+pub fn pod_limits(spec: &Spec) -> Result<PodLimits, SpecError> {
+    let cpu = match (
         limit(spec, ANNOTATION_CPU_QUOTA)?,
         limit(spec, ANNOTATION_CPU_PERIOD)?,
     ) {
@@ -97,60 +97,32 @@ pub fn vm_size(spec: &Spec, config: &Config) -> Result<VmSize, SpecError> {
                     CPU_PERIOD_US.end()
                 )));
             }
-            quota.div_ceil(period)
+            Some((quota, period))
         }
-        _ => config.default_vcpus.into(),
+        _ => None,
     };
-    if vcpus > config.max_vcpus.into() {
-        return Err(SpecError(format!(
-            "the pod's CPU limit needs {vcpus} vCPUs, above max_vcpus = {} (shoji configuration)",
-            config.max_vcpus
-        )));
-    }
-    let memory_mib = match limit(spec, ANNOTATION_MEMORY)? {
-        Some(bytes) => bytes
-            .div_ceil(1 << 20)
-            .saturating_add(config.memory_overhead_mib),
-        None => config.default_memory_mib,
-    };
-    if memory_mib > config.max_memory_mib {
-        return Err(SpecError(format!(
-            "the pod's memory limit needs a {memory_mib} MiB VM (with {} MiB for the guest), \
-             above max_memory_mib = {} (shoji configuration)",
-            config.memory_overhead_mib, config.max_memory_mib
-        )));
-    }
-    Ok(VmSize {
-        vcpus: (vcpus as u32).max(1),
-        memory_mib,
+    Ok(PodLimits {
+        cpu,
+        memory_bytes: limit(spec, ANNOTATION_MEMORY)?,
     })
 }
 
-/// The sandbox a VM-owning container's spec asks for: its size, the pod's network
-/// namespace and host cgroup, the hostname and the sysctls.
-pub fn sandbox_config(
-    spec: &Spec,
-    container_id: &str,
-    config: Config,
-) -> Result<SandboxConfig, SpecError> {
-    if role(spec) == Role::PodSandbox && !has_namespace(spec, LinuxNamespaceType::Network) {
-        return Err(SpecError(
-            "the pod asks for the host's network (hostNetwork: true): a pod's VM cannot \
-             join the host network namespace; run it with a runc RuntimeClass"
-                .into(),
-        ));
-    }
-    let size = vm_size(spec, &config)?;
-    let mut cfg = SandboxConfig::new(&grouping(spec, container_id), config);
-    cfg.vcpus = size.vcpus;
-    cfg.memory_mib = size.memory_mib;
-    cfg.hostname = spec.hostname().clone();
-    cfg.netns = network_namespace(spec);
-    cfg.cgroup = spec
-        .linux()
-        .as_ref()
-        .and_then(|l| l.cgroups_path().clone())
-        .map(|p| p.to_string_lossy().into_owned());
+/// A pod that asks for the host's network: CRI's pause container without a network
+/// namespace of its own (`hostNetwork: true`).
+pub fn wants_host_network(spec: &Spec) -> bool {
+    role(spec) == Role::PodSandbox && !has_namespace(spec, LinuxNamespaceType::Network)
+}
+
+/// The pod's namespace and name (CRI annotations), if given.
+pub fn pod_identity(spec: &Spec) -> Result<(Option<String>, Option<String>), SpecError> {
+    Ok((
+        pod_name(spec, ANNOTATION_POD_NAMESPACE)?,
+        pod_name(spec, ANNOTATION_POD_NAME)?,
+    ))
+}
+
+/// The spec's sysctls, sorted by name.
+pub fn sysctls(spec: &Spec) -> Vec<(String, String)> {
     let mut sysctls: Vec<_> = spec
         .linux()
         .as_ref()
@@ -159,10 +131,15 @@ pub fn sandbox_config(
         .into_iter()
         .collect();
     sysctls.sort();
-    cfg.sysctls = sysctls;
-    cfg.pod_namespace = pod_name(spec, ANNOTATION_POD_NAMESPACE)?;
-    cfg.pod_name = pod_name(spec, ANNOTATION_POD_NAME)?;
-    Ok(cfg)
+    sysctls
+}
+
+/// The host cgroup the spec places the container in.
+pub fn cgroups_path(spec: &Spec) -> Option<String> {
+    spec.linux()
+        .as_ref()
+        .and_then(|l| l.cgroups_path().clone())
+        .map(|p| p.to_string_lossy().into_owned())
 }
 
 /// A pod's namespace or name: Kubernetes makes them DNS labels/subdomains; anything else
@@ -251,46 +228,18 @@ mod tests {
     }
 
     #[test]
-    fn a_host_network_pod_is_refused() {
-        let pod = spec(&[
-            (ANNOTATION_CONTAINER_TYPE, "sandbox"),
-            (ANNOTATION_SANDBOX_ID, "p"),
-        ]);
-        let mut linux = oci_spec::runtime::Linux::default();
-        linux.set_namespaces(Some(vec![]));
-        let mut host_net = pod.clone();
-        host_net.set_linux(Some(linux));
-        let e = sandbox_config(&host_net, "p", Config::default()).unwrap_err();
-        assert!(e.to_string().contains("hostNetwork"), "{e}");
-        // oci-spec's default spec has a network namespace of its own.
-        assert!(sandbox_config(&pod, "p", Config::default()).is_ok());
-    }
-
-    #[test]
-    fn vm_size_from_pod_limits_within_the_maxima() {
-        let c = Config {
-            default_vcpus: 1,
-            default_memory_mib: 256,
-            memory_overhead_mib: 64,
-            max_vcpus: 8,
-            max_memory_mib: 16384,
-            ..Config::default()
-        };
-        let d = VmSize {
-            vcpus: 1,
-            memory_mib: 256,
-        };
-        assert_eq!(vm_size(&spec(&[]), &c).unwrap(), d);
+    fn pod_limits_are_read_and_checked() {
+        assert_eq!(pod_limits(&spec(&[])).unwrap(), PodLimits::default());
         let s = spec(&[
             (ANNOTATION_CPU_QUOTA, "150000"),
             (ANNOTATION_CPU_PERIOD, "100000"),
             (ANNOTATION_MEMORY, "268435456"),
         ]);
         assert_eq!(
-            vm_size(&s, &c).unwrap(),
-            VmSize {
-                vcpus: 2,
-                memory_mib: 320
+            pod_limits(&s).unwrap(),
+            PodLimits {
+                cpu: Some((150_000, 100_000)),
+                memory_bytes: Some(268_435_456)
             }
         );
         // "-1" and "0" mean no limit.
@@ -299,31 +248,16 @@ mod tests {
             (ANNOTATION_CPU_PERIOD, "100000"),
             (ANNOTATION_MEMORY, "0"),
         ]);
-        assert_eq!(vm_size(&s, &c).unwrap(), d);
+        assert_eq!(pod_limits(&s).unwrap(), PodLimits::default());
         let refused = |a: &[(&str, &str)], want: &str| {
-            let err = vm_size(&spec(a), &c).unwrap_err().to_string();
+            let err = pod_limits(&spec(a)).unwrap_err().to_string();
             assert!(err.contains(want), "{a:?}: {err}");
         };
-        refused(
-            &[(ANNOTATION_MEMORY, "107374182400")],
-            "max_memory_mib = 16384",
-        );
         refused(
             &[(ANNOTATION_MEMORY, "18446744073709551615")],
             "not an integer",
         );
-        refused(
-            &[(ANNOTATION_MEMORY, "9223372036854775807")],
-            "max_memory_mib",
-        );
         refused(&[(ANNOTATION_MEMORY, "lots")], "not an integer");
-        refused(
-            &[
-                (ANNOTATION_CPU_QUOTA, "9223372036854775807"),
-                (ANNOTATION_CPU_PERIOD, "100000"),
-            ],
-            "max_vcpus = 8",
-        );
         refused(
             &[
                 (ANNOTATION_CPU_QUOTA, "100000"),
@@ -335,19 +269,18 @@ mod tests {
     }
 
     #[test]
-    fn pod_namespace_and_name_are_recorded_and_checked() {
-        let c = Config::default();
+    fn pod_namespace_and_name_are_read_and_checked() {
         let s = spec(&[
             (ANNOTATION_POD_NAMESPACE, "kube-system"),
             (ANNOTATION_POD_NAME, "web-0.x"),
         ]);
-        let cfg = sandbox_config(&s, "c", c.clone()).unwrap();
-        assert_eq!(cfg.pod_namespace.as_deref(), Some("kube-system"));
-        assert_eq!(cfg.pod_name.as_deref(), Some("web-0.x"));
-        let none = sandbox_config(&spec(&[]), "c", c.clone()).unwrap();
-        assert_eq!((none.pod_namespace, none.pod_name), (None, None));
+        assert_eq!(
+            pod_identity(&s).unwrap(),
+            (Some("kube-system".into()), Some("web-0.x".into()))
+        );
+        assert_eq!(pod_identity(&spec(&[])).unwrap(), (None, None));
         for bad in ["", "a b", "a\"b", "x\ny", &"a".repeat(254)] {
-            let err = sandbox_config(&spec(&[(ANNOTATION_POD_NAME, bad)]), "c", c.clone())
+            let err = pod_identity(&spec(&[(ANNOTATION_POD_NAME, bad)]))
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(ANNOTATION_POD_NAME), "{bad:?}: {err}");

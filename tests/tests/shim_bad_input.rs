@@ -123,7 +123,7 @@ fn annotations() -> usize {
         (vec![(quota, "lots"), (period, "100000")], "not an integer"),
     ];
     corpus("annotations", &cases, |a| {
-        oci::sandbox_config(&spec_with(a), "pod", config.clone())
+        SandboxConfig::from_spec(&spec_with(a), "pod", config.clone())
             .map(drop)
             .map_err(|e| e.to_string())
     })

@@ -39,7 +39,7 @@ pub use self::{
 use crate::{
     config::Config,
     oci::{self, Role},
-    sandbox::{ContainerRequest, ExecRequest, Mount},
+    sandbox::{ContainerRequest, ExecRequest, Mount, SandboxConfig},
     stdio::{ProcessIo, StdioPaths},
 };
 
@@ -223,7 +223,7 @@ impl Pod {
         }
         let booted = async {
             let config = Config::load_from(req.config_path.as_deref())?;
-            let cfg = oci::sandbox_config(spec, &req.id, config)
+            let cfg = SandboxConfig::from_spec(spec, &req.id, config)
                 .map_err(|e| PodError::InvalidArgument(e.to_string()))?;
             // Lets `containerd-shim-shoji-v2 delete` find the VM if this shim dies from here on.
             std::fs::write(

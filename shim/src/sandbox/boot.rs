@@ -13,9 +13,9 @@ use tokio::sync::watch;
 use super::{
     cleanup, console,
     logs::DAEMON_LOGS,
-    sizing::Sizing,
+    sizing::{Sizing, VmSize},
     state::{Ledger, LogRetention, RecordedPid, SandboxInfo, State},
-    validate_id, BootTimes, Result, Sandbox, SandboxConfig, SandboxError, SHARE_TAG,
+    BootTimes, Result, Sandbox, SandboxConfig, SandboxError, SHARE_TAG,
 };
 use crate::{
     agent_client::{AgentClient, ReadyListener},
@@ -27,7 +27,6 @@ use crate::{
         HypervisorKind, ShareDevice, VmEnd, VmExit, VmSpec, VsockDevice, BACKEND_GRACE,
     },
     logtail, network,
-    oci::VmSize,
     port_forward::PortForward,
     sharefs::{BindMode, Propagation, ReadOnly, SharedDir, Virtiofsd, VirtiofsdOptions},
 };
@@ -38,12 +37,8 @@ const GUEST_CID: u32 = 3;
 const CONSOLE_TAIL: usize = 12;
 
 pub(super) async fn boot(cfg: SandboxConfig, log: Logger) -> Result<Sandbox> {
-    validate_id("sandbox id", &cfg.id)?;
-    if let Some(h) = &cfg.hostname {
-        validate_hostname(h)?;
-    }
+    cfg.validate()?;
     let c = &cfg.config;
-    validate_size(cfg.vcpus, cfg.memory_mib, c)?;
     for (what, path) in [("guest kernel", &c.kernel), ("guest initramfs", &c.initrd)] {
         if !path.is_file() {
             return Err(SandboxError::Missing {
@@ -434,57 +429,6 @@ fn kernel_args(cfg: &SandboxConfig) -> Vec<String> {
     args
 }
 
-/// The hostname travels on the kernel command line: a space or a quote would inject kernel
-/// arguments. RFC 1123 labels, as Kubernetes requires.
-fn validate_hostname(h: &str) -> Result<()> {
-    let ok = !h.is_empty()
-        && h.len() <= 64
-        && h.split('.').all(|label| {
-            !label.is_empty()
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-        });
-    if ok {
-        Ok(())
-    } else {
-        Err(SandboxError::Invalid(format!(
-            "hostname {:?} is not a valid host name (1-64 characters, letters, digits, '-' and '.')",
-            h.chars().take(80).collect::<String>()
-        )))
-    }
-}
-
-/// The least memory a VM boots with: the guest kernel, the agent and a container's start.
-pub const MIN_MEMORY_MIB: u64 = 64;
-
-/// A VM's size within what the guest needs and the configured maxima, checked before
-/// anything starts, whoever asks (a pod's limits, `shoji vm run --cpus/--memory`).
-fn validate_size(vcpus: u32, memory_mib: u64, c: &Config) -> Result<()> {
-    let refuse = |why: String| Err(SandboxError::Invalid(why));
-    if vcpus == 0 {
-        return refuse("a VM of 0 vCPUs: it needs at least 1".into());
-    }
-    if vcpus > c.max_vcpus {
-        return refuse(format!(
-            "a VM of {vcpus} vCPUs: above max_vcpus = {} (shoji configuration)",
-            c.max_vcpus
-        ));
-    }
-    if memory_mib < MIN_MEMORY_MIB {
-        return refuse(format!(
-            "a VM of {memory_mib} MiB: the guest needs at least {MIN_MEMORY_MIB} MiB"
-        ));
-    }
-    if memory_mib > c.max_memory_mib {
-        return refuse(format!(
-            "a VM of {memory_mib} MiB: above max_memory_mib = {} (shoji configuration)",
-            c.max_memory_mib
-        ));
-    }
-    Ok(())
-}
-
 fn io(context: String) -> impl FnOnce(std::io::Error) -> SandboxError {
     move |source| SandboxError::Io { context, source }
 }
@@ -509,23 +453,5 @@ mod tests {
         let args = kernel_args(&cfg);
         assert!(args.contains(&"shoji.debug_console=1".to_string()));
         assert!(!args.iter().any(|a| a.starts_with("shoji.page_reporting")));
-    }
-
-    #[test]
-    fn hostnames_that_would_inject_kernel_arguments_are_refused() {
-        for good in ["a", "pod-1", "web.default", &"a".repeat(63)] {
-            validate_hostname(good).unwrap();
-        }
-        for bad in [
-            "",
-            "a b",
-            "a init=/bin/sh",
-            "-a",
-            "a..b",
-            "a\"b",
-            &"a".repeat(65),
-        ] {
-            assert!(validate_hostname(bad).is_err(), "{bad:?}");
-        }
     }
 }

@@ -80,7 +80,7 @@ pub fn find(run_dir: &Path, log_dir: &Path, prefix: &str) -> Result<LogPlace, St
                 .file_name()
                 .is_some_and(|n| n.to_string_lossy().starts_with('.'))
     };
-    match crate::node::unique_prefix(&[(run_dir, &live), (log_dir, &kept)], prefix)? {
+    match super::lookup::unique_prefix(&[(run_dir, &live), (log_dir, &kept)], prefix)? {
         Some((id, 0)) => Ok(LogPlace::Live(run_dir.join(id))),
         Some((id, _)) => Ok(LogPlace::Retained(log_dir.join(id))),
         None => Err(format!(

@@ -17,8 +17,10 @@ mod cleanup;
 mod console;
 mod container;
 pub mod logs;
+mod lookup;
 mod oom;
 mod sizing;
+mod spec;
 mod state;
 
 use std::{
@@ -35,6 +37,7 @@ pub use self::{
     cleanup::{cleanup, CleanupError},
     console::CONSOLE_MAX,
     container::{ContainerRequest, ExecRequest, Mount},
+    lookup::{unique_prefix, Place},
     state::{BootRecord, LogRetention, RecordedPid, SandboxInfo, State, STATE_FILE},
 };
 use crate::{

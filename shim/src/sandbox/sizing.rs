@@ -9,10 +9,14 @@ use std::{collections::HashMap, sync::Mutex};
 use oci_spec::runtime::LinuxResources;
 
 use super::{Result, Sandbox, SandboxError};
-use crate::{
-    hypervisor::{Capabilities, HypervisorKind},
-    oci::VmSize,
-};
+use crate::hypervisor::{Capabilities, HypervisorKind};
+
+/// A VM's size: vCPUs and memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmSize {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+}
 
 /// What a container asks of the VM; 0: no limit.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
