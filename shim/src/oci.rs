@@ -189,20 +189,22 @@ pub fn is_host_bind(m: &OciMount) -> bool {
     m.typ().as_deref() == Some("bind") || bind_opt
 }
 
+/// oci-spec's default spec with `annotations`, for unit tests.
+#[cfg(test)]
+pub fn annotated_spec(annotations: &[(&str, &str)]) -> Spec {
+    let mut s = Spec::default();
+    s.set_annotations(Some(
+        annotations
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    ));
+    s
+}
+
 #[cfg(test)]
 mod tests {
-    use super::*;
-
-    fn spec(annotations: &[(&str, &str)]) -> Spec {
-        let mut s = Spec::default();
-        s.set_annotations(Some(
-            annotations
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        ));
-        s
-    }
+    use super::{annotated_spec as spec, *};
 
     #[test]
     fn roles_follow_cri_annotations() {

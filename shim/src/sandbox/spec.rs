@@ -134,22 +134,11 @@ fn vm_size(limits: PodLimits, config: &Config) -> Result<VmSize, SpecError> {
 #[cfg(test)]
 mod tests {
     use crate::oci::{
-        ANNOTATION_CONTAINER_TYPE, ANNOTATION_POD_NAME, ANNOTATION_POD_NAMESPACE,
-        ANNOTATION_SANDBOX_ID,
+        annotated_spec as spec, ANNOTATION_CONTAINER_TYPE, ANNOTATION_POD_NAME,
+        ANNOTATION_POD_NAMESPACE, ANNOTATION_SANDBOX_ID,
     };
 
     use super::*;
-
-    fn spec(annotations: &[(&str, &str)]) -> Spec {
-        let mut s = Spec::default();
-        s.set_annotations(Some(
-            annotations
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        ));
-        s
-    }
 
     #[test]
     fn a_host_network_pod_is_refused() {
