@@ -134,6 +134,9 @@ covered() {
              grep -oE "\"[^\"]*\"|'[^']*'" | sed -e 's/^.//' -e 's/.$//')
   return 1
 }
+# mentions FILE REGEX: whether a line of FILE that is not a comment matches (one process: a
+# `grep | grep -q` pipe can fail under pipefail when -q stops reading early).
+mentions() { awk -v re="$2" '!/^[[:space:]]*#/ && $0 ~ re { found = 1; exit } END { exit !found }' "$1"; }
 # handlers VERSION: the tables of the handlers shoji (Cloud Hypervisor) and shoji-qemu.
 handlers() {
   local t
@@ -315,7 +318,7 @@ case "$ctrd_major:$version" in
   *) die "$main has version = $version (or none): containerd $ctrd_version needs a version 2$([ "$ctrd_major" = 2 ] && echo ' or 3') config; migrate it first (containerd config migrate, 1.7 and later)" ;;
 esac
 foreign=0
-if grep -v '^[[:space:]]*#' "$base" | grep -q 'io\.containerd\.shoji\.v2'; then
+if mentions "$base" 'io\.containerd\.shoji\.v2'; then
   foreign=1
   log "$main has shoji handlers of its own: leaving containerd's configuration alone"
 fi
@@ -342,7 +345,7 @@ candidate_main() {
       fi
       echo
       echo "$begin"
-      if ! grep -v '^[[:space:]]*#' "$base" | grep -q 'containerd\.runtimes'; then
+      if ! mentions "$base" 'containerd\.runtimes'; then
         echo "# containerd's default runtime, as \`containerd config dump\` shows it built in: 1.x drops"
         echo "# that one once a config names any runtime."
         default_runtime_tables "$work/base.dump"
