@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use super::{
     cleanup, console,
     logs::DAEMON_LOGS,
+    pin,
     sizing::{Sizing, VmSize},
     state::{Ledger, LogRetention, RecordedPid, SandboxInfo, State},
     BootTimes, Result, Sandbox, SandboxConfig, SandboxError, SHARE_TAG,
@@ -36,17 +37,13 @@ const GUEST_CID: u32 = 3;
 /// Lines of the guest console quoted in a start-up error.
 const CONSOLE_TAIL: usize = 12;
 
-pub(super) async fn boot(cfg: SandboxConfig, log: Logger) -> Result<Sandbox> {
+pub(super) async fn boot(mut cfg: SandboxConfig, log: Logger) -> Result<Sandbox> {
     cfg.validate()?;
+    // Resolved and held for the sandbox's lifetime: an upgrade does not remove them under it.
+    let boot_images = pin::pin(&cfg.config.kernel, &cfg.config.initrd).await?;
+    cfg.config.kernel = boot_images.kernel.clone();
+    cfg.config.initrd = boot_images.initrd.clone();
     let c = &cfg.config;
-    for (what, path) in [("guest kernel", &c.kernel), ("guest initramfs", &c.initrd)] {
-        if !path.is_file() {
-            return Err(SandboxError::Missing {
-                what,
-                path: path.clone(),
-            });
-        }
-    }
     let dir = cfg.dir();
     std::fs::create_dir_all(&c.run_dir).map_err(io(format!("create {}", c.run_dir.display())))?;
     // Its files reach the guest's agent (the vsock socket), its console and its state: the
@@ -112,6 +109,7 @@ pub(super) async fn boot(cfg: SandboxConfig, log: Logger) -> Result<Sandbox> {
                     c.memory_overhead_mib,
                 ),
                 port_forward: boot.port_forward.take(),
+                _boot_images: boot_images,
             })
         }
         Err(e) => {

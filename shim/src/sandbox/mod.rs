@@ -19,6 +19,7 @@ mod container;
 pub mod logs;
 mod lookup;
 mod oom;
+pub mod pin;
 mod sizing;
 mod spec;
 mod state;
@@ -193,6 +194,8 @@ pub struct Sandbox {
     oom: oom::OomPriority,
     /// `kubectl port-forward` into the VM, for a pod with a network (see [`crate::port_forward`]).
     port_forward: Option<PortForward>,
+    /// The kernel and initramfs it booted from, kept from an upgrade's pruning (see [`pin`]).
+    _boot_images: pin::BootImages,
 }
 
 impl Sandbox {
