@@ -4,6 +4,7 @@
 //! not ok. Drivers add their own lines here (e.g. the Cloud Hypervisor binary); the host's
 //! tools, devices and cgroups are in [`host`], containerd's configuration in [`containerd`].
 pub mod containerd;
+pub mod cri;
 mod host;
 
 use std::{
@@ -65,8 +66,13 @@ impl fmt::Display for Check {
     }
 }
 
-/// Runs every check against `cfg`; `containerd_config` is containerd's configuration file.
-pub async fn run(cfg: &Config, containerd_config: &Path) -> Vec<Check> {
+/// Runs every check against `cfg`; `containerd_config` is containerd's configuration file,
+/// `containerd_address` its socket (default: the file's `[grpc] address`, else containerd's).
+pub async fn run(
+    cfg: &Config,
+    containerd_config: &Path,
+    containerd_address: Option<&Path>,
+) -> Vec<Check> {
     let choice = choice::choose(cfg).await;
     let needs_clh = choice.kind == HypervisorKind::Clh;
     let mut checks = vec![hypervisor(&choice), accelerator(cfg, choice.kind).await];
@@ -124,6 +130,19 @@ pub async fn run(cfg: &Config, containerd_config: &Path) -> Vec<Check> {
     );
     let (containerd_lines, containerd_cfg) = containerd::checks(containerd_config);
     checks.extend(containerd_lines);
+    let address = containerd_address
+        .map(Path::to_path_buf)
+        .or_else(|| containerd_cfg.as_ref().and_then(|c| c.grpc_address.clone()))
+        .unwrap_or_else(|| PathBuf::from(cri::DEFAULT_ADDRESS));
+    let configured: Vec<String> = containerd_cfg
+        .iter()
+        .flat_map(|c| c.handlers.iter().map(|h| h.name.clone()))
+        .collect();
+    checks.push(cri::line(
+        &cri::query(&address).await,
+        &address,
+        &configured,
+    ));
     checks.extend(host::tools());
     checks.push(host::tun());
     checks.push(host::cgroups());

@@ -46,6 +46,11 @@ enum Command {
         /// containerd's configuration file.
         #[arg(long, value_name = "FILE", default_value = shoji::check::containerd::DEFAULT_CONFIG)]
         containerd_config: PathBuf,
+        /// containerd's socket, asked whether its CRI plugin loaded and which handlers it
+        /// knows (default: the configuration's [grpc] address, else
+        /// /run/containerd/containerd.sock).
+        #[arg(long, value_name = "SOCKET")]
+        containerd_address: Option<PathBuf>,
     },
     /// Throwaway microVMs.
     Vm {
@@ -163,8 +168,12 @@ async fn run(args: Args) -> ExitCode {
         (Err(e), _) | (_, Err(e)) => return fail(e),
     };
     match args.command {
-        Command::Check { containerd_config } => {
-            let checks = check::run(&config, &containerd_config).await;
+        Command::Check {
+            containerd_config,
+            containerd_address,
+        } => {
+            let checks =
+                check::run(&config, &containerd_config, containerd_address.as_deref()).await;
             for c in &checks {
                 println!("{c}");
             }

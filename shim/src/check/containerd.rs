@@ -49,6 +49,8 @@ pub struct ContainerdConfig {
     /// `SystemdCgroup` of any runtime's options, when set.
     pub systemd_cgroup: Option<bool>,
     pub cni_bin_dirs: Vec<PathBuf>,
+    /// The main file's `[grpc] address`: containerd's socket.
+    pub grpc_address: Option<PathBuf>,
 }
 
 /// Reads `path` and the files it imports.
@@ -70,6 +72,12 @@ pub fn read(path: &Path) -> Result<ContainerdConfig, String> {
             .unwrap_or(1);
         if cfg.files.is_empty() {
             cfg.version = version;
+            cfg.grpc_address = table
+                .get("grpc")
+                .and_then(|g| g.get("address"))
+                .and_then(Value::as_str)
+                .filter(|a| !a.is_empty())
+                .map(PathBuf::from);
         }
         cfg.files.push(file.clone());
         let base = file.parent().unwrap_or(Path::new("/"));
