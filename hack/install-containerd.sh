@@ -3,7 +3,10 @@
 # packages or apt lists (adding a newer suite system-wide once upgraded libc6 and more).
 #
 # Result: ${SHOJI_CACHE:-/var/cache/shoji}/containerd/<version>/usr/bin/{containerd,ctr,...} plus symlinks
-# ${SHOJI_CACHE}/containerd/{1.7,2} -> <version>. Debian bookworm's 1.6 stays at /usr/bin/containerd.
+# ${SHOJI_CACHE}/containerd/{1.7,2} -> <version>, each with its package's etc/containerd/config.toml.
+# Debian bookworm's 1.6 stays at /usr/bin/containerd (hack/setup.sh installs it); its packaged
+# config.toml is kept in ${SHOJI_CACHE}/containerd/1.6-conffiles/etc/containerd/ (the install tests
+# start from it, whatever this host's /etc/containerd/config.toml became).
 # Idempotent: a version already unpacked is not downloaded again (no network at all unless `--update`).
 set -euo pipefail
 
@@ -54,6 +57,29 @@ fetch_suite() {
     fi
     ln -sfn "$version" "$CACHE/$alias"
 }
+
+# bookworm's packaged config.toml: the file on disk while dpkg says it is unmodified, else from
+# the installed version's package.
+conffile_1_6() {
+    local dest=$CACHE/1.6-conffiles/etc/containerd/config.toml want version
+    [ ! -f "$dest" ] || return 0
+    version=$(dpkg-query -W -f='${Version}' containerd 2>/dev/null) ||
+        { echo "install-containerd: Debian's containerd package is not installed (hack/setup.sh installs it)" >&2; return 1; }
+    want=$(dpkg-query -W -f='${Conffiles}\n' containerd | awk '$1 == "/etc/containerd/config.toml" { print $2 }')
+    mkdir -p "$(dirname "$dest")"
+    if [ -n "$want" ] && [ -f /etc/containerd/config.toml ] &&
+        [ "$(md5sum </etc/containerd/config.toml | cut -d' ' -f1)" = "$want" ]; then
+        cp /etc/containerd/config.toml "$dest.partial"
+    else
+        mkdir -p "$WORK/bookworm"
+        (cd "$WORK/bookworm" && apt-get download -q "containerd=$version" >/dev/null)
+        dpkg-deb -x "$WORK"/bookworm/containerd_*.deb "$WORK/bookworm/root"
+        cp "$WORK/bookworm/root/etc/containerd/config.toml" "$dest.partial"
+    fi
+    mv "$dest.partial" "$dest"
+    echo "containerd $version: packaged config.toml in $dest"
+}
+conffile_1_6
 
 for entry in "${SUITES[@]}"; do
     alias=${entry##*:}

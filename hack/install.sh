@@ -51,7 +51,7 @@ while [ $# -gt 0 ]; do
     --containerd-config) main=${2:?--containerd-config needs a file}; shift 2 ;;
     --containerd-version) die "--containerd-version is gone: the layout follows the containerd binary (--containerd BIN)" ;;
     --uninstall) uninstall=1; shift ;;
-    -h|--help) sed -n '2,38p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
 done

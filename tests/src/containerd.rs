@@ -15,6 +15,7 @@ use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::process::Command;
+use toml::{Table, Value};
 
 /// Host-wide lock serialising private containerd instances (see the module doc).
 const LOCK_PATH: &str = "/run/shoji-tests/containerd.lock";
@@ -62,6 +63,8 @@ pub enum Error {
     },
     #[error("containerd left {0}")]
     Leftovers(String),
+    #[error("containerd configuration {path}: {why}")]
+    Config { path: PathBuf, why: String },
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
@@ -93,8 +96,7 @@ impl std::fmt::Display for Version {
 impl Version {
     /// Directory holding `containerd`, `ctr` and that version's `containerd-shim-runc-v2`.
     pub fn bin_dir(self) -> PathBuf {
-        let cache = std::env::var_os("SHOJI_CACHE")
-            .map_or_else(|| PathBuf::from("/var/cache/shoji"), PathBuf::from);
+        let cache = cache_dir();
         match self {
             Version::V1_6 => PathBuf::from("/usr/bin"),
             Version::V1_7 => cache.join("containerd/1.7/usr/bin"),
@@ -102,12 +104,27 @@ impl Version {
         }
     }
 
-    fn config(self, p: &ConfigParams) -> String {
+    /// The configuration `version` this containerd writes (`containerd config default`).
+    fn config_version(self) -> i64 {
         match self {
-            Version::V1_6 | Version::V1_7 => config_v2(p),
-            Version::V2 => config_v3(p),
+            Version::V1_6 | Version::V1_7 => 2,
+            Version::V2 => 3,
         }
     }
+
+    /// `/etc/containerd/config.toml` as Debian's package of this version ships it (unpacked by
+    /// hack/install-containerd.sh).
+    pub fn packaged_config(self) -> PathBuf {
+        let etc = match self {
+            Version::V1_6 => cache_dir().join("containerd/1.6-conffiles"),
+            Version::V1_7 | Version::V2 => self.bin_dir().join("../.."),
+        };
+        etc.join("etc/containerd/config.toml")
+    }
+}
+
+fn cache_dir() -> PathBuf {
+    std::env::var_os("SHOJI_CACHE").map_or_else(|| PathBuf::from("/var/cache/shoji"), PathBuf::from)
 }
 
 /// What a test chooses about its containerd.
@@ -121,11 +138,11 @@ pub struct Options {
     pub cni_conf_dir: Option<PathBuf>,
     /// Extra environment for containerd (inherited by the shims), e.g. `SHOJI_RUN_DIR`.
     pub env: Vec<(String, String)>,
-    /// Configuration drop-ins containerd imports (`imports = [...]`), e.g. an installed
-    /// handler file.
-    pub imports: Vec<PathBuf>,
-    /// TOML appended to the generated configuration (tables of the same version).
-    pub extra_toml: String,
+    /// An operator's configuration to run instead of the generated one (e.g. what
+    /// hack/install.sh made of a node's): the harness sets only its isolation over it (see
+    /// [`isolate`]) and gives runc the cgroupfs driver (this host runs no systemd for
+    /// `SystemdCgroup = true`). `shoji_handlers` is then unused; `imports` must be absolute.
+    pub operator_config: Option<PathBuf>,
     /// How long `start` waits for the host-wide lock (other tests' containerds).
     pub lock_timeout: Duration,
 }
@@ -137,8 +154,7 @@ impl Default for Options {
             shoji_handlers: vec![("shoji".into(), None), ("shoji-qemu".into(), None)],
             cni_conf_dir: None,
             env: Vec::new(),
-            imports: Vec::new(),
-            extra_toml: String::new(),
+            operator_config: None,
             lock_timeout: Duration::from_secs(900),
         }
     }
@@ -152,83 +168,167 @@ struct ConfigParams<'a> {
     opt: &'a Path,
     cni_conf_dir: &'a Path,
     shoji_handlers: &'a [(String, Option<PathBuf>)],
-    imports: &'a [PathBuf],
 }
 
-fn toml_str(p: &Path) -> String {
-    serde_json::Value::String(p.display().to_string()).to_string()
+/// The plugin that holds CRI's runtimes, CNI and OOM settings in a configuration `version`.
+fn cri_runtime_plugin(version: i64) -> &'static str {
+    if version >= 3 {
+        "io.containerd.cri.v1.runtime"
+    } else {
+        "io.containerd.grpc.v1.cri"
+    }
 }
 
-/// One `[<prefix>.runtimes.<handler>]` table per runtime handler.
-fn runtimes_toml(prefix: &str, handlers: &[(String, Option<PathBuf>)]) -> String {
-    let mut s = format!(
-        "[{prefix}.runtimes.runc]\n  runtime_type = \"io.containerd.runc.v2\"\n\
-         [{prefix}.runtimes.runc.options]\n  SystemdCgroup = false\n"
+/// Sets `value` at the key path `keys` of `t`, making (or replacing with) tables on the way.
+fn set(t: &mut Table, keys: &[impl AsRef<str>], value: impl Into<Value>) {
+    let (last, path) = keys.split_last().expect("a key");
+    let mut t = t;
+    for k in path {
+        let entry = t
+            .entry(k.as_ref())
+            .or_insert_with(|| Value::Table(Table::new()));
+        if !entry.is_table() {
+            *entry = Value::Table(Table::new());
+        }
+        t = entry.as_table_mut().expect("a table");
+    }
+    t.insert(last.as_ref().into(), value.into());
+}
+
+fn path_value(p: &Path) -> Value {
+    Value::String(p.display().to_string())
+}
+
+/// What keeps a test's containerd apart from the host's and from other tests': its own root,
+/// state, sockets and opt directory, the test network's CNI configuration, the streaming server
+/// on a free loopback port, no NRI socket, and no OOM score adjustment (root here lacks
+/// CAP_SYS_RESOURCE).
+fn isolate(t: &mut Table, version: i64, p: &ConfigParams) {
+    let rt = cri_runtime_plugin(version);
+    let grpc_cri = "io.containerd.grpc.v1.cri";
+    set(t, &["root"], path_value(p.root));
+    set(t, &["state"], path_value(p.state));
+    set(t, &["grpc", "address"], path_value(p.grpc));
+    set(t, &["ttrpc", "address"], path_value(p.ttrpc));
+    set(
+        t,
+        &["plugins", "io.containerd.internal.v1.opt", "path"],
+        path_value(p.opt),
     );
-    for (handler, config) in handlers {
-        s += &format!("[{prefix}.runtimes.\"{handler}\"]\n  runtime_type = \"{SHOJI_RUNTIME}\"\n");
+    set(t, &["plugins", "io.containerd.nri.v1.nri", "disable"], true);
+    set(t, &["plugins", grpc_cri, "disable_tcp_service"], true);
+    set(
+        t,
+        &["plugins", grpc_cri, "stream_server_address"],
+        "127.0.0.1",
+    );
+    set(t, &["plugins", grpc_cri, "stream_server_port"], "0");
+    set(t, &["plugins", rt, "restrict_oom_score_adj"], true);
+    set(t, &["plugins", rt, "netns_mounts_under_state_dir"], true);
+    set(t, &["plugins", rt, "enable_selinux"], false);
+    if version >= 3 {
+        set(t, &["plugins", rt, "enable_cdi"], false);
+        set(t, &["plugins", rt, "cni", "bin_dirs"], vec!["/usr/lib/cni"]);
+    } else {
+        set(t, &["plugins", rt, "cni", "bin_dir"], "/usr/lib/cni");
+    }
+    set(
+        t,
+        &["plugins", rt, "cni", "conf_dir"],
+        path_value(p.cni_conf_dir),
+    );
+}
+
+/// The harness's own configuration: isolated, the busybox image as the sandbox image, runc
+/// (cgroupfs) as the default runtime and the shoji handlers.
+fn generated(version: i64, p: &ConfigParams) -> Table {
+    let rt = cri_runtime_plugin(version);
+    let mut t = Table::new();
+    set(&mut t, &["version"], version);
+    isolate(&mut t, version, p);
+    if version >= 3 {
+        let images = "io.containerd.cri.v1.images";
+        set(
+            &mut t,
+            &["plugins", images, "pinned_images", "sandbox"],
+            SANDBOX_IMAGE,
+        );
+    } else {
+        set(&mut t, &["plugins", rt, "sandbox_image"], SANDBOX_IMAGE);
+        set(
+            &mut t,
+            &["plugins", rt, "containerd", "snapshotter"],
+            "overlayfs",
+        );
+    }
+    set(
+        &mut t,
+        &["plugins", rt, "containerd", "default_runtime_name"],
+        "runc",
+    );
+    let runtime = |name: &str, rest: &[&str]| -> Vec<String> {
+        let path = ["plugins", rt, "containerd", "runtimes", name];
+        path.iter().chain(rest).map(|k| k.to_string()).collect()
+    };
+    set(
+        &mut t,
+        &runtime("runc", &["runtime_type"]),
+        "io.containerd.runc.v2",
+    );
+    set(
+        &mut t,
+        &runtime("runc", &["options", "SystemdCgroup"]),
+        false,
+    );
+    for (handler, config) in p.shoji_handlers {
+        set(&mut t, &runtime(handler, &["runtime_type"]), SHOJI_RUNTIME);
         if let Some(config) = config {
-            s += &format!(
-                "[{prefix}.runtimes.\"{handler}\".options]\n  ConfigPath = {}\n",
-                toml_str(config)
+            set(
+                &mut t,
+                &runtime(handler, &["options", "ConfigPath"]),
+                path_value(config),
             );
         }
     }
-    s
+    t
 }
 
-fn common_toml(p: &ConfigParams) -> String {
-    let imports: Vec<String> = p.imports.iter().map(|i| toml_str(i)).collect();
-    format!(
-        "imports = [{}]\nroot = {}\nstate = {}\n[grpc]\n  address = {}\n[ttrpc]\n  address = {}\n",
-        imports.join(", "),
-        toml_str(p.root),
-        toml_str(p.state),
-        toml_str(p.grpc),
-        toml_str(p.ttrpc)
-    )
-}
-
-/// containerd 1.6/1.7 (`version = 2`).
-fn config_v2(p: &ConfigParams) -> String {
-    let cri = "plugins.\"io.containerd.grpc.v1.cri\"";
-    format!(
-        "version = 2\n{common}\
-         [plugins.\"io.containerd.internal.v1.opt\"]\n  path = {opt}\n\
-         [plugins.\"io.containerd.nri.v1.nri\"]\n  disable = true\n\
-         [{cri}]\n  sandbox_image = \"{SANDBOX_IMAGE}\"\n  restrict_oom_score_adj = true\n  \
-         disable_tcp_service = true\n  stream_server_address = \"127.0.0.1\"\n  stream_server_port = \"0\"\n  \
-         netns_mounts_under_state_dir = true\n  enable_selinux = false\n\
-         [{cri}.cni]\n  bin_dir = \"/usr/lib/cni\"\n  conf_dir = {cni}\n\
-         [{cri}.containerd]\n  default_runtime_name = \"runc\"\n  snapshotter = \"overlayfs\"\n\
-         {runtimes}",
-        common = common_toml(p),
-        opt = toml_str(p.opt),
-        cni = toml_str(p.cni_conf_dir),
-        runtimes = runtimes_toml(&format!("{cri}.containerd"), p.shoji_handlers),
-    )
-}
-
-/// containerd 2.x (`version = 3`).
-fn config_v3(p: &ConfigParams) -> String {
-    let rt = "plugins.'io.containerd.cri.v1.runtime'";
-    format!(
-        "version = 3\n{common}\
-         [plugins.'io.containerd.internal.v1.opt']\n  path = {opt}\n\
-         [plugins.'io.containerd.nri.v1.nri']\n  disable = true\n\
-         [plugins.'io.containerd.cri.v1.images'.pinned_images]\n  sandbox = \"{SANDBOX_IMAGE}\"\n\
-         [plugins.'io.containerd.grpc.v1.cri']\n  disable_tcp_service = true\n  \
-         stream_server_address = \"127.0.0.1\"\n  stream_server_port = \"0\"\n\
-         [{rt}]\n  restrict_oom_score_adj = true\n  netns_mounts_under_state_dir = true\n  enable_selinux = false\n  \
-         enable_cdi = false\n\
-         [{rt}.cni]\n  bin_dirs = [\"/usr/lib/cni\"]\n  conf_dir = {cni}\n\
-         [{rt}.containerd]\n  default_runtime_name = \"runc\"\n\
-         {runtimes}",
-        common = common_toml(p),
-        opt = toml_str(p.opt),
-        cni = toml_str(p.cni_conf_dir),
-        runtimes = runtimes_toml(&format!("{rt}.containerd"), p.shoji_handlers),
-    )
+/// An operator's configuration `text` with the harness's isolation set over it, and runc on
+/// the cgroupfs driver (`SystemdCgroup = false` wherever it is true: no systemd here).
+fn operator(text: &str, p: &ConfigParams) -> Result<Table, String> {
+    let mut t: Table = text.parse().map_err(|e: toml::de::Error| e.to_string())?;
+    let version = t.get("version").and_then(Value::as_integer).unwrap_or(1);
+    let relative = t
+        .get("imports")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .find(|i| !i.starts_with('/'));
+    if let Some(i) = relative {
+        return Err(format!(
+            "imports {i:?} is relative: the harness runs a copy elsewhere"
+        ));
+    }
+    isolate(&mut t, version, p);
+    let runtimes = [
+        "plugins",
+        cri_runtime_plugin(version),
+        "containerd",
+        "runtimes",
+    ]
+    .iter()
+    .try_fold(&mut t, |t, k| t.get_mut(*k).and_then(Value::as_table_mut));
+    for runtime in runtimes
+        .into_iter()
+        .flat_map(|r| r.iter_mut().map(|(_, v)| v))
+    {
+        let options = runtime.get_mut("options").and_then(Value::as_table_mut);
+        if let Some(o) = options.filter(|o| o.get("SystemdCgroup") == Some(&Value::Boolean(true))) {
+            o.insert("SystemdCgroup".into(), Value::Boolean(false));
+        }
+    }
+    Ok(t)
 }
 
 /// Output of one `ctr` invocation.
@@ -283,11 +383,23 @@ impl Containerd {
             opt: &d.join("opt"),
             cni_conf_dir: opts.cni_conf_dir.as_deref().unwrap_or(&empty_cni),
             shoji_handlers: &opts.shoji_handlers,
-            imports: &opts.imports,
         };
         fs::create_dir_all(&empty_cni).map_err(io_err("create cni-none"))?;
         let config = d.join("config.toml");
-        let text = format!("{}\n{}", version.config(&params), opts.extra_toml);
+        let table = match &opts.operator_config {
+            None => generated(version.config_version(), &params),
+            Some(path) => {
+                let text = fs::read_to_string(path).map_err(io_err(path.display().to_string()))?;
+                operator(&text, &params).map_err(|why| Error::Config {
+                    path: path.clone(),
+                    why,
+                })?
+            }
+        };
+        let text = toml::to_string(&table).map_err(|e| Error::Config {
+            path: config.clone(),
+            why: e.to_string(),
+        })?;
         fs::write(&config, text).map_err(io_err("write config.toml"))?;
         let address = params.grpc.to_path_buf();
         let log = d.join("containerd.log");
@@ -892,15 +1004,78 @@ mod tests {
             opt: Path::new("/o"),
             cni_conf_dir: Path::new("/cni"),
             shoji_handlers: &handlers,
-            imports: &[PathBuf::from("/etc/containerd/conf.d/shoji.toml")],
         };
-        let v2 = config_v2(&p);
-        assert!(v2.starts_with("version = 2\nimports = [\"/etc/containerd/conf.d/shoji.toml\"]\n"));
-        assert!(v2.contains("[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.\"shoji\".options]\n  ConfigPath = \"/etc/shoji/a.toml\""));
-        assert!(v2.contains("restrict_oom_score_adj = true"));
-        let v3 = config_v3(&p);
-        assert!(v3.starts_with("version = 3\n"));
-        assert!(v3.contains("[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.\"shoji-qemu\"]\n  runtime_type = \"io.containerd.shoji.v2\""));
-        assert!(!v3.contains("runtimes.\"shoji-qemu\".options"));
+        let get = |t: &Table, keys: &[&str]| {
+            keys.iter()
+                .try_fold(&Value::Table(t.clone()), |v, k| v.get(*k))
+                .cloned()
+        };
+        // Through text, as containerd reads it.
+        let v2: Table = toml::to_string(&generated(2, &p)).unwrap().parse().unwrap();
+        let cri = ["plugins", "io.containerd.grpc.v1.cri"];
+        let runtimes = [&cri[..], &["containerd", "runtimes"]].concat();
+        assert_eq!(get(&v2, &["version"]), Some(Value::Integer(2)));
+        assert_eq!(
+            get(
+                &v2,
+                &[&runtimes[..], &["shoji", "options", "ConfigPath"]].concat()
+            ),
+            Some("/etc/shoji/a.toml".into())
+        );
+        assert_eq!(
+            get(&v2, &[&runtimes[..], &["runc", "runtime_type"]].concat()),
+            Some("io.containerd.runc.v2".into())
+        );
+        assert_eq!(
+            get(&v2, &[&cri[..], &["restrict_oom_score_adj"]].concat()),
+            Some(true.into())
+        );
+        let v3 = generated(3, &p);
+        let rt = [
+            "plugins",
+            "io.containerd.cri.v1.runtime",
+            "containerd",
+            "runtimes",
+        ];
+        assert_eq!(
+            get(&v3, &[&rt[..], &["shoji-qemu", "runtime_type"]].concat()),
+            Some(SHOJI_RUNTIME.into())
+        );
+        assert_eq!(
+            get(&v3, &[&rt[..], &["shoji-qemu", "options"]].concat()),
+            None
+        );
+    }
+
+    #[test]
+    fn an_operator_config_is_isolated_and_keeps_its_settings() {
+        let p = ConfigParams {
+            root: Path::new("/r"),
+            state: Path::new("/s"),
+            grpc: Path::new("/g.sock"),
+            ttrpc: Path::new("/t.sock"),
+            opt: Path::new("/o"),
+            cni_conf_dir: Path::new("/cni"),
+            shoji_handlers: &[],
+        };
+        let kubeadm = "version = 2\nimports = [\"/etc/containerd/conf.d/x.toml\"]\n\
+            [plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"registry.example.com/pause:3.9\"\n\
+            [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc.options]\n  SystemdCgroup = true\n";
+        let t = operator(kubeadm, &p).unwrap();
+        let cri = &t["plugins"]["io.containerd.grpc.v1.cri"];
+        assert_eq!(
+            cri["sandbox_image"].as_str(),
+            Some("registry.example.com/pause:3.9")
+        );
+        assert_eq!(cri["cni"]["conf_dir"].as_str(), Some("/cni"));
+        assert_eq!(
+            cri["containerd"]["runtimes"]["runc"]["options"]["SystemdCgroup"].as_bool(),
+            Some(false)
+        );
+        assert_eq!(t["grpc"]["address"].as_str(), Some("/g.sock"));
+        assert_eq!(t["imports"].as_array().map(Vec::len), Some(1));
+        assert!(operator("version = 2\nimports = [\"conf.d/*.toml\"]\n", &p)
+            .unwrap_err()
+            .contains("relative"));
     }
 }

@@ -61,7 +61,17 @@ pub struct Pods {
 
 impl Pods {
     pub async fn run(&mut self, config: &api::PodSandboxConfig) -> Result<String> {
-        let id = self.cri.run_pod(config, &self.handler).await?;
+        let handler = self.handler.clone();
+        self.run_with(config, &handler).await
+    }
+
+    /// [`Pods::run`] with another runtime handler than the scenario's (e.g. `runc` beside it).
+    pub async fn run_with(
+        &mut self,
+        config: &api::PodSandboxConfig,
+        handler: &str,
+    ) -> Result<String> {
+        let id = self.cri.run_pod(config, handler).await?;
         self.ids.push(id.clone());
         if let Some(linux) = &config.linux {
             self.cgroups.push(format!("{}/{id}", linux.cgroup_parent));

@@ -134,15 +134,27 @@ impl Env {
         runtime: &Runtime,
         net: Option<Network>,
     ) -> Result<Env> {
+        Env::start_with(version, runtime, net, |_| ()).await
+    }
+
+    /// [`Env::start_on`] with containerd's [`Options`] changed by `adjust` (e.g. an
+    /// operator's configuration).
+    pub async fn start_with(
+        version: Version,
+        runtime: &Runtime,
+        net: Option<Network>,
+        adjust: impl FnOnce(&mut Options),
+    ) -> Result<Env> {
         let handlers =
             ["shoji", "shoji-qemu"].map(|h| (h.to_string(), runtime.config_path.clone()));
-        let opts = Options {
+        let mut opts = Options {
             shim_dir: runtime.shim_dir.clone(),
             shoji_handlers: handlers.into(),
             cni_conf_dir: net.as_ref().map(Network::conf_dir),
             env: runtime.env.clone(),
             ..Options::default()
         };
+        adjust(&mut opts);
         let ctrd = Containerd::start(version, opts).await?;
         image::import(&ctrd, CTR_NAMESPACE).await?;
         if net.is_some() {
