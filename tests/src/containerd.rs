@@ -987,6 +987,18 @@ mod tests {
         assert_eq!(unescape_mountinfo("/plain"), "/plain");
     }
 
+    fn params(handlers: &[(String, Option<PathBuf>)]) -> ConfigParams<'_> {
+        ConfigParams {
+            root: Path::new("/r"),
+            state: Path::new("/s"),
+            grpc: Path::new("/g.sock"),
+            ttrpc: Path::new("/t.sock"),
+            opt: Path::new("/o"),
+            cni_conf_dir: Path::new("/cni"),
+            shoji_handlers: handlers,
+        }
+    }
+
     #[test]
     fn configs_register_runc_and_shoji_handlers() {
         let handlers = vec![
@@ -996,15 +1008,7 @@ mod tests {
             ),
             ("shoji-qemu".into(), None),
         ];
-        let p = ConfigParams {
-            root: Path::new("/r"),
-            state: Path::new("/s"),
-            grpc: Path::new("/g.sock"),
-            ttrpc: Path::new("/t.sock"),
-            opt: Path::new("/o"),
-            cni_conf_dir: Path::new("/cni"),
-            shoji_handlers: &handlers,
-        };
+        let p = params(&handlers);
         let get = |t: &Table, keys: &[&str]| {
             keys.iter()
                 .try_fold(&Value::Table(t.clone()), |v, k| v.get(*k))
@@ -1049,15 +1053,7 @@ mod tests {
 
     #[test]
     fn an_operator_config_is_isolated_and_keeps_its_settings() {
-        let p = ConfigParams {
-            root: Path::new("/r"),
-            state: Path::new("/s"),
-            grpc: Path::new("/g.sock"),
-            ttrpc: Path::new("/t.sock"),
-            opt: Path::new("/o"),
-            cni_conf_dir: Path::new("/cni"),
-            shoji_handlers: &[],
-        };
+        let p = params(&[]);
         let kubeadm = "version = 2\nimports = [\"/etc/containerd/conf.d/x.toml\"]\n\
             [plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"registry.example.com/pause:3.9\"\n\
             [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc.options]\n  SystemdCgroup = true\n";

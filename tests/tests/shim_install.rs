@@ -16,6 +16,7 @@
 use std::{
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
+    process::Output,
     time::Duration,
 };
 
@@ -28,6 +29,7 @@ use shoji_tests::{
     pods::{sh_ok, Pods},
     scenario::{self, check, Env, Runtime, CRI_NAMESPACE},
 };
+use tokio::process::Command;
 use toml::{Table, Value};
 
 type Result<T = ()> = scenario::Result<T>;
@@ -118,22 +120,32 @@ const OLDER_BLOCK: &str = r#"# BEGIN shoji handlers (hack/install.sh)
   ConfigPath = "@PREFIX@/etc/shoji/qemu.toml"
 # END shoji handlers"#;
 
+/// Runs `cmd`, killed when it outlives `limit`; its output, whatever its exit status.
+async fn output(cmd: &mut Command, limit: Duration) -> Result<Output> {
+    let what = format!("{:?}", cmd.as_std());
+    let out = tokio::time::timeout(limit, cmd.kill_on_drop(true).output())
+        .await
+        .map_err(|_| format!("{what}: no exit within {limit:?}"))??;
+    Ok(out)
+}
+
+/// [`output`] of a command that must succeed.
+async fn succeeds(cmd: &mut Command, limit: Duration) -> Result<Output> {
+    let out = output(cmd, limit).await?;
+    check(out.status.success(), || {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        format!("{:?} failed ({}): {stderr}", cmd.as_std(), out.status)
+    })?;
+    Ok(out)
+}
+
 /// Runs `hack/install.sh ARGS` (with `env` added); returns its stderr, or fails with it.
 async fn install(args: &[&str], env: &[(&str, &Path)]) -> Result<String> {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../hack/install.sh");
-    let mut cmd = tokio::process::Command::new(script);
-    cmd.args(args).kill_on_drop(true);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = tokio::time::timeout(INSTALL, cmd.output())
-        .await
-        .map_err(|_| format!("install.sh {args:?}: no exit within {INSTALL:?}"))??;
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    check(out.status.success(), || {
-        format!("install.sh {args:?} failed ({}): {stderr}", out.status)
-    })?;
-    Ok(stderr)
+    let mut cmd = Command::new(script);
+    cmd.args(args).envs(env.iter().copied());
+    let out = succeeds(&mut cmd, INSTALL).await?;
+    Ok(String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 /// The built shim and CLI without their debug info (a tenth of the size: installs copy and
@@ -141,16 +153,12 @@ async fn install(args: &[&str], env: &[(&str, &Path)]) -> Result<String> {
 async fn stripped_bins() -> Result<tempfile::TempDir> {
     let dir = tempfile::tempdir()?;
     for name in ["containerd-shim-shoji-v2", "shoji"] {
-        let strip = tokio::process::Command::new("strip")
+        let mut strip = Command::new("strip");
+        strip
             .arg("-o")
             .arg(dir.path().join(name))
-            .arg(bins::binary(name))
-            .kill_on_drop(true)
-            .status();
-        let status = tokio::time::timeout(Duration::from_secs(60), strip)
-            .await
-            .map_err(|_| format!("strip {name}: no exit within 60 s"))??;
-        check(status.success(), || format!("strip {name}: {status}"))?;
+            .arg(bins::binary(name));
+        succeeds(&mut strip, Duration::from_secs(60)).await?;
     }
     Ok(dir)
 }
@@ -187,22 +195,9 @@ fn describe(t: &[(PathBuf, u32, Vec<u8>)]) -> Vec<String> {
 
 /// `containerd --config CONFIG config dump` of `version`, parsed.
 async fn dump(version: Version, config: &Path) -> Result<Table> {
-    let out = tokio::process::Command::new(version.bin_dir().join("containerd"))
-        .arg("--config")
-        .arg(config)
-        .args(["config", "dump"])
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(30), out)
-        .await
-        .map_err(|_| "containerd config dump: no exit within 30 s")??;
-    check(out.status.success(), || {
-        format!(
-            "containerd {version} config dump of {}: {}",
-            config.display(),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })?;
+    let mut cmd = Command::new(version.bin_dir().join("containerd"));
+    cmd.arg("--config").arg(config).args(["config", "dump"]);
+    let out = succeeds(&mut cmd, Duration::from_secs(30)).await?;
     Ok(String::from_utf8(out.stdout)?.parse()?)
 }
 
@@ -279,16 +274,9 @@ async fn start_config(
         Start::Nothing => (None, None),
         Start::Packaged => same(packaged()?),
         Start::Default => {
-            let out = tokio::process::Command::new(version.bin_dir().join("containerd"))
-                .args(["config", "default"])
-                .kill_on_drop(true)
-                .output();
-            let out = tokio::time::timeout(Duration::from_secs(30), out)
-                .await
-                .map_err(|_| "containerd config default: no exit within 30 s")??;
-            check(out.status.success(), || {
-                "containerd config default failed".into()
-            })?;
+            let mut cmd = Command::new(version.bin_dir().join("containerd"));
+            cmd.args(["config", "default"]);
+            let out = succeeds(&mut cmd, Duration::from_secs(30)).await?;
             same(String::from_utf8(out.stdout)?)
         }
         Start::Kubeadm => match version {
@@ -558,19 +546,15 @@ async fn one_config(version: Version, start: Start, net: u8, bin_dir: &Path) -> 
 /// `shoji check` of the installed files against the running containerd: CRI loaded, both
 /// handlers known.
 async fn checked_by_shoji(env: &Env, root: &Path, main: &Path) -> Result {
-    let out = tokio::process::Command::new(root.join("usr/local/bin/shoji"))
-        .arg("--config")
+    let mut cmd = Command::new(root.join("usr/local/bin/shoji"));
+    cmd.arg("--config")
         .arg(root.join("etc/shoji/qemu.toml"))
         .arg("check")
         .arg("--containerd-config")
         .arg(main)
         .arg("--containerd-address")
-        .arg(env.ctrd.address())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(60), out)
-        .await
-        .map_err(|_| "shoji check: no exit within 60 s")??;
+        .arg(env.ctrd.address());
+    let out = output(&mut cmd, Duration::from_secs(60)).await?;
     let report = String::from_utf8_lossy(&out.stdout);
     let cri = report
         .lines()
@@ -674,6 +658,19 @@ fn build_b(dir: &Path, bin_dir: &Path) -> Result<PathBuf> {
     Ok(dir.to_path_buf())
 }
 
+/// Stops and removes `pod` (bounded), then waits until its shim `shim` has exited.
+async fn stop(pods: &mut Pods, pod: &str, shim: i32, run_dir: &Path) -> Result {
+    pods.stop_and_remove(pod, Duration::from_secs(60)).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while shims(run_dir).contains(&shim) {
+        check(tokio::time::Instant::now() < deadline, || {
+            format!("the shim of pod {pod} outlived it")
+        })?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
 fn exe_of(pid: i32) -> Result<Vec<u8>> {
     Ok(std::fs::read(format!("/proc/{pid}/exe"))?)
 }
@@ -754,15 +751,7 @@ async fn upgrade_under_a_running_pod_and_roll_back() {
             })?;
 
             // Pod A stops cleanly on A's shim; A's images go at the next install.
-            pods.stop_and_remove(&pod_a, Duration::from_secs(60))
-                .await?;
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-            while shims(&run_dir).contains(&shim_a) {
-                check(tokio::time::Instant::now() < deadline, || {
-                    "pod A's shim outlived its pod".into()
-                })?;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            stop(pods, &pod_a, shim_a, &run_dir).await?;
             let said = install(&strs(&b_args), &b_env).await?;
             check(!boot.join(&key_a).exists(), || {
                 format!("A's boot images stayed once unused: {said}")
@@ -775,15 +764,7 @@ async fn upgrade_under_a_running_pod_and_roll_back() {
                     && boot.join(&key_b).join("vmlinux").is_file(),
                 || format!("rollback to A under pod B said: {said}"),
             )?;
-            pods.stop_and_remove(&pod_b, Duration::from_secs(60))
-                .await?;
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-            while shims(&run_dir).contains(&shim_b) {
-                check(tokio::time::Instant::now() < deadline, || {
-                    "pod B's shim outlived its pod".into()
-                })?;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            stop(pods, &pod_b, shim_b, &run_dir).await?;
             install(&strs(&a_args), &[]).await?;
             check(!boot.join(&key_b).exists(), || {
                 "B's boot images stayed once unused".into()
