@@ -63,6 +63,7 @@ share=$prefix/usr/share/shoji
 manifest=$share/install-manifest
 boot=$share/boot
 main=${main:-$prefix/etc/containerd/config.toml}
+case "$main" in /*) ;; *) main=$PWD/$main ;; esac
 dropin=$(dirname "$main")/conf.d/shoji.toml
 begin='# BEGIN shoji handlers (hack/install.sh)'
 end='# END shoji handlers'
