@@ -23,7 +23,7 @@ use std::{
 use shoji_tests::{
     bins,
     cni::Network,
-    containerd::{Version, SHOJI_RUNTIME},
+    containerd::{Containerd, Options, Version, SHOJI_RUNTIME},
     cri,
     image::BUSYBOX,
     pods::{sh_ok, Pods},
@@ -546,20 +546,7 @@ async fn one_config(version: Version, start: Start, net: u8, bin_dir: &Path) -> 
 /// `shoji check` of the installed files against the running containerd: CRI loaded, both
 /// handlers known.
 async fn checked_by_shoji(env: &Env, root: &Path, main: &Path) -> Result {
-    let mut cmd = Command::new(root.join("usr/local/bin/shoji"));
-    cmd.arg("--config")
-        .arg(root.join("etc/shoji/qemu.toml"))
-        .arg("check")
-        .arg("--containerd-config")
-        .arg(main)
-        .arg("--containerd-address")
-        .arg(env.ctrd.address());
-    let out = output(&mut cmd, Duration::from_secs(60)).await?;
-    let report = String::from_utf8_lossy(&out.stdout);
-    let cri = report
-        .lines()
-        .find(|l| l.contains("containerd CRI"))
-        .unwrap_or_default();
+    let (cri, report) = shoji_check_cri(root, main, env.ctrd.address()).await?;
     check(
         cri.starts_with("ok")
             && cri.contains("CRI loaded")
@@ -568,6 +555,67 @@ async fn checked_by_shoji(env: &Env, root: &Path, main: &Path) -> Result {
             && cri.contains("runc (io.containerd.runc.v2, default)"),
         || format!("shoji check:\n{report}"),
     )
+}
+
+/// The `containerd CRI` line of the root's `shoji check` (qemu handler file, containerd config
+/// `main`, socket `address`), and the whole report.
+async fn shoji_check_cri(root: &Path, main: &Path, address: &Path) -> Result<(String, String)> {
+    let mut cmd = Command::new(root.join("usr/local/bin/shoji"));
+    cmd.arg("--config")
+        .arg(root.join("etc/shoji/qemu.toml"))
+        .arg("check")
+        .arg("--containerd-config")
+        .arg(main)
+        .arg("--containerd-address")
+        .arg(address);
+    let out = output(&mut cmd, Duration::from_secs(60)).await?;
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    let cri = report
+        .lines()
+        .find(|l| l.contains("containerd CRI"))
+        .unwrap_or_default()
+        .to_string();
+    Ok((cri, report))
+}
+
+/// The node of the issue this installer fixed: Debian's containerd 1.6 config with the block
+/// an older install appended (no runc table). containerd's CRI plugin does not load, and
+/// `shoji check` says so with containerd's reason; reinstalling repairs it.
+#[tokio::test]
+async fn shoji_check_names_a_cri_plugin_that_did_not_load() {
+    let version = Version::V1_6;
+    scenario::within(Duration::from_secs(300), async {
+        let scratch = Scratch::new()?;
+        let (root, main) = (scratch.root(), scratch.main());
+        let bins = stripped_bins().await?;
+        install(&strs(&install_args(&root, bins.path(), version)), &[]).await?;
+        let (broken, _) = start_config(version, Start::OlderInstall, &root).await?;
+        std::fs::write(&main, broken.ok_or("no older install's config")?)?;
+        let opts = Options {
+            operator_config: Some(main.clone()),
+            ..Options::default()
+        };
+        let ctrd = Containerd::start(version, opts).await?;
+        let checked = shoji_check_cri(&root, &main, ctrd.address()).await;
+        let stopped = ctrd.stop().await;
+        let (cri, report) = checked?;
+        stopped?;
+        check(
+            cri.starts_with("MISSING")
+                && cri.contains("the CRI plugin did not load")
+                && cri.contains("no corresponding runtime configured"),
+            || format!("shoji check:\n{report}"),
+        )?;
+        let said = install(&strs(&install_args(&root, bins.path(), version)), &[]).await?;
+        let after = dump(version, &main).await?;
+        let runc = [&runtimes_path(version)[..], &["runc", "runtime_type"]].concat();
+        check(at(&after, &runc).is_some(), || {
+            format!("reinstalling did not bring runc back: {said}")
+        })?;
+        install(&["--uninstall", "--root", &root.display().to_string()], &[]).await?;
+        Ok(())
+    })
+    .await
 }
 
 #[tokio::test]
