@@ -107,7 +107,31 @@ pub struct Config {
     pub qemu: QemuConfig,
     pub clh: ClhConfig,
     pub vhost_device_vsock: BinaryConfig,
+    pub jail: JailConfig,
     pub timeouts: Timeouts,
+}
+
+/// How the VMM and the vsock back-end are confined (see [`crate::jail`]).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JailConfig {
+    /// Off runs them as the shim does (root, the host's namespaces): for debugging only.
+    pub enabled: bool,
+    /// The range of per-sandbox uids (and gids): no account on the node may use it.
+    pub first_uid: u32,
+    pub uid_count: u32,
+}
+
+impl Default for JailConfig {
+    fn default() -> Self {
+        // Far above the ranges of accounts (< 65536) and of subordinate ids for user
+        // namespaces (100000 + 65536 * n, as useradd hands them out).
+        JailConfig {
+            enabled: true,
+            first_uid: 0x7e00_0000,
+            uid_count: 65536,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -226,6 +250,7 @@ impl Default for Config {
             vhost_device_vsock: BinaryConfig {
                 path: find_binary("vhost-device-vsock"),
             },
+            jail: JailConfig::default(),
             timeouts: Timeouts::default(),
         }
     }
@@ -323,6 +348,22 @@ impl Config {
                 message,
             })
         };
+        if self.jail.uid_count == 0
+            || self.jail.first_uid == 0
+            || self
+                .jail
+                .first_uid
+                .checked_add(self.jail.uid_count)
+                .is_none()
+        {
+            return invalid(
+                "jail",
+                format!(
+                    "first_uid {} and uid_count {} must name a non-empty range of non-root uids below 2^32",
+                    self.jail.first_uid, self.jail.uid_count
+                ),
+            );
+        }
         if !(1..=MAX_VCPUS).contains(&self.max_vcpus) {
             return invalid(
                 "max_vcpus",

@@ -13,6 +13,7 @@ pub mod containerd;
 pub mod daemon;
 pub mod host_cgroup;
 pub mod hypervisor;
+pub mod jail;
 pub mod kvm;
 pub mod logging;
 pub mod logtail;

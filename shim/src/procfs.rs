@@ -111,14 +111,14 @@ pub fn mem_total_kib() -> Option<u64> {
         .ok()
 }
 
-/// Whether a Unix socket at `path` is listening (this network namespace's
-/// `/proc/net/unix`). Read instead of probed: a vhost-user daemon takes a connection that
-/// ends as its front-end leaving, and re-creates its socket, which a VMM connecting in that
-/// moment does not find.
-pub fn unix_listening(path: &std::path::Path) -> bool {
+/// Whether a Unix socket at `path` is listening, in the `/proc/net/unix` of process `pid`'s
+/// network namespace (a jailed daemon has its own). Read instead of probed: a vhost-user
+/// daemon takes a connection that ends as its front-end leaving, and re-creates its socket,
+/// which a VMM connecting in that moment does not find.
+pub fn unix_listening(pid: u32, path: &std::path::Path) -> bool {
     /// `__SO_ACCEPTCON`: the socket called listen().
     const LISTENING: &str = "00010000";
-    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+    let Ok(table) = std::fs::read_to_string(format!("/proc/{pid}/net/unix")) else {
         return false;
     };
     table.lines().skip(1).any(|l| {
@@ -156,11 +156,11 @@ mod tests {
     fn a_listening_unix_socket_is_seen_and_a_closed_one_is_not() {
         let path = std::env::temp_dir().join(format!("shoji-listen-{}.sock", std::process::id()));
         let _ = std::fs::remove_file(&path);
-        assert!(!unix_listening(&path));
+        assert!(!unix_listening(std::process::id(), &path));
         let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
-        assert!(unix_listening(&path));
+        assert!(unix_listening(std::process::id(), &path));
         drop(listener);
-        assert!(!unix_listening(&path));
+        assert!(!unix_listening(std::process::id(), &path));
         std::fs::remove_file(&path).unwrap();
     }
 

@@ -64,7 +64,7 @@ async fn boot_sequence_bodies_tap_fds_resize_and_stop() {
         flags,
         [
             "--api-socket",
-            &format!("path={sb}/clh-api.sock"),
+            &format!("path={sb}/vmm/clh-api.sock"),
             "--log-file",
             &format!("{sb}/clh.log"),
             "--event-monitor",

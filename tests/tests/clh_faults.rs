@@ -476,7 +476,7 @@ async fn with_agent(extra: &[&str]) -> (DriverEnv, FakeAgent, tempfile::TempDir)
 
 /// The VM as the fake VMM has it now (`vm.info`).
 fn vm_info(sandbox: &Sandbox) -> Value {
-    let mut api = std::os::unix::net::UnixStream::connect(sandbox.dir().join("clh-api.sock"))
+    let mut api = std::os::unix::net::UnixStream::connect(sandbox.dir().join("vmm/clh-api.sock"))
         .expect("the VMM's API socket");
     let info = raw_request(&mut api, "GET", "vm.info", "").unwrap();
     assert_eq!(info.status, 200, "{}", info.body);

@@ -206,9 +206,12 @@ async fn ps_logs_console_metrics_and_cleanup_on_a_running_and_a_killed_sandbox()
     let killed_dir = env.run_dir.join(&killed);
     // A hostile (or just mistaken) call: the agent itself refuses a console on a VM the
     // host booted without it.
-    let agent = AgentClient::connect(&killed_dir.join("vsock.sock"), Duration::from_secs(30))
-        .await
-        .unwrap();
+    let agent = AgentClient::connect(
+        &shoji_shim::sandbox::agent_socket(&killed_dir),
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
     let refused = agent
         .start_debug_console(DebugConsoleRequest::default())
         .await

@@ -209,7 +209,7 @@ async fn bad_input_is_refused_and_the_agent_survives() {
 
     // Garbage on the agent's ttrpc port.
     use tokio::io::AsyncWriteExt;
-    let vsock = sandbox.dir().join("vsock.sock");
+    let vsock = shoji_shim::sandbox::agent_socket(sandbox.dir());
     let mut raw =
         shoji::agent_client::dial(&vsock, shoji_agent_api::AGENT_PORT, Duration::from_secs(10))
             .await
@@ -444,10 +444,12 @@ async fn a_create_cut_off_by_its_deadline_is_removed_whole() {
     create_container(&sandbox, "base", &["true"], false)
         .await
         .unwrap();
-    let impatient =
-        AgentClient::connect(&sandbox.dir().join("vsock.sock"), Duration::from_millis(50))
-            .await
-            .unwrap();
+    let impatient = AgentClient::connect(
+        &shoji_shim::sandbox::agent_socket(sandbox.dir()),
+        Duration::from_millis(50),
+    )
+    .await
+    .unwrap();
     let mut spec = shoji::cli::run_spec::container_spec(&["true".to_string()], false, "x");
     // Enough mounts that the create outlasts the impatient deadline (100 ms on the wire):
     // ~1.2 ms each under TCG, far less on KVM.

@@ -32,6 +32,11 @@ impl ReadyListener {
         Ok(ReadyListener { listener, path })
     }
 
+    /// The socket file (for whoever must be let in to connect).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Waits for a connection that carries the ready line. Connections carrying anything
     /// else are dropped (only the guest can connect here, but a broken guest must not
     /// count as ready).

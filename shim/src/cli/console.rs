@@ -46,7 +46,11 @@ pub async fn console(config: &Config, prefix: &str, log: &Logger) -> Result<i32,
              applies to sandboxes booted after it was set)"
         )));
     }
-    let agent = AgentClient::connect(&dir.join("vsock.sock"), config.timeouts.agent_call).await?;
+    let agent = AgentClient::connect(
+        &crate::sandbox::agent_socket(&dir),
+        config.timeouts.agent_call,
+    )
+    .await?;
     let (cols, rows) = terminal_size().unwrap_or((80, 24));
     let (exec_id, guest_pid) = agent
         .start_debug_console(DebugConsoleRequest {

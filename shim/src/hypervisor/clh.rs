@@ -23,13 +23,16 @@ use tokio::sync::watch;
 use super::{
     Accel, Capabilities, Hypervisor, HypervisorError, HypervisorKind, Result, VmEnd, VmExit, VmSpec,
 };
-use crate::daemon::{Daemon, DaemonError, PidLedger};
+use crate::{
+    daemon::{Daemon, DaemonError, PidLedger},
+    jail::{Jail, JailNet},
+};
 
 mod api;
 mod logs;
 mod vm_config;
 
-use self::logs::{Files, API_SOCKET};
+use self::logs::Files;
 pub use api::readable_error;
 pub use vm_config::{net_config, vm_config, HOTPLUG_ALIGN_MIB, KERNEL_ARGS};
 
@@ -119,6 +122,29 @@ impl Clh {
         .into()
     }
 
+    /// CH's jail: the boot images, its logs and console, /dev/kvm and the back-ends' sockets.
+    fn jail(&self, spec: &VmSpec, files: &Files) -> Result<Option<Jail>> {
+        let (Some(id), Some(jail)) = (spec.jail, spec.jail(&self.opts.binary)) else {
+            return Ok(None);
+        };
+        let mut jail = jail
+            .read_only(&spec.kernel)
+            .read_only(&spec.initrd)
+            .read_only(Path::new("/dev/urandom"))
+            .owned_file(&spec.console_log)
+            .owned_file(&files.log)
+            .owned_file(&files.events);
+        let kvm = Path::new("/dev/kvm");
+        if kvm.exists() {
+            jail = jail.writable(kvm);
+        }
+        if let Some(share) = &spec.share {
+            Jail::grant(id, &share.socket)?;
+            jail = jail.writable(&share.socket);
+        }
+        Ok(Some(jail))
+    }
+
     async fn launch_and_boot(&mut self, spec: &VmSpec) -> Result<()> {
         let files = Files::new(&spec.dir);
         let api_socket = &files.api_socket;
@@ -137,8 +163,17 @@ impl Clh {
             .arg(format!("path={}", files.events.display()))
             // Its own default, stated: the VMM runs under its seccomp filter.
             .args(["--seccomp", "true"]);
-        if let Some(ns) = netns {
-            enter_netns_on_exec(&mut cmd, ns)?;
+        let open_netns = |ns: &Path| {
+            File::open(ns).map_err(|source| HypervisorError::Io {
+                context: format!("opening network namespace {}", ns.display()),
+                source,
+            })
+        };
+        match (self.jail(spec, &files)?, netns) {
+            (Some(jail), Some(ns)) => jail.net(JailNet::Enter(open_netns(ns)?)).apply(&mut cmd)?,
+            (Some(jail), None) => jail.apply(&mut cmd)?,
+            (None, Some(ns)) => enter_netns_on_exec(&mut cmd, open_netns(ns)?),
+            (None, None) => {}
         }
         let vmm = Daemon::spawn("cloud-hypervisor", cmd, &files.stdio, self.ledger.as_ref())?;
         info!(self.log, "cloud-hypervisor launched"; "pid" => vmm.pid(), "api_socket" => %api_socket.display());
@@ -225,7 +260,7 @@ impl Clh {
         }
         self.api = None;
         if let Some(spec) = &self.spec {
-            for path in [spec.dir.join(API_SOCKET), spec.vsock.socket.clone()] {
+            for path in [Files::new(&spec.dir).api_socket, spec.vsock.socket.clone()] {
                 if let Err(e) = remove_file(&path) {
                     warn!(self.log, "cannot remove socket"; "error" => %e);
                 }
@@ -417,12 +452,8 @@ fn validate(spec: &VmSpec, binary: &Path) -> Result<()> {
 /// Starts CH inside the pod's network namespace. It gets the taps as fds, but still looks
 /// them up by name for MTU and offload settings, which only works in their namespace. The
 /// API and vsock sockets are path-based Unix sockets, reachable from any namespace.
-fn enter_netns_on_exec(cmd: &mut Command, netns: &Path) -> Result<()> {
+fn enter_netns_on_exec(cmd: &mut Command, file: File) {
     use std::os::unix::process::CommandExt;
-    let file = File::open(netns).map_err(|source| HypervisorError::Io {
-        context: format!("opening network namespace {}", netns.display()),
-        source,
-    })?;
     // SAFETY: only setns(2), async-signal-safe, runs between fork and exec; `file` stays
     // open in the parent until the command is spawned (it is moved into the closure).
     unsafe {
@@ -433,7 +464,6 @@ fn enter_netns_on_exec(cmd: &mut Command, netns: &Path) -> Result<()> {
             Ok(())
         });
     }
-    Ok(())
 }
 
 /// Polls `vmm.ping` until it answers, failing early when the VMM exits.

@@ -12,7 +12,7 @@
 //! picks one for `hypervisor = "auto"`.
 use std::{
     future::Future,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -24,6 +24,7 @@ use tokio::sync::watch;
 
 use crate::{
     daemon::{DaemonError, ExitWatch, PidLedger},
+    jail::{Identity, Jail, JailError},
     network::{NetDevice, NetworkError},
 };
 
@@ -74,6 +75,30 @@ pub struct VmSpec {
     pub nets: Vec<NetDevice>,
     /// Where the guest's serial console output goes.
     pub console_log: PathBuf,
+    /// Who the VMM and its back-ends run as, jailed; `None`: as the shim (jail off).
+    pub jail: Option<Identity>,
+}
+
+impl VmSpec {
+    /// The jail of a process that serves this VM (`binary`), holding what every one needs:
+    /// its binary and the VMM directory. `None` when jailing is off.
+    fn jail(&self, binary: &Path) -> Option<Jail> {
+        let id = self.jail?;
+        Some(
+            Jail::new(id, &self.dir.join(JAIL_ROOT))
+                .read_only(binary)
+                .owned_dir(&vmm_dir(&self.dir)),
+        )
+    }
+}
+
+/// An empty directory of the sandbox's, where each jail mounts its root.
+const JAIL_ROOT: &str = "jail";
+
+/// Where in a sandbox directory the VMM and its back-ends create their sockets: theirs to
+/// write, while the sandbox directory itself is the shim's alone.
+pub fn vmm_dir(sandbox_dir: &Path) -> PathBuf {
+    sandbox_dir.join("vmm")
 }
 
 /// A virtio-fs device whose vhost-user back-end (virtiofsd) the sandbox runs.
@@ -159,6 +184,8 @@ pub enum HypervisorError {
     /// The VM's NICs cannot be handed to the VMM.
     #[error(transparent)]
     Network(#[from] NetworkError),
+    #[error(transparent)]
+    Jail(#[from] JailError),
 }
 
 pub type Result<T, E = HypervisorError> = std::result::Result<T, E>;

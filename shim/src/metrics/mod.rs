@@ -68,7 +68,7 @@ pub async fn scrape(run_dir: &std::path::Path) -> String {
 
 /// Asks a sandbox's agent about the guest and its containers.
 async fn guest(dir: std::path::PathBuf, containers: Vec<String>) -> Option<GuestSample> {
-    let agent = AgentClient::connect(&dir.join("vsock.sock"), GUEST_TIMEOUT)
+    let agent = AgentClient::connect(&crate::sandbox::agent_socket(&dir), GUEST_TIMEOUT)
         .await
         .ok()?;
     let details = agent.guest_details().await.ok()?;

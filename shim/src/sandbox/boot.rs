@@ -24,9 +24,10 @@ use crate::{
     config::Config,
     host_cgroup::{self, PodCgroup, Previous},
     hypervisor::{
-        self, clh::ClhOptions, describe_status, qemu::QemuOptions, DriverOptions, Hypervisor,
-        HypervisorKind, ShareDevice, VmEnd, VmExit, VmSpec, VsockDevice, BACKEND_GRACE,
+        self, clh::ClhOptions, describe_status, qemu::QemuOptions, Accel, DriverOptions,
+        Hypervisor, HypervisorKind, ShareDevice, VmEnd, VmExit, VmSpec, VsockDevice, BACKEND_GRACE,
     },
+    jail::{Identity, Jail, UidPool},
     logtail, network,
     port_forward::PortForward,
     sharefs::{BindMode, Propagation, ReadOnly, SharedDir, Virtiofsd, VirtiofsdOptions},
@@ -132,6 +133,43 @@ struct Boot {
 }
 
 impl Boot {
+    /// The sandbox's own uid for its VMM and vsock back-end, when jailing is on.
+    fn claim_uid(&self, cfg: &SandboxConfig, dir: &Path) -> Result<Option<Identity>> {
+        let c = &cfg.config.jail;
+        if !c.enabled {
+            return Ok(None);
+        }
+        let pool = UidPool {
+            first: c.first_uid,
+            count: c.uid_count,
+        };
+        let uid = pool.claim(&cfg.id, dir)?;
+        let id = Identity {
+            uid,
+            gid: uid,
+            kvm_gid: None,
+        };
+        // The claim names this directory: a crash before this record leaves a claim that
+        // turns stale, and is reclaimed, once cleanup removes the directory.
+        self.ledger
+            .record(|s| s.jail = Some(id))
+            .map_err(io(format!("record in {}", dir.display())))?;
+        Ok(Some(id))
+    }
+
+    /// Makes the directory where the VMM and its back-ends create their sockets, theirs.
+    fn vmm_dir(&self, dir: &Path, identity: Option<Identity>) -> Result<std::path::PathBuf> {
+        let vmm = hypervisor::vmm_dir(dir);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&vmm)
+            .map_err(io(format!("create {}", vmm.display())))?;
+        if let Some(id) = identity {
+            Jail::grant(id, &vmm)?;
+        }
+        Ok(vmm)
+    }
+
     async fn run(
         &mut self,
         cfg: &SandboxConfig,
@@ -161,14 +199,20 @@ impl Boot {
             }
             None => None,
         };
+        let identity = self.claim_uid(cfg, dir)?;
+        self.vmm_dir(dir, identity)?;
         let shared = self
             .shared
             .insert(SharedDir::create(&dir.join("shared"), &dir.join("export"))?);
         if c.debug_console {
             share_debug_shell(shared, &self.log);
         }
-        let vsock = dir.join("vsock.sock");
+        let vsock = super::agent_socket(dir);
         let ready = ReadyListener::bind(&vsock)?;
+        if let Some(id) = identity {
+            // The vsock back-end (or CH) connects to it for the guest's announcement.
+            Jail::grant(id, ready.path())?;
+        }
         let virtiofsd = self.virtiofsd.insert(Virtiofsd::spawn(
             &VirtiofsdOptions {
                 binary: c.virtiofsd.path.clone(),
@@ -186,6 +230,10 @@ impl Boot {
             &self.log,
         ));
         let accel = driver.capabilities().accel;
+        let jail = identity.map(|id| Identity {
+            kvm_gid: (accel == Accel::Kvm).then(kvm_group).flatten(),
+            ..id
+        });
         self.ledger.note(|s| {
             if let Some(info) = &mut s.info {
                 info.accel = Some(accel);
@@ -220,6 +268,7 @@ impl Boot {
                 .map(|n| n.devices.clone())
                 .unwrap_or_default(),
             console_log: dir.join("console.log"),
+            jail,
         };
         // virtiofsd comes up while the driver prepares its own back-ends.
         driver.prepare(&spec).await?;
@@ -425,6 +474,12 @@ fn kernel_args(cfg: &SandboxConfig) -> Vec<String> {
     args.extend(cfg.config.kernel_args.iter().cloned());
     args.extend(cfg.kernel_args.iter().cloned());
     args
+}
+
+/// The group that owns /dev/kvm: a jailed VMM opens it as a member.
+fn kvm_group() -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/dev/kvm").ok().map(|m| m.gid())
 }
 
 fn io(context: String) -> impl FnOnce(std::io::Error) -> SandboxError {

@@ -12,7 +12,7 @@ use super::{
 };
 use crate::{
     host_cgroup::CgroupError,
-    network, procfs,
+    jail, network, procfs,
     sharefs::{self, MountError},
 };
 
@@ -29,6 +29,12 @@ pub enum CleanupError {
     Mount(#[from] MountError),
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
+    #[error("giving back sandbox uid {uid}: {source}")]
+    Uid {
+        uid: u32,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Removes whatever sandbox `id` left under `run_dir` after its shim died: kills its
@@ -70,6 +76,15 @@ pub(super) async fn release(dir: &Path, state: &State, log: &Logger) -> Result<(
         keep(cgroup.remove().await.map_err(Into::into));
     }
     keep(sharefs::remove_tree(dir).map_err(Into::into));
+    // Last: the uid is free once nothing of the sandbox can still run as it.
+    if let Some(id) = &state.jail {
+        keep(
+            jail::uids::release(id.uid, dir).map_err(|source| CleanupError::Uid {
+                uid: id.uid,
+                source,
+            }),
+        );
+    }
     first
 }
 

@@ -55,6 +55,12 @@ use crate::{
 /// The virtio-fs tag of the shared directory.
 pub const SHARE_TAG: &str = "shoji";
 
+/// The hybrid-vsock socket that reaches the guest's agent, in the VMM directory of the
+/// sandbox directory `dir` (the vsock back-end, or CH, creates it).
+pub fn agent_socket(dir: &std::path::Path) -> std::path::PathBuf {
+    crate::hypervisor::vmm_dir(dir).join("vsock.sock")
+}
+
 /// What one sandbox is made of.
 #[derive(Debug, Clone)]
 pub struct SandboxConfig {
@@ -140,6 +146,10 @@ pub enum SandboxError {
     Network(#[from] NetworkError),
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    Uid(#[from] crate::jail::uids::UidError),
+    #[error(transparent)]
+    Jail(#[from] crate::jail::JailError),
     #[error(transparent)]
     Agent(#[from] AgentError),
     #[error("the guest agent did not announce itself within {timeout:?}; last console lines:\n{console}")]

@@ -62,6 +62,9 @@ pub struct State {
     /// Processes launched for the VM (VMM, virtiofsd, vsock back-end).
     #[serde(default)]
     pub pids: Vec<RecordedPid>,
+    /// The uid the VMM and the vsock back-end run as (claimed from the node's range).
+    #[serde(default)]
+    pub jail: Option<crate::jail::Identity>,
     /// What the sandbox is, for `shoji ps` and `shoji metrics` (not a resource).
     #[serde(default)]
     pub info: Option<SandboxInfo>,

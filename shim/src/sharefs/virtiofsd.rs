@@ -65,7 +65,8 @@ impl Virtiofsd {
         let socket = self.socket.clone();
         self.daemon
             .wait_ready("vhost-user socket", timeout, move || {
-                crate::procfs::unix_listening(&socket)
+                // It binds before it sandboxes itself: in the shim's network namespace.
+                crate::procfs::unix_listening(std::process::id(), &socket)
             })
             .await
     }

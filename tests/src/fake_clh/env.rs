@@ -40,7 +40,7 @@ impl DriverEnv {
             .prefix("shoji-clh-")
             .tempdir()
             .unwrap();
-        for d in ["sandbox", "shared"] {
+        for d in ["sandbox", "sandbox/vmm", "shared"] {
             std::fs::create_dir(dir.path().join(d)).unwrap();
         }
         for f in ["vmlinux", "initramfs.img"] {
@@ -127,6 +127,7 @@ impl DriverEnv {
             },
             nets,
             console_log: sb.join("console.log"),
+            jail: None,
         }
     }
 
@@ -176,7 +177,7 @@ impl DriverEnv {
         self.stop_virtiofsd().await;
         self.assert_no_process_left().await;
         let sb = self.path("sandbox");
-        for sock in ["clh-api.sock", "vsock.sock"] {
+        for sock in ["vmm/clh-api.sock", "vsock.sock"] {
             assert!(!sb.join(sock).exists(), "{sock} left behind");
         }
     }

@@ -10,7 +10,7 @@ const EVENTS_FILE: &str = "clh-events.json";
 /// The VMM's stdout/stderr (CH writes its own log to [`LOG_FILE`]).
 const STDIO_LOG: &str = "clh-stdio.log";
 
-/// Where one VMM's API socket and logs live (in the sandbox directory).
+/// Where one VMM's API socket (the VMM directory) and logs (the sandbox directory) live.
 #[derive(Clone)]
 pub(super) struct Files {
     pub(super) api_socket: PathBuf,
@@ -22,7 +22,7 @@ pub(super) struct Files {
 impl Files {
     pub(super) fn new(dir: &Path) -> Files {
         Files {
-            api_socket: dir.join(API_SOCKET),
+            api_socket: crate::hypervisor::vmm_dir(dir).join(API_SOCKET),
             log: dir.join(LOG_FILE),
             events: dir.join(EVENTS_FILE),
             stdio: dir.join(STDIO_LOG),

@@ -127,6 +127,7 @@ mod tests {
                 netns: Some(PathBuf::from("/run/netns/pod")),
             }],
             console_log: "/run/shoji/sb1/console.log".into(),
+            jail: None,
         }
     }
 

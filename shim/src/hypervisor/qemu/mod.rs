@@ -10,7 +10,7 @@ mod qmp;
 
 use std::{
     os::fd::{AsRawFd, OwnedFd, RawFd},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::Command,
     sync::Arc,
     time::Duration,
@@ -22,11 +22,12 @@ use slog::{debug, info, warn, Logger};
 use tokio::sync::watch;
 
 use super::{
-    describe_status, Accel, Capabilities, Hypervisor, HypervisorError, HypervisorKind, Result,
-    VmEnd, VmExit, VmSpec,
+    describe_status, vmm_dir, Accel, Capabilities, Hypervisor, HypervisorError, HypervisorKind,
+    Result, VmEnd, VmExit, VmSpec,
 };
 use crate::{
     daemon::{Daemon, PidLedger},
+    jail::{self, Jail},
     logtail::last_line,
 };
 
@@ -74,8 +75,35 @@ impl Qemu {
         self.spec.as_ref().expect("prepare() comes first")
     }
 
+    /// A file of the shim's in the sandbox directory (QEMU's output).
     fn path(&self, name: &str) -> PathBuf {
         self.spec().dir.join(name)
+    }
+
+    /// A socket QEMU or the vsock back-end creates (the VMM directory).
+    fn socket(&self, name: &str) -> PathBuf {
+        vmm_dir(&self.spec().dir).join(name)
+    }
+
+    /// QEMU's jail: the boot images, its console, its devices and the back-ends' sockets.
+    fn jail(&self) -> Result<Option<Jail>> {
+        let spec = self.spec();
+        let (Some(id), Some(jail)) = (spec.jail, spec.jail(&self.opts.binary)) else {
+            return Ok(None);
+        };
+        let mut jail = jail
+            .read_only(&spec.kernel)
+            .read_only(&spec.initrd)
+            .read_only(Path::new("/dev/urandom"))
+            .owned_file(&spec.console_log);
+        if self.opts.accel == Accel::Kvm {
+            jail = jail.writable(Path::new("/dev/kvm"));
+        }
+        if let Some(share) = &spec.share {
+            Jail::grant(id, &share.socket)?;
+            jail = jail.writable(&share.socket);
+        }
+        Ok(Some(jail))
     }
 
     /// The QEMU command line for the prepared spec.
@@ -126,12 +154,12 @@ impl Qemu {
             .arg("-qmp")
             .arg(format!(
                 "unix:{},server=on,wait=off",
-                self.path("qemu.qmp").display()
+                self.socket("qemu.qmp").display()
             ))
             .arg("-chardev")
             .arg(format!(
                 "socket,id=vsock,path={}",
-                self.path("vhost-vsock.sock").display()
+                self.socket("vhost-vsock.sock").display()
             ))
             .args(["-device", "vhost-user-vsock-device,chardev=vsock"])
             .args([
@@ -212,7 +240,7 @@ impl Qemu {
     /// Launches vhost-device-vsock and waits for its vhost-user socket.
     async fn start_vsock_backend(&mut self) -> Result<()> {
         let spec = self.spec();
-        let socket = self.path("vhost-vsock.sock");
+        let socket = self.socket("vhost-vsock.sock");
         let _ = std::fs::remove_file(&socket);
         let _ = std::fs::remove_file(&spec.vsock.socket);
         let mut cmd = Command::new(&self.opts.vhost_vsock);
@@ -222,12 +250,17 @@ impl Qemu {
             socket.display(),
             spec.vsock.socket.display()
         ));
+        if let Some(jail) = spec.jail(&self.opts.vhost_vsock) {
+            jail.seccomp(jail::seccomp::vsock_backend()?)
+                .apply(&mut cmd)?;
+        }
         let log = self.path("vhost-device-vsock.log");
         let daemon = Daemon::spawn("vhost-device-vsock", cmd, &log, self.ledger.as_ref())?;
         let daemon = self.vsock.insert(daemon);
+        let pid = daemon.pid();
         daemon
             .wait_ready("vhost-user socket", self.opts.start_timeout, || {
-                crate::procfs::unix_listening(&socket)
+                crate::procfs::unix_listening(pid, &socket)
             })
             .await?;
         self.end.watch_backend(daemon.exit_watch(), move |status| {
@@ -242,9 +275,12 @@ impl Qemu {
 
     async fn launch(&mut self) -> Result<()> {
         let log = self.path("qemu.log");
-        let qmp_socket = self.path("qemu.qmp");
+        let qmp_socket = self.socket("qemu.qmp");
         let _ = std::fs::remove_file(&qmp_socket);
-        let cmd = self.command();
+        let mut cmd = self.command();
+        if let Some(jail) = self.jail()? {
+            jail.apply(&mut cmd)?;
+        }
         info!(self.log, "launching QEMU"; "accel" => ?self.opts.accel, "why" => &self.opts.accel_reason,
             "args" => format!("{:?}", cmd.get_args().collect::<Vec<_>>()));
         let vmm = Daemon::spawn("qemu", cmd, &log, self.ledger.as_ref());
@@ -292,7 +328,7 @@ impl Qemu {
     async fn teardown(&mut self, grace: Duration) {
         if let Some(vmm) = &self.vmm {
             if vmm.exited().is_none() {
-                if let Err(e) = qmp::command(&self.path("qemu.qmp"), "quit").await {
+                if let Err(e) = qmp::command(&self.socket("qemu.qmp"), "quit").await {
                     info!(self.log, "QMP quit failed, signalling QEMU"; "error" => %e);
                 }
                 if tokio::time::timeout(grace, vmm.wait()).await.is_err() {
@@ -308,8 +344,8 @@ impl Qemu {
         self.taps.clear();
         if let Some(spec) = &self.spec {
             for s in [
-                self.path("qemu.qmp"),
-                self.path("vhost-vsock.sock"),
+                self.socket("qemu.qmp"),
+                self.socket("vhost-vsock.sock"),
                 spec.vsock.socket.clone(),
             ] {
                 let _ = std::fs::remove_file(s);
