@@ -207,7 +207,7 @@ async fn ps_logs_console_metrics_and_cleanup_on_a_running_and_a_killed_sandbox()
     // A hostile (or just mistaken) call: the agent itself refuses a console on a VM the
     // host booted without it.
     let agent = AgentClient::connect(
-        &shoji_shim::sandbox::agent_socket(&killed_dir),
+        &shoji::sandbox::agent_socket(&killed_dir),
         Duration::from_secs(30),
     )
     .await

@@ -209,7 +209,7 @@ async fn bad_input_is_refused_and_the_agent_survives() {
 
     // Garbage on the agent's ttrpc port.
     use tokio::io::AsyncWriteExt;
-    let vsock = shoji_shim::sandbox::agent_socket(sandbox.dir());
+    let vsock = shoji::sandbox::agent_socket(sandbox.dir());
     let mut raw =
         shoji::agent_client::dial(&vsock, shoji_agent_api::AGENT_PORT, Duration::from_secs(10))
             .await
@@ -445,7 +445,7 @@ async fn a_create_cut_off_by_its_deadline_is_removed_whole() {
         .await
         .unwrap();
     let impatient = AgentClient::connect(
-        &shoji_shim::sandbox::agent_socket(sandbox.dir()),
+        &shoji::sandbox::agent_socket(sandbox.dir()),
         Duration::from_millis(50),
     )
     .await

@@ -106,6 +106,16 @@ pub fn vsock_backend() -> Result<BpfProgram, JailError> {
     .and_then(|c| SeccompRule::new(vec![c]))
     .map_err(|e| JailError::Seccomp(e.to_string()))?;
     rules.insert(libc::SYS_clone, vec![thread_only]);
+    // Its threads name themselves; no other prctl.
+    let set_name = SeccompCondition::new(
+        0,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Eq,
+        libc::PR_SET_NAME as u64,
+    )
+    .and_then(|c| SeccompRule::new(vec![c]))
+    .map_err(|e| JailError::Seccomp(e.to_string()))?;
+    rules.insert(libc::SYS_prctl, vec![set_name]);
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::Errno(libc::ENOSYS as u32),

@@ -90,19 +90,20 @@ impl UidPool {
 
 /// Gives `uid` back if the sandbox at `dir` holds it ("already gone" is success).
 pub fn release(uid: u32, dir: &Path) -> io::Result<()> {
-    let path = claims(dir).join(uid.to_string());
-    {
-        match fs::read(&path) {
-            Ok(owner) if owner == dir.as_os_str().as_encoded_bytes() => {
-                match fs::remove_file(&path) {
-                    Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-                    _ => Ok(()),
-                }
-            }
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        }
+    let claims = claims(dir);
+    let path = claims.join(uid.to_string());
+    match fs::read(&path) {
+        Ok(owner) if owner == dir.as_os_str().as_encoded_bytes() => match fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        },
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
     }
+    // The last one out removes the directory, so a run directory is left as it was found;
+    // a claimer that meets it gone makes it again (see `take`).
+    let _ = fs::remove_dir(&claims);
+    Ok(())
 }
 
 /// A claim whose sandbox directory no longer exists (and that is not being written:
@@ -127,7 +128,16 @@ fn stale(claim: &Path) -> bool {
 
 /// Creates the claim at `path` for `dir`; false if someone holds it.
 fn take(path: &Path, dir: &Path) -> io::Result<bool> {
-    match fs::File::options().write(true).create_new(true).open(path) {
+    let create = || fs::File::options().write(true).create_new(true).open(path);
+    let created = match create() {
+        // The claims directory was removed by the last release since this claimer made it.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            fs::create_dir_all(path.parent().unwrap_or(Path::new("/")))?;
+            create()
+        }
+        r => r,
+    };
+    match created {
         Ok(mut f) => {
             f.write_all(dir.as_os_str().as_encoded_bytes())?;
             Ok(true)
@@ -164,6 +174,10 @@ mod tests {
         release(ub, &a).unwrap();
         assert_eq!(pool.claim("c", &a).unwrap(), ua);
         assert!(claims(&a).starts_with(tmp.path()));
+        // The last release leaves no claims directory behind.
+        release(ua, &a).unwrap();
+        release(ub, &b).unwrap();
+        assert!(!claims(&a).exists());
     }
 
     #[test]

@@ -15,8 +15,9 @@ use shoji::{
     daemon::NoLedger,
     hypervisor::{
         clh::{Clh, ClhOptions},
-        ShareDevice, VmSpec, VsockDevice,
+        vmm_dir, ShareDevice, VmSpec, VsockDevice,
     },
+    jail::Identity,
     network::NetDevice,
     sharefs::{MountNamespace, Virtiofsd, VirtiofsdOptions},
 };
@@ -29,6 +30,7 @@ use super::{FakeClh, Record};
 pub struct DriverEnv {
     pub dir: tempfile::TempDir,
     pub fake: FakeClh,
+    pub jail: Option<Identity>,
     pub netns: Option<Netns>,
     virtiofsd: std::sync::Mutex<Option<Virtiofsd>>,
 }
@@ -36,6 +38,16 @@ pub struct DriverEnv {
 impl DriverEnv {
     /// `fake`: the `fake-cloud-hypervisor` binary; `fake_flags`: its `--fake-*` flags.
     pub async fn new(fake: &Path, fake_flags: &[&str]) -> DriverEnv {
+        DriverEnv::make(fake, fake_flags, None).await
+    }
+
+    /// A world whose VMM runs jailed as `identity` (the fake, without flags, records into the
+    /// VMM directory, the one place it may write).
+    pub async fn jailed(fake: &Path, identity: Identity) -> DriverEnv {
+        DriverEnv::make(fake, &[], Some(identity)).await
+    }
+
+    async fn make(fake: &Path, fake_flags: &[&str], jail: Option<Identity>) -> DriverEnv {
         let dir = tempfile::Builder::new()
             .prefix("shoji-clh-")
             .tempdir()
@@ -46,7 +58,13 @@ impl DriverEnv {
         for f in ["vmlinux", "initramfs.img"] {
             std::fs::write(dir.path().join(f), b"stand-in").unwrap();
         }
-        let fake = FakeClh::install(fake, dir.path(), fake_flags).unwrap();
+        let fake = match jail {
+            Some(_) => {
+                let record = vmm_dir(&dir.path().join("sandbox")).join(super::JAILED_RECORD);
+                FakeClh::install_jailed(fake, dir.path(), &record).unwrap()
+            }
+            None => FakeClh::install(fake, dir.path(), fake_flags).unwrap(),
+        };
         let virtiofsd = Virtiofsd::spawn(
             &VirtiofsdOptions {
                 binary: virtiofsd(),
@@ -63,6 +81,7 @@ impl DriverEnv {
         DriverEnv {
             dir,
             fake,
+            jail,
             netns: None,
             virtiofsd: std::sync::Mutex::new(Some(virtiofsd)),
         }
@@ -123,11 +142,11 @@ impl DriverEnv {
             }),
             vsock: VsockDevice {
                 cid: 3,
-                socket: sb.join("vsock.sock"),
+                socket: vmm_dir(&sb).join("vsock.sock"),
             },
             nets,
             console_log: sb.join("console.log"),
-            jail: None,
+            jail: self.jail,
         }
     }
 
@@ -177,7 +196,7 @@ impl DriverEnv {
         self.stop_virtiofsd().await;
         self.assert_no_process_left().await;
         let sb = self.path("sandbox");
-        for sock in ["vmm/clh-api.sock", "vsock.sock"] {
+        for sock in ["vmm/clh-api.sock", "vmm/vsock.sock"] {
             assert!(!sb.join(sock).exists(), "{sock} left behind");
         }
     }
@@ -212,6 +231,9 @@ impl DriverEnv {
         };
         config.clh.path = self.fake.binary.clone();
         config.virtiofsd.path = virtiofsd();
+        // The fake behind its wrapper script needs more than a jail shows (tests/clh_jail.rs
+        // checks the jail on its own).
+        config.jail.enabled = self.jail.is_some();
         config
     }
 

@@ -55,6 +55,10 @@ pub use self::{
     http::{raw_request, RawResponse},
 };
 
+/// Where a fake started without `--fake-record` records: beside its API socket (in a
+/// jail, the one directory it may write).
+pub const JAILED_RECORD: &str = "fake-clh-record.jsonl";
+
 /// One line of the `--fake-record` file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -169,6 +173,9 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
     if args.api_socket.as_os_str().is_empty() {
         return Err("--api-socket is required by this fake".into());
     }
+    if args.record.is_none() {
+        args.record = args.api_socket.parent().map(|d| d.join(JAILED_RECORD));
+    }
     Ok(args)
 }
 
@@ -226,6 +233,17 @@ pub struct FakeClh {
 
 impl FakeClh {
     /// `fake` is the `fake-cloud-hypervisor` binary (`env!("CARGO_BIN_EXE_fake-cloud-hypervisor")`).
+    /// The fake as the VMM binary itself (a copy in `dir`, no flags), for a jail that sees
+    /// only the VMM's binary: it records into `record`, beside its API socket.
+    pub fn install_jailed(fake: &Path, dir: &Path, record: &Path) -> std::io::Result<FakeClh> {
+        let binary = dir.join("cloud-hypervisor");
+        std::fs::copy(fake, &binary)?;
+        Ok(FakeClh {
+            binary,
+            record: record.to_path_buf(),
+        })
+    }
+
     pub fn install(fake: &Path, dir: &Path, flags: &[&str]) -> std::io::Result<FakeClh> {
         use std::os::unix::fs::PermissionsExt;
         let binary = dir.join("cloud-hypervisor");

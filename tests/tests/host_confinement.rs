@@ -1,0 +1,167 @@
+//! What serves a shoji pod on the host, read from `/proc` while two CRI pods run (QEMU/TCG,
+//! containerd 1.7 and 2.x): the VMM and the vsock back-end run as their sandbox's own
+//! non-root uid with no capabilities, no_new_privs and a seccomp filter, in mount and network
+//! namespaces of their own whose root holds neither the host's secrets nor the shim's files;
+//! virtiofsd is filtered and in its own mount namespace; the sandbox directory is the root's
+//! alone; and the uid goes back to the node's range when the pod is removed.
+use std::{os::unix::fs::PermissionsExt, path::Path};
+
+use serde_json::Value;
+use shoji_tests::{
+    containerd::Version,
+    cri,
+    image::BUSYBOX,
+    pods::{check, on, Pods},
+    scenario::{self, Env, ShojiRuntime},
+};
+
+type Result<T = ()> = scenario::Result<T>;
+
+/// `Key:` of /proc/<pid>/status, whitespace-separated.
+fn status(pid: u32, key: &str) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .map(|v| v.split_whitespace().map(String::from).collect())
+        .ok_or_else(|| format!("no {key} in /proc/{pid}/status").into())
+}
+
+fn ns(pid: impl std::fmt::Display, kind: &str) -> Result<std::path::PathBuf> {
+    Ok(std::fs::read_link(format!("/proc/{pid}/ns/{kind}"))?)
+}
+
+/// The recorded pid of `name` in the sandbox's state, and the state.
+fn recorded(state: &Value, name: &str) -> Result<u32> {
+    state["pids"]
+        .as_array()
+        .and_then(|pids| pids.iter().find(|p| p["name"] == name))
+        .and_then(|p| p["pid"].as_u64())
+        .map(|p| p as u32)
+        .ok_or_else(|| format!("no {name} in the sandbox state: {state}").into())
+}
+
+/// The jail of one sandbox's VMM and vsock back-end; returns their uid.
+fn check_jailed(dir: &Path, other: &Path) -> Result<u32> {
+    let mode = std::fs::metadata(dir)?.permissions().mode() & 0o777;
+    check(mode == 0o700, || {
+        format!("{} has mode {mode:o}", dir.display())
+    })?;
+    let state: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("state.json"))?)?;
+    let uid = state["jail"]["uid"]
+        .as_u64()
+        .ok_or_else(|| format!("no jail uid in the sandbox state: {state}"))?;
+    for name in ["qemu", "vhost-device-vsock"] {
+        let pid = recorded(&state, name)?;
+        let ids = status(pid, "Uid")?;
+        check(
+            ids.iter().all(|u| *u == uid.to_string()) && uid != 0,
+            || format!("{name} runs as uids {ids:?}, not the sandbox's {uid}"),
+        )?;
+        let gids = status(pid, "Gid")?;
+        check(gids.iter().all(|g| *g == uid.to_string()), || {
+            format!("{name} runs as gids {gids:?}")
+        })?;
+        for (key, want) in [
+            ("CapEff", "0000000000000000"),
+            ("CapPrm", "0000000000000000"),
+            ("CapBnd", "0000000000000000"),
+            ("NoNewPrivs", "1"),
+            ("Seccomp", "2"),
+        ] {
+            let got = status(pid, key)?;
+            check(got == [want], || {
+                format!("{name}: {key} is {got:?}, want {want}")
+            })?;
+        }
+        for kind in ["mnt", "net"] {
+            check(ns(pid, kind)? != ns("self", kind)?, || {
+                format!("{name} shares the host's {kind} namespace")
+            })?;
+        }
+        // Its root: the boot images and its own sockets, nothing of the host's or the shim's.
+        let root = Path::new("/proc").join(pid.to_string()).join("root");
+        let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap());
+        for hidden in [
+            Path::new("/etc/shadow"),
+            Path::new("/root"),
+            &dir.join("state.json"),
+            &dir.join("shared"),
+            other,
+        ] {
+            check(!inside(hidden).exists(), || {
+                format!("{name} sees {}", hidden.display())
+            })?;
+        }
+        check(inside(&dir.join("vmm/vsock.sock")).exists(), || {
+            format!("{name} does not see its VMM directory")
+        })?;
+        // And it cannot write what it was given to read.
+        let usr = std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))?;
+        check(
+            usr.lines()
+                .any(|l| l.split_whitespace().nth(4) == Some("/usr") && l.contains(" ro,")),
+            || format!("{name}'s /usr is not read-only:\n{usr}"),
+        )?;
+    }
+    // virtiofsd serves files of every owner (root), confined by its own sandbox.
+    let virtiofsd = recorded(&state, "virtiofsd")?;
+    let server = shoji::procfs::with_children(&[virtiofsd]);
+    check(
+        server
+            .iter()
+            .any(|p| status(*p, "Seccomp").is_ok_and(|s| s == ["2"])),
+        || "no virtiofsd process has a seccomp filter".into(),
+    )?;
+    check(ns(virtiofsd, "mnt")? != ns("self", "mnt")?, || {
+        "virtiofsd shares the host's mount namespace".into()
+    })?;
+    Ok(uid as u32)
+}
+
+async fn jailed(env: &Env) -> Result {
+    let work = tempfile::Builder::new().prefix("shoji-pod-").tempdir()?;
+    let run_dir = env.runtime.run_dirs[0].clone();
+    let claim = |uid: u32| run_dir.join(".uids").join(uid.to_string());
+    let mut uids = Vec::new();
+    Pods::scenario(env, async |pods: &mut Pods| {
+        let mut sandboxes = Vec::new();
+        for name in ["jail-a", "jail-b"] {
+            let cfg = cri::pod_config(name, "shoji-test", work.path());
+            let pod = pods.run(&cfg).await?;
+            let app = cri::container_config("app", BUSYBOX, &["sleep", "1000"]);
+            pods.start(&pod, &cfg, &app).await?;
+            sandboxes.push(run_dir.join(&pod));
+        }
+        uids.push(check_jailed(&sandboxes[0], &sandboxes[1])?);
+        uids.push(check_jailed(&sandboxes[1], &sandboxes[0])?);
+        check(uids[0] != uids[1], || {
+            format!("two sandboxes share uid {}", uids[0])
+        })?;
+        for uid in &uids {
+            check(claim(*uid).is_file(), || {
+                format!("uid {uid} is not claimed")
+            })?;
+        }
+        Ok(())
+    })
+    .await?;
+    // The scenario removed the pods: their uids are free again.
+    for uid in uids {
+        check(!claim(uid).exists(), || {
+            format!("uid {uid} is still claimed")
+        })?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn jailed_on_containerd_1_7() {
+    let shoji = ShojiRuntime::new("");
+    on(&shoji.runtime, Version::V1_7, 250, jailed).await
+}
+
+#[tokio::test]
+async fn jailed_on_containerd_2() {
+    let shoji = ShojiRuntime::new("");
+    on(&shoji.runtime, Version::V2, 251, jailed).await
+}
