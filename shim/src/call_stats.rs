@@ -75,9 +75,7 @@ impl CallStats {
         if !self.changed.swap(false, Ordering::Relaxed) {
             return Ok(());
         }
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec(&self.snapshot())?)?;
-        std::fs::rename(tmp, path)
+        crate::private_file::replace(path, &serde_json::to_vec(&self.snapshot())?)
     }
 
     /// Keeps `path` up to date until the VM ends.

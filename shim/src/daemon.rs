@@ -9,7 +9,6 @@
 //! Every launch is reported to a [`PidLedger`] before anything else happens, so the
 //! sandbox's state file names the process even if the shim dies a moment later.
 use std::{
-    fs::File,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -93,11 +92,7 @@ impl Daemon {
             });
         }
         let spawn_err = |source| DaemonError::Spawn { what: name, source };
-        let out = File::options()
-            .create(true)
-            .append(true)
-            .open(log)
-            .map_err(spawn_err)?;
+        let out = crate::private_file::append(log).map_err(spawn_err)?;
         cmd.stdin(Stdio::null())
             .stdout(out.try_clone().map_err(spawn_err)?)
             .stderr(out)

@@ -23,6 +23,7 @@ pub mod node;
 pub mod oci;
 pub mod pod;
 pub mod port_forward;
+pub mod private_file;
 pub mod procfs;
 pub mod sandbox;
 pub mod sharefs;

@@ -157,6 +157,8 @@ impl Jail {
                 }
                 plan.enter()?;
                 drop_privileges(id)?;
+                // What it creates (its sockets) is its own alone.
+                libc::umask(0o077);
                 if let Some(filter) = &filter {
                     let prog = libc::sock_fprog {
                         len: filter.len() as u16,

@@ -138,14 +138,12 @@ impl State {
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
     }
 
-    /// Writes atomically (temp file + rename), so a crash never leaves half a file.
+    /// Writes atomically, root-only: it names the processes cleanup kills.
     fn write(&self, dir: &Path) -> std::io::Result<()> {
-        let tmp = dir.join(format!("{STATE_FILE}.tmp"));
-        std::fs::write(
-            &tmp,
-            serde_json::to_vec_pretty(self).expect("state serializes"),
-        )?;
-        std::fs::rename(tmp, dir.join(STATE_FILE))
+        crate::private_file::replace(
+            &dir.join(STATE_FILE),
+            &serde_json::to_vec_pretty(self).expect("state serializes"),
+        )
     }
 }
 
