@@ -12,7 +12,7 @@
 # Everything the run starts (containerd, the image registry, shims, VMs, network, mounts) is its own and is
 # removed on exit, Ctrl-C and timeout included. Each critest run is bounded by CRITEST_TIMEOUT seconds (default
 # 1200) and each CRI call by CRITEST_CALL_TIMEOUT (default 60 s), so a hung call fails its spec.
-set -euo pipefail
+set -Eeuo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -152,7 +152,8 @@ stop_pid() { # pid, seconds of grace after SIGTERM
 # portmap's DNAT rules of our network's pods that never got their CNI DEL (a stop that hung): the jumps from
 # CNI-HOSTPORT-DNAT, which name the network, and the per-pod chains they lead to.
 drop_portmap_rules() {
-  iptables -t nat -L CNI-HOSTPORT-DNAT -n --line-numbers 2>/dev/null |
+  # The chain exists only once portmap has run on this host (not on a fresh machine).
+  { iptables -t nat -L CNI-HOSTPORT-DNAT -n --line-numbers 2>/dev/null || true; } |
     awk '/dnat name: "shoji-critest"/ {print $1, $2}' | sort -rn | while read -r num chain; do
     iptables -t nat -D CNI-HOSTPORT-DNAT "$num" && iptables -t nat -F "$chain" && iptables -t nat -X "$chain"
   done
@@ -189,6 +190,8 @@ cleanup() {
   exit "$rc"
 }
 trap cleanup EXIT
+# A command that fails outside an `if` ends the run: say which.
+trap 'log "failed (exit $?) at line $LINENO: $BASH_COMMAND"' ERR
 trap 'exit 130' INT
 trap 'exit 143' TERM
 

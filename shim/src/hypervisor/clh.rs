@@ -172,7 +172,7 @@ impl Clh {
         match (self.jail(spec, &files)?, netns) {
             (Some(jail), Some(ns)) => jail.net(JailNet::Enter(open_netns(ns)?)).apply(&mut cmd)?,
             (Some(jail), None) => jail.apply(&mut cmd)?,
-            (None, Some(ns)) => enter_netns_on_exec(&mut cmd, open_netns(ns)?),
+            (None, Some(ns)) => crate::network::enter_on_exec(&mut cmd, open_netns(ns)?),
             (None, None) => {}
         }
         let vmm = Daemon::spawn("cloud-hypervisor", cmd, &files.stdio, self.ledger.as_ref())?;
@@ -447,23 +447,6 @@ fn validate(spec: &VmSpec, binary: &Path) -> Result<()> {
     }
     crate::network::pod_netns(&spec.nets)?;
     Ok(())
-}
-
-/// Starts CH inside the pod's network namespace. It gets the taps as fds, but still looks
-/// them up by name for MTU and offload settings, which only works in their namespace. The
-/// API and vsock sockets are path-based Unix sockets, reachable from any namespace.
-fn enter_netns_on_exec(cmd: &mut Command, file: File) {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: only setns(2), async-signal-safe, runs between fork and exec; `file` stays
-    // open in the parent until the command is spawned (it is moved into the closure).
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
 }
 
 /// Polls `vmm.ping` until it answers, failing early when the VMM exits.

@@ -14,9 +14,13 @@ use serde::{Deserialize, Serialize};
 use shoji_agent_api::types::{ConfigureNetworkRequest, Interface, Route};
 use tokio::process::Command;
 
+mod netns;
 mod tap;
 
-pub use self::tap::{open_taps, pod_netns};
+pub use self::{
+    netns::{enter_on_exec, in_netns},
+    tap::{open_taps, pod_netns},
+};
 
 /// How long one `ip`/`tc` command may take.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
@@ -113,32 +117,6 @@ struct RouteInfo {
     gateway: Option<String>,
     #[serde(default)]
     dev: Option<String>,
-}
-
-/// Runs `f` on a short-lived thread of its own inside the network namespace `netns` (`None`:
-/// the host's). `setns` changes the calling thread's namespace, which must never leak into
-/// tokio's threads; sockets and devices `f` opens stay bound to `netns` for their whole life.
-pub async fn in_netns<T, F>(netns: Option<&Path>, f: F) -> std::io::Result<T>
-where
-    T: Send + 'static,
-    F: FnOnce() -> std::io::Result<T> + Send + 'static,
-{
-    use nix::sched::{setns, CloneFlags};
-    let netns = netns.map(Path::to_path_buf);
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("netns".into())
-        .spawn(move || {
-            let entered = match &netns {
-                Some(ns) => std::fs::File::open(ns).and_then(|file| {
-                    setns(&file, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
-                }),
-                None => Ok(()),
-            };
-            let _ = tx.send(entered.and_then(|()| f()));
-        })?;
-    rx.await
-        .unwrap_or_else(|_| Err(std::io::Error::other("the namespace thread panicked")))
 }
 
 /// Runs a command inside the namespace `netns` (nsenter), bounded by [`COMMAND_TIMEOUT`].

@@ -4,8 +4,7 @@ use std::{os::unix::fs::DirBuilderExt, path::Path, sync::Arc};
 
 use shoji_agent_api::{
     types::{ConfigureNetworkRequest, Sysctl},
-    CMDLINE_DEBUG_CONSOLE, CMDLINE_HOSTNAME, CMDLINE_LOG_LEVEL, CMDLINE_PAGE_REPORTING_ORDER,
-    CMDLINE_SHARE_TAG, DEBUG_SHELL_REL,
+    DEBUG_SHELL_REL,
 };
 use slog::{info, warn, Logger};
 use tokio::sync::watch;
@@ -249,7 +248,7 @@ impl Boot {
             dir: dir.to_path_buf(),
             kernel: c.kernel.clone(),
             initrd: c.initrd.clone(),
-            kernel_args: kernel_args(cfg),
+            kernel_args: cfg.guest_kernel_args(),
             vcpus: cfg.vcpus,
             max_vcpus,
             memory_mib: cfg.memory_mib,
@@ -446,36 +445,6 @@ async fn driver_options(c: &Config, kind: HypervisorKind) -> DriverOptions {
     }
 }
 
-/// The guest reports free blocks of 128 KiB and up (2^5 pages), not only 2 MiB ones: an idle
-/// pod's VMM holds 5 MiB less (the blocks freed after boot: the compressed initramfs, init
-/// sections), with no measurable cost to start, exec or throughput (docs/benchmarks.md).
-const PAGE_REPORTING_ORDER: u32 = 5;
-
-/// The driver adds console, panic and timer arguments; these tell the agent what to mount,
-/// log and report.
-fn kernel_args(cfg: &SandboxConfig) -> Vec<String> {
-    let hostname = cfg
-        .hostname
-        .clone()
-        .unwrap_or_else(|| cfg.id.chars().take(12).collect());
-    let mut args = vec![
-        format!("{CMDLINE_SHARE_TAG}={SHARE_TAG}"),
-        format!("{CMDLINE_LOG_LEVEL}={}", cfg.config.log_level),
-        format!("{CMDLINE_HOSTNAME}={hostname}"),
-    ];
-    if cfg.config.debug_console {
-        args.push(format!("{CMDLINE_DEBUG_CONSOLE}=1"));
-    }
-    if cfg.config.free_page_reporting {
-        args.push(format!(
-            "{CMDLINE_PAGE_REPORTING_ORDER}={PAGE_REPORTING_ORDER}"
-        ));
-    }
-    args.extend(cfg.config.kernel_args.iter().cloned());
-    args.extend(cfg.kernel_args.iter().cloned());
-    args
-}
-
 /// The group that owns /dev/kvm: a jailed VMM opens it as a member.
 fn kvm_group() -> Option<u32> {
     use std::os::unix::fs::MetadataExt;
@@ -484,27 +453,4 @@ fn kvm_group() -> Option<u32> {
 
 fn io(context: String) -> impl FnOnce(std::io::Error) -> SandboxError {
     move |source| SandboxError::Io { context, source }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn kernel_args_name_share_log_and_hostname() {
-        let mut cfg = SandboxConfig::new("0123456789abcdef", Config::default());
-        cfg.kernel_args.push("x=1".into());
-        let args = kernel_args(&cfg);
-        assert_eq!(args[0], "shoji.share=shoji");
-        assert_eq!(args[1], "shoji.log=info");
-        assert_eq!(args[2], "shoji.hostname=0123456789ab");
-        assert_eq!(args.last().unwrap(), "x=1");
-        assert!(!args.iter().any(|a| a.starts_with("shoji.debug_console")));
-        assert!(args.contains(&"shoji.page_reporting_order=5".to_string()));
-        cfg.config.debug_console = true;
-        cfg.config.free_page_reporting = false;
-        let args = kernel_args(&cfg);
-        assert!(args.contains(&"shoji.debug_console=1".to_string()));
-        assert!(!args.iter().any(|a| a.starts_with("shoji.page_reporting")));
-    }
 }
