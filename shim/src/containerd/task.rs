@@ -15,7 +15,7 @@ use slog::{debug, info, warn, Logger};
 
 use super::{events::timestamp, options, stats};
 use crate::{
-    pod::{CreateRequest, Pod, PodError, Status as ProcessStatus},
+    pod::{CreateRequest, Pod, PodError, ProcessRef, Status as ProcessStatus},
     sandbox::{Mount, SandboxError},
     stdio::StdioPaths,
 };
@@ -132,7 +132,7 @@ impl Task for TaskService {
         info!(self.log, "start"; "id" => &req.id, "exec" => &req.exec_id);
         let pid = self
             .pod
-            .start(&req.id, &req.exec_id)
+            .start(&req.id, &ProcessRef::from_task(&req.exec_id))
             .await
             .map_err(|e| self.fail("start", &req.id, e))?;
         Ok(api::StartResponse {
@@ -149,7 +149,7 @@ impl Task for TaskService {
         info!(self.log, "delete"; "id" => &req.id, "exec" => &req.exec_id);
         let exit = self
             .pod
-            .delete(&req.id, &req.exec_id)
+            .delete(&req.id, &ProcessRef::from_task(&req.exec_id))
             .await
             .map_err(|e| self.fail("delete", &req.id, e))?;
         Ok(api::DeleteResponse {
@@ -182,7 +182,7 @@ impl Task for TaskService {
     ) -> TtrpcResult<api::StateResponse> {
         let s = self
             .pod
-            .state(&req.id, &req.exec_id)
+            .state(&req.id, &ProcessRef::from_task(&req.exec_id))
             .map_err(|e| self.fail("state", &req.id, e))?;
         let status = match s.status {
             ProcessStatus::Created => TaskStatus::CREATED,
@@ -213,7 +213,7 @@ impl Task for TaskService {
     ) -> TtrpcResult<api::WaitResponse> {
         let exit = self
             .pod
-            .wait(&req.id, &req.exec_id)
+            .wait(&req.id, &ProcessRef::from_task(&req.exec_id))
             .await
             .map_err(|e| self.fail("wait", &req.id, e))?;
         Ok(api::WaitResponse {
@@ -226,7 +226,12 @@ impl Task for TaskService {
     async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<Empty> {
         info!(self.log, "kill"; "id" => &req.id, "exec" => &req.exec_id, "signal" => req.signal, "all" => req.all);
         self.pod
-            .kill(&req.id, &req.exec_id, req.signal, req.all)
+            .kill(
+                &req.id,
+                &ProcessRef::from_task(&req.exec_id),
+                req.signal,
+                req.all,
+            )
             .await
             .map_err(|e| self.fail("kill", &req.id, e))?;
         Ok(Empty::new())
@@ -288,7 +293,12 @@ impl Task for TaskService {
         req: api::ResizePtyRequest,
     ) -> TtrpcResult<Empty> {
         self.pod
-            .resize_pty(&req.id, &req.exec_id, req.width, req.height)
+            .resize_pty(
+                &req.id,
+                &ProcessRef::from_task(&req.exec_id),
+                req.width,
+                req.height,
+            )
             .await
             .map_err(|e| self.fail("resize_pty", &req.id, e))?;
         Ok(Empty::new())
@@ -296,7 +306,7 @@ impl Task for TaskService {
 
     async fn close_io(&self, _ctx: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<Empty> {
         self.pod
-            .close_io(&req.id, &req.exec_id)
+            .close_io(&req.id, &ProcessRef::from_task(&req.exec_id))
             .map_err(|e| self.fail("close_io", &req.id, e))?;
         Ok(Empty::new())
     }

@@ -45,6 +45,7 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_rt_sigaction,
     libc::SYS_rt_sigprocmask,
     libc::SYS_rt_sigreturn,
+    libc::SYS_restart_syscall,
     libc::SYS_sched_getaffinity,
     libc::SYS_sched_yield,
     libc::SYS_futex,

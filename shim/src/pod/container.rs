@@ -5,7 +5,10 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use super::{process::Process, PodError, Result};
+use super::{
+    process::{Process, ProcessRef},
+    PodError, Result,
+};
 
 /// What a container is in the VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,11 +49,10 @@ impl Container {
         }
     }
 
-    /// The process `exec_id` ("" for the init).
-    pub fn process(&self, exec_id: &str) -> Result<Arc<Process>> {
-        if exec_id.is_empty() {
+    pub fn process(&self, which: &ProcessRef) -> Result<Arc<Process>> {
+        let ProcessRef::Exec(exec_id) = which else {
             return Ok(self.init.clone());
-        }
+        };
         self.execs
             .lock()
             .unwrap()
@@ -65,13 +67,14 @@ impl Container {
     /// Adds an exec; fails if the id is taken.
     pub fn add_exec(&self, process: Arc<Process>) -> Result<()> {
         let mut execs = self.execs.lock().unwrap();
-        if execs.contains_key(&process.exec_id) {
+        let exec_id = process.id.wire_id().to_string();
+        if execs.contains_key(&exec_id) {
             return Err(PodError::ExecExists {
                 container_id: self.id.clone(),
-                exec_id: process.exec_id.clone(),
+                exec_id,
             });
         }
-        execs.insert(process.exec_id.clone(), process);
+        execs.insert(exec_id, process);
         Ok(())
     }
 

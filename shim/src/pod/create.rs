@@ -7,7 +7,8 @@ use slog::info;
 
 use super::{
     container::{Container, Kind},
-    CreateRequest, Event, Pod, PodError, PodVm, Process, Result, VmSlot, SANDBOX_DIR_FILE,
+    CreateRequest, Event, Pod, PodError, PodVm, Process, ProcessRef, Result, VmSlot,
+    SANDBOX_DIR_FILE,
 };
 use crate::{
     config::Config,
@@ -45,7 +46,7 @@ impl Pod {
             }
             (_, vm) => vm?,
         };
-        let init = Process::new(&req.id, "", req.stdio.clone());
+        let init = Process::new(&req.id, ProcessRef::Init, req.stdio.clone());
         let container = Arc::new(Container::new(
             &req.id,
             req.bundle.clone(),

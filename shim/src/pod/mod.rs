@@ -34,7 +34,7 @@ use self::container::{Container, Kind};
 pub use self::{
     error::{PodError, Result},
     event::{Event, EventSender},
-    process::{Exit, Process, Status},
+    process::{Exit, Process, ProcessRef, Status},
     vm::{PodVm, SandboxLauncher, VmLauncher},
 };
 use crate::{
@@ -155,41 +155,41 @@ impl Pod {
     }
 
     /// Start: runs the container's init (or an exec).
-    pub async fn start(self: &Arc<Self>, container_id: &str, exec_id: &str) -> Result<u32> {
+    pub async fn start(self: &Arc<Self>, container_id: &str, which: &ProcessRef) -> Result<u32> {
         let container = self.container(container_id)?;
-        let process = container.process(exec_id)?;
+        let process = container.process(which)?;
         let vm = self.vm()?;
         if !process.begin_start() {
             return Err(PodError::FailedPrecondition(format!(
-                "process {container_id}/{exec_id} was already started"
+                "process {container_id}/{which} was already started"
             )));
         }
         let pid = vm.pid();
         if container.kind == Kind::Guest {
             let began = Instant::now();
-            if let Err(e) = vm.start_process(container_id, exec_id).await {
+            if let Err(e) = vm.start_process(container_id, which.wire_id()).await {
                 process.finish_start(false);
                 return Err(e.into());
             }
-            info!(self.log, "process started"; "container" => container_id, "exec" => exec_id,
+            info!(self.log, "process started"; "container" => container_id, "exec" => which.wire_id(),
                 "start_ms" => began.elapsed().as_millis() as u64,
                 "since_shim_start_ms" => self.started.elapsed().as_millis() as u64);
         }
         // Published before finish_start lets a waiting exit through.
-        self.emit(if exec_id.is_empty() {
-            Event::Start {
+        self.emit(match which {
+            ProcessRef::Init => Event::Start {
                 container_id: container_id.into(),
                 pid,
-            }
-        } else {
-            Event::ExecStarted {
+            },
+            ProcessRef::Exec(exec_id) => Event::ExecStarted {
                 container_id: container_id.into(),
-                exec_id: exec_id.into(),
+                exec_id: exec_id.clone(),
                 pid,
-            }
+            },
         });
         process.finish_start(true);
-        if !exec_id.is_empty() {
+        // An init's waiter runs from its create.
+        if let ProcessRef::Exec(_) = which {
             tokio::spawn(self.clone().wait_process(vm, process));
         }
         Ok(pid)
@@ -218,7 +218,12 @@ impl Pod {
             .map_err(|e| PodError::InvalidArgument(format!("exec process spec: {e}")))?;
         let terminal = oci.terminal().unwrap_or(false);
         let stdio = StdioPaths { terminal, ..stdio };
-        let process = Process::new(container_id, exec_id, stdio.clone());
+        if exec_id.is_empty() {
+            return Err(PodError::InvalidArgument(format!(
+                "an exec into container {container_id} needs an exec id"
+            )));
+        }
+        let process = Process::new(container_id, ProcessRef::from_task(exec_id), stdio.clone());
         container.add_exec(process.clone())?;
         let created = async {
             let vm = self.vm()?;
@@ -248,9 +253,9 @@ impl Pod {
         Ok(())
     }
 
-    pub fn state(&self, container_id: &str, exec_id: &str) -> Result<ProcessState> {
+    pub fn state(&self, container_id: &str, which: &ProcessRef) -> Result<ProcessState> {
         let container = self.container(container_id)?;
-        let process = container.process(exec_id)?;
+        let process = container.process(which)?;
         Ok(ProcessState {
             bundle: container.bundle.clone(),
             pid: self.vmm_pid(),
@@ -260,8 +265,8 @@ impl Pod {
         })
     }
 
-    pub async fn wait(&self, container_id: &str, exec_id: &str) -> Result<Exit> {
-        let process = self.container(container_id)?.process(exec_id)?;
+    pub async fn wait(&self, container_id: &str, which: &ProcessRef) -> Result<Exit> {
+        let process = self.container(container_id)?.process(which)?;
         Ok(process.wait().await)
     }
 
@@ -269,19 +274,19 @@ impl Pod {
     pub async fn kill(
         self: &Arc<Self>,
         container_id: &str,
-        exec_id: &str,
+        which: &ProcessRef,
         signal: u32,
         all: bool,
     ) -> Result<()> {
         let container = self.container(container_id)?;
-        let process = container.process(exec_id)?;
+        let process = container.process(which)?;
         let not_found = || PodError::ProcessNotFound {
             container_id: container_id.into(),
-            exec_id: exec_id.into(),
+            exec_id: which.wire_id().into(),
         };
         // A kill of all after the init's exit still reaches what the init left in the
         // container (containerd sends one before Delete; runc's shim passes it on too).
-        let leftovers = all && exec_id.is_empty() && container.kind == Kind::Guest;
+        let leftovers = all && *which == ProcessRef::Init && container.kind == Kind::Guest;
         if process.exit().is_some() && !leftovers {
             return Err(not_found());
         }
@@ -299,7 +304,7 @@ impl Pod {
         }
         match self
             .vm()?
-            .signal_process(container_id, exec_id, signal, all)
+            .signal_process(container_id, which.wire_id(), signal, all)
             .await
         {
             Err(e) if e.is_not_found() => Err(not_found()),
@@ -310,13 +315,12 @@ impl Pod {
     /// Delete: removes an exited (or never started) process. For an init: the container in
     /// the guest and its mounts; for the VM's owner, the whole VM instead (nothing in a VM
     /// that is about to go is cleaned up piece by piece).
-    pub async fn delete(&self, container_id: &str, exec_id: &str) -> Result<Exit> {
+    pub async fn delete(&self, container_id: &str, which: &ProcessRef) -> Result<Exit> {
         let container = self.container(container_id)?;
-        let process = container.process(exec_id)?;
+        let process = container.process(which)?;
         if process.is_running() {
             return Err(PodError::FailedPrecondition(format!(
-                "process {container_id}/{} is still running",
-                if exec_id.is_empty() { "init" } else { exec_id }
+                "process {container_id}/{which} is still running"
             )));
         }
         // A never-started process ends here: its waiter must not report an exit later.
@@ -324,17 +328,16 @@ impl Pod {
         let exit = process.exit().expect("set above");
         let pid = self.vmm_pid();
         // Releases a stdin FIFO whose writer never came (its open would block forever).
-        let released = if exec_id.is_empty() {
-            container.all_processes()
-        } else {
-            vec![process.clone()]
+        let released = match which {
+            ProcessRef::Init => container.all_processes(),
+            ProcessRef::Exec(_) => vec![process.clone()],
         };
         for p in released {
             if let Some(io) = p.io() {
                 io.close_stdin();
             }
         }
-        if !exec_id.is_empty() {
+        if let ProcessRef::Exec(exec_id) = which {
             container.remove_exec(exec_id);
             return Ok(exit);
         }
@@ -403,19 +406,19 @@ impl Pod {
     pub async fn resize_pty(
         &self,
         container_id: &str,
-        exec_id: &str,
+        which: &ProcessRef,
         width: u32,
         height: u32,
     ) -> Result<()> {
-        self.container(container_id)?.process(exec_id)?;
+        self.container(container_id)?.process(which)?;
         Ok(self
             .vm()?
-            .resize_tty(container_id, exec_id, width, height)
+            .resize_tty(container_id, which.wire_id(), width, height)
             .await?)
     }
 
-    pub fn close_io(&self, container_id: &str, exec_id: &str) -> Result<()> {
-        let process = self.container(container_id)?.process(exec_id)?;
+    pub fn close_io(&self, container_id: &str, which: &ProcessRef) -> Result<()> {
+        let process = self.container(container_id)?.process(which)?;
         if let Some(io) = process.io() {
             io.close_stdin();
         }

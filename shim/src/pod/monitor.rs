@@ -19,13 +19,13 @@ impl Pod {
     /// The waiter of one process: exit from the guest, then its output, then TaskExit.
     pub(super) async fn wait_process(self: Arc<Self>, vm: Arc<dyn PodVm>, process: Arc<Process>) {
         let exit = match vm
-            .wait_process(&process.container_id, &process.exec_id)
+            .wait_process(&process.container_id, process.id.wire_id())
             .await
         {
             Ok(exit) => exit,
             Err(e) => {
                 // The VM watcher reports processes of a VM that ended; anything else is logged.
-                warn!(self.log, "waiting for a process failed"; "container" => &process.container_id, "exec" => &process.exec_id, "error" => %e);
+                warn!(self.log, "waiting for a process failed"; "container" => &process.container_id, "exec" => %process.id, "error" => %e);
                 Exit::now(VM_GONE_STATUS)
             }
         };

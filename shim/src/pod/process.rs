@@ -1,11 +1,46 @@
-//! One process of a container as containerd sees it: the init process (exec id "") or an
-//! exec. It holds the process's status, its stdio copies and its exit, which any number of
+//! One process of a container as containerd sees it: the init process or an exec
+//! ([`ProcessRef`]). It holds the process's status, its stdio copies and its exit, which any number of
 //! Wait calls can await.
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
 use crate::stdio::{ProcessIo, StdioPaths};
+
+/// Which process of a container. containerd's Task API names the init with an empty exec id;
+/// that convention ends at the Task service ([`ProcessRef::from_task`]) and starts again on
+/// the wire to the guest and in events ([`ProcessRef::wire_id`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ProcessRef {
+    Init,
+    Exec(String),
+}
+
+impl ProcessRef {
+    pub fn from_task(exec_id: &str) -> ProcessRef {
+        match exec_id {
+            "" => ProcessRef::Init,
+            id => ProcessRef::Exec(id.into()),
+        }
+    }
+
+    /// The exec id as containerd and the agent spell it ("" for the init).
+    pub fn wire_id(&self) -> &str {
+        match self {
+            ProcessRef::Init => "",
+            ProcessRef::Exec(id) => id,
+        }
+    }
+}
+
+impl std::fmt::Display for ProcessRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProcessRef::Init => f.write_str("init"),
+            ProcessRef::Exec(id) => f.write_str(id),
+        }
+    }
+}
 
 /// How a process ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,8 +86,7 @@ enum Phase {
 
 pub struct Process {
     pub container_id: String,
-    /// "" for the container's init process.
-    pub exec_id: String,
+    pub id: ProcessRef,
     pub stdio: StdioPaths,
     phase: watch::Sender<Phase>,
     io: Mutex<Option<Arc<ProcessIo>>>,
@@ -73,10 +107,10 @@ impl Drop for Signalling {
 }
 
 impl Process {
-    pub fn new(container_id: &str, exec_id: &str, stdio: StdioPaths) -> Arc<Process> {
+    pub fn new(container_id: &str, id: ProcessRef, stdio: StdioPaths) -> Arc<Process> {
         Arc::new(Process {
             container_id: container_id.into(),
-            exec_id: exec_id.into(),
+            id,
             stdio,
             phase: watch::channel(Phase::Created).0,
             io: Mutex::new(None),
@@ -88,10 +122,9 @@ impl Process {
     /// The id containerd uses for the process in events: the exec id, or the container id
     /// for the init.
     pub fn event_id(&self) -> &str {
-        if self.exec_id.is_empty() {
-            &self.container_id
-        } else {
-            &self.exec_id
+        match &self.id {
+            ProcessRef::Init => &self.container_id,
+            ProcessRef::Exec(id) => id,
         }
     }
 
@@ -197,7 +230,7 @@ mod tests {
 
     #[tokio::test]
     async fn first_exit_wins_and_wakes_waiters() {
-        let p = Process::new("c", "", StdioPaths::default());
+        let p = Process::new("c", ProcessRef::Init, StdioPaths::default());
         assert_eq!(p.status(false), Status::Created);
         assert!(p.begin_start());
         assert!(!p.begin_start());
@@ -217,7 +250,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_exit_during_a_kill_waits_for_the_kill_to_answer() {
-        let p = Process::new("c", "", StdioPaths::default());
+        let p = Process::new("c", ProcessRef::Init, StdioPaths::default());
         p.begin_start();
         p.finish_start(true);
         let kill = p.signalling();
@@ -236,7 +269,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_exit_during_a_start_waits_for_the_start() {
-        let p = Process::new("c", "", StdioPaths::default());
+        let p = Process::new("c", ProcessRef::Init, StdioPaths::default());
         assert!(p.begin_start());
         let exiting = {
             let p = p.clone();

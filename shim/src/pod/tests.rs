@@ -10,9 +10,14 @@ use tokio::sync::mpsc;
 
 use super::{
     fake_vm::{FakeLauncher, FakeVm},
-    CreateRequest, Event, Pod, PodError, Status, VM_GONE_STATUS,
+    CreateRequest, Event, Pod, PodError, ProcessRef, Status, VM_GONE_STATUS,
 };
 use crate::{oci, stdio::StdioPaths};
+
+/// A process as the Task API names it ("" for the init).
+fn p(exec_id: &str) -> ProcessRef {
+    ProcessRef::from_task(exec_id)
+}
 
 /// A pod on a fake VM, with its events and a temp dir of bundles.
 struct World {
@@ -100,9 +105,9 @@ impl World {
     /// A pod sandbox `p` with one started container `c`.
     async fn running_pod(&self) {
         self.pod.create(self.pause("p")).await.unwrap();
-        self.pod.start("p", "").await.unwrap();
+        self.pod.start("p", &p("")).await.unwrap();
         self.pod.create(self.member("c", "p")).await.unwrap();
-        self.pod.start("c", "").await.unwrap();
+        self.pod.start("c", &p("")).await.unwrap();
     }
 
     /// Exec `e1` in container `c`, started.
@@ -111,7 +116,7 @@ impl World {
             .exec("c", "e1", StdioPaths::default(), exec_spec())
             .await
             .unwrap();
-        self.pod.start("c", "e1").await.unwrap();
+        self.pod.start("c", &p("e1")).await.unwrap();
     }
 
     /// Events so far, as (kind, id) pairs.
@@ -134,7 +139,7 @@ impl World {
     }
 
     async fn wait(&self, c: &str, e: &str) -> u32 {
-        tokio::time::timeout(Duration::from_secs(5), self.pod.wait(c, e))
+        tokio::time::timeout(Duration::from_secs(5), self.pod.wait(c, &p(e)))
             .await
             .expect("an exit within 5 s")
             .unwrap()
@@ -161,7 +166,7 @@ async fn events_come_in_containerd_order() {
     w.running_pod().await;
     w.vm.exit("c", "", 3);
     assert_eq!(w.wait("c", "").await, 3);
-    assert_eq!(w.pod.delete("c", "").await.unwrap().status, 3);
+    assert_eq!(w.pod.delete("c", &p("")).await.unwrap().status, 3);
     let events = w.drain();
     let order: Vec<usize> = ["create", "start", "exit", "delete"]
         .iter()
@@ -179,7 +184,7 @@ async fn an_exit_racing_its_start_still_comes_after_the_start() {
     w.pod.create(w.member("c", "p")).await.unwrap();
     // The process exits the moment it is started, before Start has returned.
     w.vm.exit_when_started("c", "", 0);
-    w.pod.start("c", "").await.unwrap();
+    w.pod.start("c", &p("")).await.unwrap();
     assert_eq!(w.wait("c", "").await, 0);
     let events = w.drain();
     assert!(
@@ -239,16 +244,16 @@ async fn vm_death_ends_every_process_with_255_and_releases_the_vm() {
 async fn the_pause_container_is_killed_and_waited_without_the_guest() {
     let mut w = World::new(Duration::ZERO);
     w.pod.create(w.pause("p")).await.unwrap();
-    w.pod.start("p", "").await.unwrap();
-    assert_eq!(w.pod.state("p", "").unwrap().status, Status::Running);
-    w.pod.kill("p", "", 9, false).await.unwrap();
+    w.pod.start("p", &p("")).await.unwrap();
+    assert_eq!(w.pod.state("p", &p("")).unwrap().status, Status::Running);
+    w.pod.kill("p", &p(""), 9, false).await.unwrap();
     assert_eq!(w.wait("p", "").await, 137);
     // A second kill of an exited process is NOT_FOUND, as containerd expects.
     assert!(matches!(
-        w.pod.kill("p", "", 9, false).await,
+        w.pod.kill("p", &p(""), 9, false).await,
         Err(PodError::ProcessNotFound { .. })
     ));
-    w.pod.delete("p", "").await.unwrap();
+    w.pod.delete("p", &p("")).await.unwrap();
     assert_eq!(w.vm.stops(), 1);
     assert!(
         w.vm.removed().is_empty(),
@@ -267,22 +272,22 @@ async fn a_kill_of_all_after_the_init_exited_still_reaches_the_guest() {
     w.vm.exit("c", "", 143);
     assert_eq!(w.wait("c", "").await, 143);
     // containerd's kill of all before Delete: what the init left in the pod's PID namespace.
-    w.pod.kill("c", "", 9, true).await.unwrap();
+    w.pod.kill("c", &p(""), 9, true).await.unwrap();
     let sent = |c: &str, e: &str, signal, all| (c.to_string(), e.to_string(), signal, all);
     assert_eq!(*w.vm.signals.lock().unwrap(), [sent("c", "", 9, true)]);
     // The exited init alone, an exec with all, or the pause container: NOT_FOUND, not sent.
-    w.pod.kill("p", "", 9, false).await.unwrap();
+    w.pod.kill("p", &p(""), 9, false).await.unwrap();
     assert_eq!(w.wait("p", "").await, 137);
     for (c, e, all) in [("c", "", false), ("p", "", true)] {
         assert!(matches!(
-            w.pod.kill(c, e, 9, all).await,
+            w.pod.kill(c, &p(e), 9, all).await,
             Err(PodError::ProcessNotFound { .. })
         ));
     }
     w.vm.exit("c", "e1", 0);
     assert_eq!(w.wait("c", "e1").await, 0);
     assert!(matches!(
-        w.pod.kill("c", "e1", 9, true).await,
+        w.pod.kill("c", &p("e1"), 9, true).await,
         Err(PodError::ProcessNotFound { .. })
     ));
     assert_eq!(w.vm.signals.lock().unwrap().len(), 1);
@@ -300,10 +305,17 @@ async fn an_exec_may_exit_before_its_init() {
             .await,
         Err(PodError::ExecExists { .. })
     ));
+    // An exec without an id would be the init's name.
+    assert!(matches!(
+        w.pod
+            .exec("c", "", StdioPaths::default(), exec_spec())
+            .await,
+        Err(PodError::InvalidArgument(_))
+    ));
     w.vm.exit("c", "e1", 5);
     assert_eq!(w.wait("c", "e1").await, 5);
-    assert_eq!(w.pod.delete("c", "e1").await.unwrap().status, 5);
-    assert_eq!(w.pod.state("c", "").unwrap().status, Status::Running);
+    assert_eq!(w.pod.delete("c", &p("e1")).await.unwrap().status, 5);
+    assert_eq!(w.pod.state("c", &p("")).unwrap().status, Status::Running);
     w.vm.exit("c", "", 0);
     assert_eq!(w.wait("c", "").await, 0);
     let events = w.drain();
@@ -317,10 +329,10 @@ async fn a_created_task_that_is_killed_gets_an_exit() {
     let mut w = World::new(Duration::ZERO);
     w.pod.create(w.pause("p")).await.unwrap();
     w.pod.create(w.member("c", "p")).await.unwrap();
-    assert_eq!(w.pod.state("c", "").unwrap().status, Status::Created);
-    w.pod.kill("c", "", 9, false).await.unwrap();
+    assert_eq!(w.pod.state("c", &p("")).unwrap().status, Status::Created);
+    w.pod.kill("c", &p(""), 9, false).await.unwrap();
     assert_eq!(w.wait("c", "").await, 137);
-    w.pod.delete("c", "").await.unwrap();
+    w.pod.delete("c", &p("")).await.unwrap();
     let events = w.drain();
     assert!(position(&events, "exit", "c") < position(&events, "delete", "c"));
 }
@@ -329,10 +341,10 @@ async fn a_created_task_that_is_killed_gets_an_exit() {
 async fn a_standalone_container_owns_its_vm_and_deleting_it_stops_the_vm() {
     let mut w = World::new(Duration::ZERO);
     w.pod.create(w.request("solo", &[])).await.unwrap();
-    w.pod.start("solo", "").await.unwrap();
+    w.pod.start("solo", &p("")).await.unwrap();
     w.vm.exit("solo", "", 0);
     w.wait("solo", "").await;
-    w.pod.delete("solo", "").await.unwrap();
+    w.pod.delete("solo", &p("")).await.unwrap();
     assert_eq!(w.vm.stops(), 1);
     // The VM goes whole: the container is not removed piece by piece first.
     assert!(w.vm.removed().is_empty());
@@ -358,15 +370,15 @@ async fn a_running_process_cannot_be_deleted_and_unknown_ids_are_not_found() {
     let w = World::new(Duration::ZERO);
     w.running_pod().await;
     assert!(matches!(
-        w.pod.delete("c", "").await,
+        w.pod.delete("c", &p("")).await,
         Err(PodError::FailedPrecondition(_))
     ));
     assert!(matches!(
-        w.pod.state("nope", ""),
+        w.pod.state("nope", &p("")),
         Err(PodError::ContainerNotFound(_))
     ));
     assert!(matches!(
-        w.pod.state("c", "nope"),
+        w.pod.state("c", &p("nope")),
         Err(PodError::ProcessNotFound { .. })
     ));
     assert!(matches!(
