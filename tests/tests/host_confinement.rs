@@ -41,6 +41,22 @@ fn recorded(state: &Value, name: &str) -> Result<u32> {
         .ok_or_else(|| format!("no {name} in the sandbox state: {state}").into())
 }
 
+/// What a process's root (`root`, at `at` inside it) holds: its files, symlinks and the
+/// directories in `whole` (bound as a whole), not the directories that only lead to them.
+fn leaves(root: &Path, at: &Path, whole: &[&Path], out: &mut Vec<std::path::PathBuf>) -> Result {
+    for e in std::fs::read_dir(root.join(at.strip_prefix("/")?))? {
+        let e = e?;
+        let path = at.join(e.file_name());
+        let kind = e.file_type()?;
+        if kind.is_dir() && !whole.contains(&path.as_path()) {
+            leaves(root, &path, whole, out)?;
+        } else {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
 /// The jail of one sandbox's VMM and vsock back-end; returns their uid.
 fn check_jailed(dir: &Path, other: &Path) -> Result<u32> {
     let mode = std::fs::metadata(dir)?.permissions().mode() & 0o777;
@@ -90,23 +106,61 @@ fn check_jailed(dir: &Path, other: &Path) -> Result<u32> {
                 format!("{name} shares the host's {kind} namespace")
             })?;
         }
-        // Its root: the boot images and its own sockets, nothing of the host's or the shim's.
+        // Its root holds exactly what it needs: the system's binaries and libraries, its
+        // own binary, the boot images, its devices, console and back-ends' sockets, the VMM
+        // directory; nothing of the host's or the shim's.
         let root = Path::new("/proc").join(pid.to_string()).join("root");
-        let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap());
-        for hidden in [
-            Path::new("/etc/shadow"),
-            Path::new("/root"),
-            &dir.join("state.json"),
-            &dir.join("shared"),
-            other,
+        let vmm = dir.join("vmm");
+        let mut seen = Vec::new();
+        leaves(&root, Path::new("/"), &[Path::new("/usr"), &vmm], &mut seen)?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))?;
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let after = |flag: &str| {
+            args.iter()
+                .position(|a| a == flag)
+                .and_then(|i| args.get(i + 1))
+                .map(std::path::PathBuf::from)
+        };
+        let mut expected: Vec<std::path::PathBuf> = [
+            "/usr",
+            "/etc/ld.so.cache",
+            "/bin",
+            "/lib",
+            "/lib64",
+            "/sbin",
+        ]
+        .iter()
+        .map(std::path::PathBuf::from)
+        .chain([vmm.clone(), std::fs::read_link(format!("/proc/{pid}/exe"))?])
+        .collect();
+        if name == "qemu" {
+            expected.extend(after("-kernel"));
+            expected.extend(after("-initrd"));
+            expected.extend(["/dev/urandom", "/dev/kvm"].map(std::path::PathBuf::from));
+            expected.extend([dir.join("console.log"), dir.join("virtiofsd.sock")]);
+        }
+        let extra: Vec<_> = seen.iter().filter(|p| !expected.contains(p)).collect();
+        check(extra.is_empty(), || {
+            format!("{name} sees more than it needs: {extra:?} (all: {seen:?})")
+        })?;
+        for gone in [
+            dir.join("state.json"),
+            dir.join("shared"),
+            other.to_path_buf(),
         ] {
-            check(!inside(hidden).exists(), || {
-                format!("{name} sees {}", hidden.display())
+            check(!seen.iter().any(|p| p.starts_with(&gone)), || {
+                format!("{name} sees {}", gone.display())
             })?;
         }
-        check(inside(&dir.join("vmm/vsock.sock")).exists(), || {
-            format!("{name} does not see its VMM directory")
-        })?;
+        check(
+            root.join(vmm.strip_prefix("/")?)
+                .join("vsock.sock")
+                .exists(),
+            || format!("{name} does not see its VMM directory"),
+        )?;
         // And it cannot write what it was given to read.
         let usr = std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))?;
         check(
@@ -169,13 +223,13 @@ async fn jailed(env: &Env) -> Result {
 #[tokio::test]
 async fn jailed_on_containerd_1_7() {
     let shoji = ShojiRuntime::new("");
-    on(&shoji.runtime, Version::V1_7, 250, jailed).await
+    on(&shoji.runtime, Version::V1_7, 177, jailed).await
 }
 
 #[tokio::test]
 async fn jailed_on_containerd_2() {
     let shoji = ShojiRuntime::new("");
-    on(&shoji.runtime, Version::V2, 251, jailed).await
+    on(&shoji.runtime, Version::V2, 178, jailed).await
 }
 
 /// A privileged container may make device nodes in the guest (its own /dev) but not on a
@@ -222,5 +276,5 @@ async fn no_devices_on_the_host(env: &Env) -> Result {
 #[tokio::test]
 async fn a_privileged_container_makes_no_device_node_on_the_host() {
     let shoji = ShojiRuntime::new("");
-    on(&shoji.runtime, Version::V2, 252, no_devices_on_the_host).await
+    on(&shoji.runtime, Version::V2, 179, no_devices_on_the_host).await
 }
