@@ -1,5 +1,8 @@
 //! The boot sequence of a sandbox, holding what was made so far so that a failure at any
-//! step undoes exactly that (the ledger already names it for a crash).
+//! step undoes exactly that (the ledger already names it for a crash). The phases: host
+//! resources, launch ([`launch`]), connect, configure the guest.
+mod launch;
+
 use std::{os::unix::fs::DirBuilderExt, path::Path, sync::Arc};
 
 use shoji_agent_api::{
@@ -9,31 +12,24 @@ use shoji_agent_api::{
 use slog::{info, warn, Logger};
 use tokio::sync::watch;
 
+use self::launch::Launched;
 use super::{
-    cleanup, console,
-    logs::DAEMON_LOGS,
-    pin,
+    cleanup, pin,
     sizing::{Sizing, VmSize},
     state::{Ledger, LogRetention, RecordedPid, SandboxInfo, State},
-    BootTimes, Result, Sandbox, SandboxConfig, SandboxError, SHARE_TAG,
+    BootTimes, Result, Sandbox, SandboxConfig, SandboxError,
 };
 use crate::{
-    agent_client::{AgentClient, ReadyListener},
+    agent_client::AgentClient,
     call_stats::{CallStats, CALL_STATS_FILE},
-    config::Config,
     host_cgroup::{self, PodCgroup, Previous},
-    hypervisor::{
-        self, clh::ClhOptions, describe_status, qemu::QemuOptions, Accel, DriverOptions,
-        Hypervisor, HypervisorKind, ShareDevice, VmEnd, VmExit, VmSpec, VsockDevice, BACKEND_GRACE,
-    },
+    hypervisor::{self, Hypervisor, HypervisorKind, VmExit, BACKEND_GRACE},
     jail::{Identity, Jail, UidPool},
     logtail, network,
     port_forward::PortForward,
-    sharefs::{BindMode, Propagation, ReadOnly, SharedDir, Virtiofsd, VirtiofsdOptions},
+    sharefs::{BindMode, Propagation, ReadOnly, SharedDir, Virtiofsd},
 };
 
-/// The guest CID. Each VM has its own vsock back-end, so every VM can use the same one.
-const GUEST_CID: u32 = 3;
 /// Lines of the guest console quoted in a start-up error.
 const CONSOLE_TAIL: usize = 12;
 
@@ -120,6 +116,12 @@ pub(super) async fn boot(mut cfg: SandboxConfig, log: Logger) -> Result<Sandbox>
     }
 }
 
+/// What `host_resources` made that the later phases use.
+struct HostSide {
+    network: Option<network::PodNetwork>,
+    identity: Option<Identity>,
+}
+
 /// What the boot made so far.
 struct Boot {
     ledger: Arc<Ledger>,
@@ -169,17 +171,35 @@ impl Boot {
         Ok(vmm)
     }
 
+    /// The boot, phase by phase; each records what it made (in `self` and the ledger) before
+    /// the next begins, so `undo` finds it whichever phase failed.
     async fn run(
         &mut self,
         cfg: &SandboxConfig,
         kind: HypervisorKind,
         dir: &Path,
     ) -> Result<(AgentClient, watch::Receiver<Option<VmExit>>, BootTimes)> {
-        let c = &cfg.config;
         let started = tokio::time::Instant::now();
-        let record = |e| io(format!("record in {}", dir.display()))(e);
+        let host = self.host_resources(cfg, dir).await?;
+        let mut vm = self.launch(cfg, kind, dir, &host, started).await?;
+        let agent = self.connect(cfg, dir, &mut vm, started).await?;
+        self.configure_guest(cfg, &agent, host.network).await?;
+        let times = vm.times();
+        self.ledger.note(|s| s.boot = Some(times.into()));
+        if let Some(driver) = &self.driver {
+            info!(self.log, "sandbox ready"; "agent_ready_ms" => times.agent_ready.as_millis() as u64,
+                "daemons_ready_ms" => times.daemons_ready.as_millis() as u64,
+                "vmm_running_ms" => times.vmm_running.as_millis() as u64,
+                "hypervisor" => ?driver.kind(), "accel" => ?driver.capabilities().accel);
+        }
+        Ok((agent, vm.end, times))
+    }
 
-        // The VMM and its daemons are born in the pod cgroup: the shim joins it first.
+    /// The host side of the pod, before any process: the pod cgroup (the VMM and its daemons
+    /// are born in it: the shim joins it first), taps and redirects in the pod's network
+    /// namespace, the sandbox's uid and VMM directory, the shared directory.
+    async fn host_resources(&mut self, cfg: &SandboxConfig, dir: &Path) -> Result<HostSide> {
+        let record = |e| io(format!("record in {}", dir.display()))(e);
         if let Some(path) = cfg.cgroup.as_deref().filter(|p| host_cgroup::supported(p)) {
             let cgroup = PodCgroup::plan(path)?;
             self.ledger
@@ -203,99 +223,26 @@ impl Boot {
         let shared = self
             .shared
             .insert(SharedDir::create(&dir.join("shared"), &dir.join("export"))?);
-        if c.debug_console {
+        if cfg.config.debug_console {
             share_debug_shell(shared, &self.log);
         }
-        let vsock = super::agent_socket(dir);
-        let ready = ReadyListener::bind(&vsock)?;
-        if let Some(id) = identity {
-            // The vsock back-end (or CH) connects to it for the guest's announcement.
-            Jail::grant(id, ready.path())?;
-        }
-        let virtiofsd = self.virtiofsd.insert(Virtiofsd::spawn(
-            &VirtiofsdOptions {
-                binary: c.virtiofsd.path.clone(),
-                cache: c.virtiofsd.cache.clone(),
-                shared_dir: shared.export().to_path_buf(),
-                socket: dir.join("virtiofsd.sock"),
-                log: dir.join("virtiofsd.log"),
-            },
-            shared.namespace(),
-            self.ledger.as_ref(),
-        )?);
-        let driver = self.driver.insert(hypervisor::new(
-            driver_options(c, kind).await,
-            self.ledger.clone(),
-            &self.log,
-        ));
-        let accel = driver.capabilities().accel;
-        let jail = identity.map(|id| Identity {
-            kvm_gid: (accel == Accel::Kvm).then(kvm_group).flatten(),
-            ..id
-        });
-        self.ledger.note(|s| {
-            if let Some(info) = &mut s.info {
-                info.accel = Some(accel);
-            }
-        });
-        // Room for the vCPUs a resize may add, where the backend hot-plugs them.
-        let max_vcpus = match driver.capabilities().cpu_hotplug {
-            true => c.max_vcpus.max(cfg.vcpus),
-            false => cfg.vcpus,
-        };
-        let spec = VmSpec {
-            id: cfg.id.clone(),
-            dir: dir.to_path_buf(),
-            kernel: c.kernel.clone(),
-            initrd: c.initrd.clone(),
-            kernel_args: cfg.guest_kernel_args(),
-            vcpus: cfg.vcpus,
-            max_vcpus,
-            memory_mib: cfg.memory_mib,
-            free_page_reporting: c.free_page_reporting,
-            share: Some(ShareDevice {
-                tag: SHARE_TAG.into(),
-                socket: dir.join("virtiofsd.sock"),
-                backend: virtiofsd.exit_watch(),
-            }),
-            vsock: VsockDevice {
-                cid: GUEST_CID,
-                socket: vsock.clone(),
-            },
-            nets: network
-                .as_ref()
-                .map(|n| n.devices.clone())
-                .unwrap_or_default(),
-            console_log: dir.join("console.log"),
-            jail,
-        };
-        // virtiofsd comes up while the driver prepares its own back-ends.
-        driver.prepare(&spec).await?;
-        virtiofsd.ready(c.timeouts.vm_start).await?;
-        let daemons_ready = started.elapsed();
-        driver.start().await?;
-        let vmm_running = started.elapsed();
-        // The VM's end as the sandbox sees it: the driver's (VMM or its back-ends),
-        // virtiofsd's, or the agent link's, whichever comes first.
-        let vm_end = VmEnd::new();
-        vm_end.follow(driver.exit_watch());
-        let virtiofsd_log = dir.join("virtiofsd.log");
-        vm_end.watch_backend(virtiofsd.exit_watch(), move |status| {
-            format!(
-                "virtiofsd exited ({}): {}",
-                describe_status(status),
-                logtail::last_line(&virtiofsd_log)
-            )
-        });
-        let mut end = vm_end.subscribe();
-        console::bound(spec.console_log.clone(), end.clone());
-        console::bound_daemon_logs(
-            DAEMON_LOGS.iter().map(|f| dir.join(f)).collect(),
-            end.clone(),
-        );
+        Ok(HostSide { network, identity })
+    }
 
+    /// Waits for the agent's announcement (or the VM's end), then connects to it.
+    async fn connect(
+        &mut self,
+        cfg: &SandboxConfig,
+        dir: &Path,
+        vm: &mut Launched,
+        started: tokio::time::Instant,
+    ) -> Result<AgentClient> {
+        let c = &cfg.config;
         let timeout = c.timeouts.agent_ready;
-        let console = || logtail::quoted(&spec.console_log, CONSOLE_TAIL);
+        let console_log = vm.console_log.clone();
+        let console = || logtail::quoted(&console_log, CONSOLE_TAIL);
+        let mut end = vm.end.clone();
+        let ready = vm.ready.take().expect("launch bound it");
         tokio::select! {
             r = ready.wait_ready(timeout) => {
                 if r.is_err() {
@@ -311,21 +258,18 @@ impl Boot {
             }
         }
         drop(ready);
-        driver.guest_ready();
-        let times = BootTimes {
-            daemons_ready,
-            vmm_running,
-            agent_ready: started.elapsed(),
-        };
-        self.ledger.note(|s| s.boot = Some(times.into()));
-        let agent = AgentClient::connect(&vsock, c.timeouts.agent_call).await?;
+        if let Some(driver) = &mut self.driver {
+            driver.guest_ready();
+        }
+        vm.agent_ready = started.elapsed();
+        let agent = AgentClient::connect(&vm.vsock, c.timeouts.agent_call).await?;
         CallStats::persist_until(
             agent.stats().clone(),
             dir.join(CALL_STATS_FILE),
-            end.clone(),
+            vm.end.clone(),
         );
         let link = agent.clone();
-        vm_end.on(BACKEND_GRACE, async move {
+        vm.vm_end.on(BACKEND_GRACE, async move {
             VmExit {
                 status: None,
                 reason: format!(
@@ -334,6 +278,16 @@ impl Boot {
                 ),
             }
         });
+        Ok(agent)
+    }
+
+    /// The guest's side of the pod: its network and sysctls, and port-forward into it.
+    async fn configure_guest(
+        &mut self,
+        cfg: &SandboxConfig,
+        agent: &AgentClient,
+        network: Option<network::PodNetwork>,
+    ) -> Result<()> {
         let mut pod = network.map(|n| n.guest).unwrap_or_default();
         pod.sysctls = cfg
             .sysctls
@@ -356,11 +310,7 @@ impl Boot {
                 Err(e) => warn!(self.log, "port-forward unavailable"; "error" => %e),
             }
         }
-        info!(self.log, "sandbox ready"; "agent_ready_ms" => times.agent_ready.as_millis() as u64,
-            "daemons_ready_ms" => times.daemons_ready.as_millis() as u64,
-            "vmm_running_ms" => times.vmm_running.as_millis() as u64,
-            "hypervisor" => ?driver.kind(), "accel" => ?driver.capabilities().accel);
-        Ok((agent, end, times))
+        Ok(())
     }
 
     /// Undoes a failed boot: processes first (gracelessly), then every host resource.
@@ -422,33 +372,6 @@ fn share_debug_shell(shared: &SharedDir, log: &Logger) {
     if let Err(e) = shared.bind(busybox, std::path::Path::new(DEBUG_SHELL_REL), mode) {
         warn!(log, "the debug console will have no shell"; "error" => %e);
     }
-}
-
-/// The driver for the chosen hypervisor, and how it runs its VMM.
-async fn driver_options(c: &Config, kind: HypervisorKind) -> DriverOptions {
-    match kind {
-        HypervisorKind::Qemu => {
-            let (accel, accel_reason) = crate::kvm::qemu_accel(c.qemu.accel).await;
-            DriverOptions::Qemu(QemuOptions {
-                binary: c.qemu.path.clone(),
-                vhost_vsock: c.vhost_device_vsock.path.clone(),
-                accel,
-                accel_reason,
-                tcg_tb_size_mib: c.qemu.tcg_tb_size_mib,
-                start_timeout: c.timeouts.vm_start,
-            })
-        }
-        HypervisorKind::Clh => DriverOptions::Clh(ClhOptions {
-            start_timeout: c.timeouts.vm_start,
-            ..ClhOptions::new(c.clh.path.clone())
-        }),
-    }
-}
-
-/// The group that owns /dev/kvm: a jailed VMM opens it as a member.
-fn kvm_group() -> Option<u32> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/dev/kvm").ok().map(|m| m.gid())
 }
 
 fn io(context: String) -> impl FnOnce(std::io::Error) -> SandboxError {
