@@ -122,27 +122,12 @@ impl Clh {
         .into()
     }
 
-    /// CH's jail: the boot images, its logs and console, /dev/kvm and the back-ends' sockets.
+    /// CH's jail: the VMM's, and the log and event files it opens by name.
     fn jail(&self, spec: &VmSpec, files: &Files) -> Result<Option<Jail>> {
-        let (Some(id), Some(jail)) = (spec.jail, spec.jail(&self.opts.binary)) else {
-            return Ok(None);
-        };
-        let mut jail = jail
-            .read_only(&spec.kernel)
-            .read_only(&spec.initrd)
-            .read_only(Path::new("/dev/urandom"))
-            .owned_file(&spec.console_log)
-            .owned_file(&files.log)
-            .owned_file(&files.events);
-        let kvm = Path::new("/dev/kvm");
-        if kvm.exists() {
-            jail = jail.writable(kvm);
-        }
-        if let Some(share) = &spec.share {
-            Jail::grant(id, &share.socket)?;
-            jail = jail.writable(&share.socket);
-        }
-        Ok(Some(jail))
+        let kvm = Path::new("/dev/kvm").exists();
+        Ok(spec
+            .vmm_jail(&self.opts.binary, kvm)?
+            .map(|jail| jail.owned_file(&files.log).owned_file(&files.events)))
     }
 
     async fn launch_and_boot(&mut self, spec: &VmSpec) -> Result<()> {

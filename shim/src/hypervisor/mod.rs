@@ -92,6 +92,29 @@ impl VmSpec {
     }
 }
 
+impl VmSpec {
+    /// The VMM's jail: the boot images, its console, /dev/kvm when it uses KVM and the
+    /// virtio-fs back-end's socket (made the jail's uid's to connect to).
+    fn vmm_jail(&self, binary: &Path, kvm: bool) -> Result<Option<Jail>> {
+        let (Some(id), Some(jail)) = (self.jail, self.jail(binary)) else {
+            return Ok(None);
+        };
+        let mut jail = jail
+            .read_only(&self.kernel)
+            .read_only(&self.initrd)
+            .read_only(Path::new("/dev/urandom"))
+            .owned_file(&self.console_log);
+        if kvm {
+            jail = jail.writable(Path::new("/dev/kvm"));
+        }
+        if let Some(share) = &self.share {
+            Jail::grant(id, &share.socket)?;
+            jail = jail.writable(&share.socket);
+        }
+        Ok(Some(jail))
+    }
+}
+
 /// An empty directory of the sandbox's, where each jail mounts its root.
 const JAIL_ROOT: &str = "jail";
 

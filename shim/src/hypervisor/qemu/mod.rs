@@ -10,7 +10,7 @@ mod qmp;
 
 use std::{
     os::fd::{AsRawFd, OwnedFd, RawFd},
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::Command,
     sync::Arc,
     time::Duration,
@@ -27,7 +27,7 @@ use super::{
 };
 use crate::{
     daemon::{Daemon, PidLedger},
-    jail::{self, Jail},
+    jail,
     logtail::last_line,
 };
 
@@ -83,27 +83,6 @@ impl Qemu {
     /// A socket QEMU or the vsock back-end creates (the VMM directory).
     fn socket(&self, name: &str) -> PathBuf {
         vmm_dir(&self.spec().dir).join(name)
-    }
-
-    /// QEMU's jail: the boot images, its console, its devices and the back-ends' sockets.
-    fn jail(&self) -> Result<Option<Jail>> {
-        let spec = self.spec();
-        let (Some(id), Some(jail)) = (spec.jail, spec.jail(&self.opts.binary)) else {
-            return Ok(None);
-        };
-        let mut jail = jail
-            .read_only(&spec.kernel)
-            .read_only(&spec.initrd)
-            .read_only(Path::new("/dev/urandom"))
-            .owned_file(&spec.console_log);
-        if self.opts.accel == Accel::Kvm {
-            jail = jail.writable(Path::new("/dev/kvm"));
-        }
-        if let Some(share) = &spec.share {
-            Jail::grant(id, &share.socket)?;
-            jail = jail.writable(&share.socket);
-        }
-        Ok(Some(jail))
     }
 
     /// The QEMU command line for the prepared spec.
@@ -278,7 +257,8 @@ impl Qemu {
         let qmp_socket = self.socket("qemu.qmp");
         let _ = std::fs::remove_file(&qmp_socket);
         let mut cmd = self.command();
-        if let Some(jail) = self.jail()? {
+        let kvm = self.opts.accel == Accel::Kvm;
+        if let Some(jail) = self.spec().vmm_jail(&self.opts.binary, kvm)? {
             jail.apply(&mut cmd)?;
         }
         info!(self.log, "launching QEMU"; "accel" => ?self.opts.accel, "why" => &self.opts.accel_reason,
