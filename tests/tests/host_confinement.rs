@@ -1,5 +1,6 @@
-//! What serves a shoji pod on the host, read from `/proc` while two CRI pods run (QEMU/TCG,
-//! containerd 1.7 and 2.x): the VMM and the vsock back-end run as their sandbox's own
+//! What serves a shoji pod on the host, read from `/proc` while two CRI pods run (QEMU/TCG
+//! here, Cloud Hypervisor with `SHOJI_TEST_HYPERVISOR=clh` on a KVM node; containerd 1.7 and
+//! 2.x): the VMM and the vsock back-end run as their sandbox's own
 //! non-root uid with no capabilities, no_new_privs and a seccomp filter, in mount and network
 //! namespaces of their own whose root holds neither the host's secrets nor the shim's files;
 //! virtiofsd is filtered and in its own mount namespace; the sandbox directory is the root's
@@ -9,6 +10,7 @@ use std::{os::unix::fs::PermissionsExt, path::Path};
 
 use serde_json::Value;
 use shoji_tests::{
+    backend,
     containerd::Version,
     cri,
     image::BUSYBOX,
@@ -78,7 +80,13 @@ fn check_jailed(dir: &Path, other: &Path) -> Result<u32> {
     let uid = state["jail"]["uid"]
         .as_u64()
         .ok_or_else(|| format!("no jail uid in the sandbox state: {state}"))?;
-    for name in ["qemu", "vhost-device-vsock"] {
+    // QEMU's vsock back-end is a process of its own; CH serves vsock itself.
+    let vmm_name = backend::vmm_name();
+    let jailed: &[&str] = match vmm_name {
+        "qemu" => &["qemu", "vhost-device-vsock"],
+        _ => &[vmm_name],
+    };
+    for &name in jailed {
         let pid = recorded(&state, name)?;
         let ids = status(pid, "Uid")?;
         check(
@@ -136,11 +144,23 @@ fn check_jailed(dir: &Path, other: &Path) -> Result<u32> {
         .map(std::path::PathBuf::from)
         .chain([vmm.clone(), std::fs::read_link(format!("/proc/{pid}/exe"))?])
         .collect();
-        if name == "qemu" {
-            expected.extend(after("-kernel"));
-            expected.extend(after("-initrd"));
+        if name == vmm_name {
             expected.extend(["/dev/urandom", "/dev/kvm"].map(std::path::PathBuf::from));
             expected.extend([dir.join("console.log"), dir.join("virtiofsd.sock")]);
+            // The boot images: on QEMU's command line; CH gets them through its API.
+            expected.extend(after("-kernel"));
+            expected.extend(after("-initrd"));
+            expected.extend([dir.join("clh.log"), dir.join("clh-events.json")]);
+            expected.extend(
+                seen.iter()
+                    .filter(|p| {
+                        name != "qemu"
+                            && p.file_name()
+                                .is_some_and(|f| f == "vmlinux" || f == "initramfs.img")
+                    })
+                    .cloned()
+                    .collect::<Vec<_>>(),
+            );
         }
         let extra: Vec<_> = seen.iter().filter(|p| !expected.contains(p)).collect();
         check(extra.is_empty(), || {
