@@ -154,10 +154,12 @@ async fn cleanup_removes_what_a_killed_runtime_left() {
     // SIGKILL: no teardown at all. The VMM and daemons live on in their own process groups.
     child.kill().unwrap();
     child.wait().unwrap();
+    // The sandbox, beside the uid claims (`.uids`, which cleanup gives back).
     let ids: Vec<String> = std::fs::read_dir(&env.run_dir)
         .unwrap()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| !name.starts_with('.'))
         .collect();
     assert_eq!(ids.len(), 1, "{ids:?}");
     let pids = std::fs::read_to_string(env.run_dir.join(&ids[0]).join("state.json")).unwrap();
