@@ -22,8 +22,9 @@ use slog::{info, warn, Logger};
 use super::{events, task::TaskService};
 use crate::{
     config::Config,
+    containerd::pod_vm::SandboxLauncher,
     logging, oci,
-    pod::{Pod, SandboxLauncher, SANDBOX_DIR_FILE},
+    pod::{Pod, SANDBOX_DIR_FILE},
     sandbox,
 };
 

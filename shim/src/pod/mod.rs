@@ -35,7 +35,7 @@ pub use self::{
     error::{PodError, Result},
     event::{Event, EventSender},
     process::{Exit, Process, ProcessRef, Status},
-    vm::{PodVm, SandboxLauncher, VmLauncher},
+    vm::{PodVm, VmLauncher},
 };
 use crate::{
     sandbox::{ExecRequest, Mount},
