@@ -8,7 +8,7 @@
 use std::{
     fs,
     io::{self, Write},
-    os::unix::{ffi::OsStrExt, fs::MetadataExt},
+    os::unix::ffi::OsStrExt,
     path::{Path, PathBuf},
 };
 
@@ -109,21 +109,17 @@ pub fn release(uid: u32, dir: &Path) -> io::Result<()> {
 /// A claim whose sandbox directory no longer exists (and that is not being written:
 /// an empty claim younger than a minute may be a claimer between create and write).
 fn stale(claim: &Path) -> bool {
-    {
-        let Ok(owner) = fs::read(claim) else {
-            return false;
-        };
-        if owner.is_empty() {
-            let young = fs::metadata(claim).is_ok_and(|m| {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs() as i64);
-                now - m.mtime() < 60
-            });
-            return !young;
-        }
-        !Path::new(std::ffi::OsStr::from_bytes(&owner)).exists()
+    let Ok(owner) = fs::read(claim) else {
+        return false;
+    };
+    if owner.is_empty() {
+        // (A claim stamped in the future counts as young.)
+        let young = fs::metadata(claim)
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().map_or(true, |age| age.as_secs() < 60));
+        return !young;
     }
+    !Path::new(std::ffi::OsStr::from_bytes(&owner)).exists()
 }
 
 /// Creates the claim at `path` for `dir`; false if someone holds it.
